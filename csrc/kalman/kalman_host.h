@@ -1,0 +1,33 @@
+// Host-side argument validation of kalman_step_, shared by the CPU and CUDA
+// registrations.
+#pragma once
+#include "common/checks.h"
+
+namespace vlmkern::kalman {
+
+inline void check_args(at::TensorList params, at::TensorList grads, at::TensorList variances,
+                       const at::Tensor& innovation, const at::Tensor& obs_noise,
+                       double forgetting, double var_floor) {
+  constexpr const char* op = "vlmkern.kalman_step_";
+  check_lists_match(op, params, "params", grads, "grads");
+  check_lists_match(op, params, "params", variances, "variances");
+  TORCH_CHECK(forgetting > 0.0 && forgetting <= 1.0, op,
+              ": forgetting must be in (0, 1], got ", forgetting);
+  TORCH_CHECK(var_floor >= 0.0, op, ": var_floor must be >= 0, got ", var_floor);
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(is_float_dtype(params[i].scalar_type()), op, ": ", arg_name("params", i),
+                " must be float32, bfloat16 or float16, got ", params[i].scalar_type());
+    TORCH_CHECK(grads[i].scalar_type() == params[i].scalar_type(), op, ": ",
+                arg_name("grads", i), " must have the dtype of ", arg_name("params", i), " (",
+                params[i].scalar_type(), "), got ", grads[i].scalar_type());
+    TORCH_CHECK(variances[i].scalar_type() == c10::kFloat, op, ": ", arg_name("variances", i),
+                " must be float32, got ", variances[i].scalar_type());
+    TORCH_CHECK(params[i].device() == params[0].device(), op, ": ", arg_name("params", i),
+                " is on ", params[i].device(), " but params[0] is on ", params[0].device());
+  }
+  const at::Device dev = params.empty() ? innovation.device() : params[0].device();
+  check_scalar_tensor(op, innovation, "innovation", dev);
+  check_scalar_tensor(op, obs_noise, "obs_noise", dev);
+}
+
+}  // namespace vlmkern::kalman

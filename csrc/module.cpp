@@ -1,0 +1,23 @@
+// vlmkern._C is a Python extension module only so that `import vlmkern._C`
+// loads the shared library; the ops themselves are registered by the static
+// TORCH_LIBRARY initialisers (registration.cpp and the *_cpu.cpp / *_cuda.cpp
+// files) and reached through torch.ops.vlmkern.
+#include <Python.h>
+
+static PyMethodDef kMethods[] = {{nullptr, nullptr, 0, nullptr}};
+
+static struct PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",
+                                     "vlmkern compiled ops (see torch.ops.vlmkern)", -1, kMethods};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* m = PyModule_Create(&kModule);
+  if (m == nullptr) return nullptr;
+#ifdef VLMKERN_WITH_CUDA
+  PyModule_AddIntConstant(m, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(m, "with_cuda", 0);
+#endif
+  PyModule_AddStringConstant(m, "built_with_torch", VLMKERN_BUILT_TORCH);
+  PyModule_AddStringConstant(m, "cuda_archs", VLMKERN_CUDA_ARCHS_STR);
+  return m;
+}

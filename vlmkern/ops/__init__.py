@@ -1,0 +1,1 @@
+"""One module per op: public function, fake kernel, torch fallback, backend choice."""
