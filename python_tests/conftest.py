@@ -1,0 +1,83 @@
+"""Shared fixtures: seeding, devices, dtypes with tolerances, capability skips.
+
+Triton kernels are tested on the CPU through the interpreter: when no GPU is
+present, TRITON_INTERPRET=1 is set here, before anything imports triton.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import vlmkern  # noqa: E402
+from vlmkern import _C_loader, backends  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# Per-dtype tolerances for comparing a kernel (fp32 accumulation) with the
+# float64 reference, as (rtol, atol) on values of order one.
+TOL = {
+    torch.float32: (2e-5, 2e-6),
+    torch.bfloat16: (2e-2, 2e-3),
+    torch.float16: (4e-3, 5e-4),
+    torch.float64: (1e-10, 1e-12),
+}
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def tol(dtype: torch.dtype) -> dict:
+    r, a = TOL[dtype]
+    return {"rtol": r, "atol": a}
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """||x - ref|| / max(||ref||, tiny), computed in float64."""
+    x = x.detach().double().cpu()
+    ref = ref.detach().double().cpu()
+    assert torch.isfinite(x).all(), "non-finite values in the result"
+    den = ref.norm().item()
+    return (x - ref).norm().item() / max(den, 1e-30)
+
+
+def require_backend(op: str, backend: str, device: str) -> None:
+    """Skip (with the reason) when ``backend`` cannot run ``op`` on ``device``.
+
+    In CI (CI=true) a missing *compiled CPU* backend is a failure, not a skip:
+    the build must have produced the library.
+    """
+    ok, why = backends.availability(op, backend, device)
+    if not ok:
+        if backend == "cpu" and os.environ.get("CI") and device == "cpu":
+            pytest.fail(f"compiled CPU backend missing in CI: {why}")
+        pytest.skip(f"{op}/{backend} on {device}: {why}")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+    yield
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+@pytest.fixture(params=DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def dtype(request):
+    return request.param
+
+
+def pytest_report_header(config):
+    return [
+        f"vlmkern {vlmkern.__version__}: compiled library loaded={_C_loader.load()} "
+        f"(error: {_C_loader.error()}), CUDA kernels compiled in={backends.compiled_cuda()}, "
+        f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}, devices={DEVICES}"
+    ]
