@@ -23,7 +23,8 @@ mode) the harness
   by :func:`measure_ceilings` (a large device copy; a large matrix product in
   the benchmark's dtype), ``fraction = floor / median``.
 
-Scripts start with ``import _path  # noqa: F401`` (puts the repo root on ``sys.path``)
+Scripts start with ``import _path`` (puts the repo root on ``sys.path``; use
+``try: import _path except ImportError: from bench import _path`` so the module also imports as ``bench.<op>``)
 and then ``from bench.harness import Bench, Provider, main``.
 
 Results go to ``<out>/<bench>.json`` (every record, plus the machine and the
