@@ -164,7 +164,9 @@ class APFTSchedule:
         }
 
     # -- the epoch step --------------------------------------------------------
-    def step(self, val_loss: float) -> str:
+    def step(self, val_loss: float, force_transition: bool = False) -> str:
+        """Record one epoch's validation loss; ``force_transition`` moves to the
+        next phase regardless of the triggers (fixed-schedule baseline)."""
         if not math.isfinite(val_loss):
             raise ValueError(f"val_loss must be finite, got {val_loss}")
         c = self.config
@@ -184,7 +186,7 @@ class APFTSchedule:
             rec["event"] = "stop"
             return "stop"
         if self.phase + 1 < self.num_phases:
-            reason = self.trigger()
+            reason = "fixed" if force_transition else self.trigger()
             if reason is not None:
                 stats = self.window_stats() or {}
                 hp = self.adapted_hparams(self.phase + 1, val_loss)

@@ -1,0 +1,77 @@
+"""APFT trainer end to end on the micro CLIP and the synthetic long-tailed set."""
+
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("open_clip")
+
+from vlmkern.data import synthetic as S  # noqa: E402
+from vlmkern.methods.apft import APFTTrainConfig, train_apft  # noqa: E402
+from vlmkern.methods.apft_schedule import APFTConfig  # noqa: E402
+from vlmkern.methods.common import read_metrics  # noqa: E402
+from vlmkern.models.clip import create_clip  # noqa: E402
+
+os.environ.setdefault("VLMKERN_NO_PROGRESS", "1")
+
+
+def _setup(seed=0):
+    torch.manual_seed(seed)
+    model, _, tok = create_clip("vlmkern-micro-ViT")
+    tr, va = S.labelled(48, 24, seed=1, image_size=16, num_classes=6)
+    return model, tok, tr, va, tr.prompts()
+
+
+def _cfg(**kw):
+    sched = APFTConfig(window=2, tau_vol=0.5, tau_slope=0.0, tau_imp=1e-4, delta_min=0.0, patience=50, min_epochs=1)
+    base = dict(strategy="apft", max_epochs=4, batch_size=16, lr=1e-3, wd=1e-2, schedule=sched, eval_ks=(1, 5))
+    base.update(kw)
+    return APFTTrainConfig(**base)
+
+
+def test_apft_runs_transitions_and_logs(tmp_path):
+    model, tok, tr, va, prompts = _setup()
+    res = train_apft(model, tok, tr, va, prompts, _cfg(), str(tmp_path))
+    recs = [r for r in read_metrics(str(tmp_path)) if r["split"] == "val"]
+    assert len(recs) == res["epochs"] == 4
+    phases = [r["phase"] for r in recs]
+    assert phases == sorted(phases)
+    for r in recs:
+        assert {"lr", "wd", "trainable_frac", "event", "val_loss"} <= set(r)
+    assert recs[0]["trainable_frac"] < 0.1
+    if res["transitions"]:
+        t = res["transitions"][0]
+        assert t["reason"] in ("volatility", "worsening", "stagnation") and t["wd"] > 1e-2
+        assert any(r["trainable_frac"] > recs[0]["trainable_frac"] for r in recs)
+    assert set(res["final"]["retrieval"]["i2t"]) == {"all", "head", "torso", "tail"}
+
+
+def test_apft_resume_matches_uninterrupted(tmp_path):
+    model, tok, tr, va, prompts = _setup()
+    full = train_apft(model, tok, tr, va, prompts, _cfg(max_epochs=4), str(tmp_path / "a"))
+    model2, tok, tr, va, prompts = _setup()
+    train_apft(model2, tok, tr, va, prompts, _cfg(max_epochs=2), str(tmp_path / "b"))
+    model3, tok, tr, va, prompts = _setup(seed=99)  # different init: everything must come from the checkpoint
+    resumed = train_apft(model3, tok, tr, va, prompts, _cfg(max_epochs=4), str(tmp_path / "b"), resume=True)
+    va_a = [r["val_loss"] for r in read_metrics(str(tmp_path / "a")) if r["split"] == "val"]
+    va_b = [r["val_loss"] for r in read_metrics(str(tmp_path / "b")) if r["split"] == "val"]
+    assert va_a == pytest.approx(va_b, rel=1e-6, abs=1e-7)
+    assert full["best_val_loss"] == pytest.approx(resumed["best_val_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["full", "fixed"])
+def test_baselines_run(tmp_path, strategy):
+    model, tok, tr, va, prompts = _setup()
+    res = train_apft(model, tok, tr, va, prompts, _cfg(strategy=strategy, max_epochs=2, fixed_every=1), str(tmp_path))
+    assert res["epochs"] == 2 and res["final"]["val_loss"] > 0
+    if strategy == "full":
+        assert res["trainable_frac"] == 1.0
+
+
+def test_fixed_schedule_transitions_every_n_epochs(tmp_path):
+    model, tok, tr, va, prompts = _setup()
+    res = train_apft(model, tok, tr, va, prompts, _cfg(strategy="fixed", max_epochs=4, fixed_every=2), str(tmp_path))
+    assert [t["epoch"] for t in res["transitions"]] == [2, 4]
+    assert all(t["reason"] == "fixed" for t in res["transitions"])
