@@ -169,8 +169,13 @@ def recover_statistics(model, tokenizer, loader, objective: _Objective, optimize
 
 
 def train_tuneclip(model, tokenizer, train_ds, val_ds, cfg: TuneCLIPConfig, run_dir: str,
-                   device: str | torch.device = "cpu", resume: bool = False) -> Dict[str, Any]:
-    """OSR then fine-tuning (or a baseline, by ``cfg.loss`` / ``cfg.osr_epochs``); returns final metrics."""
+                   device: str | torch.device = "cpu", resume: bool = False,
+                   stop_after: Optional[int] = None) -> Dict[str, Any]:
+    """OSR then fine-tuning (or a baseline, by ``cfg.loss`` / ``cfg.osr_epochs``); returns final metrics.
+
+    ``stop_after`` ends the run after that many epochs in total (OSR epochs
+    included), leaving a checkpoint to ``resume`` from - as an interrupted job would.
+    """
     device = torch.device(device)
     seed_everything(cfg.seed)
     model.to(device)
@@ -221,8 +226,9 @@ def train_tuneclip(model, tokenizer, train_ds, val_ds, cfg: TuneCLIPConfig, run_
     if ev0 is not None:
         history.append({"epoch": 0, "stage": "start", **ev0})
         logger.log(split="val", epoch=0, stage="start", **ev0)
+    end = n_osr + cfg.epochs if stop_after is None else min(stop_after, n_osr + cfg.epochs)
     if start_epoch < n_osr:
-        for epoch in range(start_epoch, n_osr):
+        for epoch in range(start_epoch, min(n_osr, end)):
             if sampler is not None:
                 sampler.set_epoch(epoch)
             osr_steps += recover_statistics(model, tokenizer, loader, objective, opt, epoch + 1, device, cfg.amp,
@@ -230,7 +236,7 @@ def train_tuneclip(model, tokenizer, train_ds, val_ds, cfg: TuneCLIPConfig, run_
             start_epoch = epoch + 1
             checkpoint(start_epoch)
     step = 0
-    for epoch in range(max(start_epoch, n_osr), n_osr + cfg.epochs):
+    for epoch in range(max(start_epoch, n_osr), end):
         if sampler is not None:
             sampler.set_epoch(epoch)
         objective.set_epoch(epoch)
