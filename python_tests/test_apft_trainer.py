@@ -75,3 +75,19 @@ def test_fixed_schedule_transitions_every_n_epochs(tmp_path):
     res = train_apft(model, tok, tr, va, prompts, _cfg(strategy="fixed", max_epochs=4, fixed_every=2), str(tmp_path))
     assert [t["epoch"] for t in res["transitions"]] == [2, 4]
     assert all(t["reason"] == "fixed" for t in res["transitions"])
+
+
+def test_cli_train_apft_with_yaml_config(tmp_path):
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "apft.yaml"
+    cfg.write_text("model: vlmkern-micro-ViT\nepochs: 2\nbatch_size: 16\nn_train: 32\nn_val: 12\nlr: 0.001\nwindow: 2\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), VLMKERN_NO_PROGRESS="1")
+    r = subprocess.run([sys.executable, "-m", "vlmkern", "train", "apft", "--config", str(cfg), "--out",
+                        str(tmp_path / "run"), "--strategy", "fixed"], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout[r.stdout.index("{"):])
+    assert out["strategy"] == "fixed" and (tmp_path / "run" / "metrics.jsonl").exists()

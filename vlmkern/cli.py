@@ -73,6 +73,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     pb.add_argument("--device", default=None)
     pb.add_argument("--only", nargs="*", default=None)
     pb.set_defaults(fn=cmd_bench)
+    from .methods.cli_train import add_train_parser
+
+    add_train_parser(sub)
     args = p.parse_args(argv)
     return args.fn(args)
 
