@@ -140,7 +140,7 @@ def train_wrf4cir(clip, tokenizer, train_ds, val_ds, cfg: WRF4CIRConfig, run_dir
             loss = opt.step(closure)
             sched.step()
             step += 1
-            run_loss += float(loss)
+            run_loss += float(loss.detach())
             count += 1
         tr = evaluate_cir(model, tokenizer, train_ds, device, cfg.ks, cfg.amp, max_triplets=len(val_ds))
         va = evaluate_cir(model, tokenizer, val_ds, device, cfg.ks, cfg.amp)
