@@ -143,10 +143,17 @@ def test_bench_harness_records_and_markdown(tmp_path):
 
 
 def test_bench_peak_memory_sees_large_allocation():
-    sys.path.insert(0, ROOT)
-    from bench.harness import peak_memory
+    """In a fresh process (as a benchmark runs): the RSS high-water mark sees a 32 MiB tensor.
 
-    peak = peak_memory(lambda: torch.ones(32 << 20, dtype=torch.uint8), torch.device("cpu"))
-    if peak is None:
+    In a long-lived process earlier frees can leave resident heap chunks that a
+    new allocation reuses unseen; the benchmark scripts import the harness first,
+    which pins glibc's mmap threshold, so their large tensors are always mapped anew.
+    """
+    code = ("import torch\nfrom bench.harness import peak_memory\n"
+            "print(peak_memory(lambda: torch.ones(32 << 20, dtype=torch.uint8), torch.device('cpu')))")
+    r = _run(["-c", code])
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.strip().splitlines()[-1]
+    if out == "None":
         pytest.skip("/proc/self/clear_refs not writable here")
-    assert peak >= 30 << 20
+    assert int(out) >= 30 << 20
