@@ -165,6 +165,17 @@ def _state_update_torch(log_u: Tensor, index: Tensor, log_phi: Tensor, gamma: fl
 # ----------------------------------------------------------------------------
 
 
+@torch._dynamo.assume_constant_result
+def _choose(device: str, backend: Optional[str]) -> str:
+    """The backend for ``device`` (a constant for ``torch.compile``: the choice
+    is made once at trace time, the registry itself is not traced)."""
+    return backends.choose(OP, torch.device(device), backend)
+
+
+# ----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
+
+
 def _stats(backend, img, txt, all_img, all_txt, offset, tau, margin, hinge) -> Tuple[Tensor, Tensor]:
     if backend == "cpu":
         return torch.ops.vlmkern.hgcl_stats(img, txt, all_img, all_txt, offset, tau, margin, hinge)
@@ -370,7 +381,7 @@ def hgcl_loss(
     """
     _check_args(img, txt, index, log_u_img, log_u_txt, tau, gamma, margin, eps, all_img, all_txt, offset,
                 check_finite, validate)
-    name = backends.choose(OP, img.device, backend)
+    name = _choose(str(img.device), backend)
     hinge = margin is not None
     m = float(margin) if hinge else 0.0
     index = index.long()
@@ -459,7 +470,7 @@ class GlobalContrastiveLoss(torch.nn.Module):
         offset = rank * b
         _check_args(img, txt, index, self.log_u_img, self.log_u_txt, self.tau, self.gamma, self.margin,
                     self.eps, all_img, all_txt, offset, False, self.validate, global_index=global_index)
-        name = backends.choose(OP, img.device, self.backend)
+        name = _choose(str(img.device), self.backend)
         hinge = self.margin is not None
         m = float(self.margin) if hinge else 0.0
         with torch.no_grad():

@@ -92,7 +92,8 @@ def _stats_kernel(A, C, P, OUT, M, N, D, offset, inv_tau, margin, log_nm1,
         safe = tl.where(new_max == NEG_INF, 0.0, new_max)
         run_sum = run_sum * tl.exp(run_max - safe) + tl.sum(tl.exp(z - safe[:, None]), 1)
         run_max = new_max
-    out = tl.where(run_max == NEG_INF, NEG_INF, run_max + tl.log(run_sum) - log_nm1)
+    empty = run_max == NEG_INF  # B = 1: no negatives, log Phi = -inf
+    out = tl.where(empty, NEG_INF, run_max + tl.log(tl.where(empty, 1.0, run_sum)) - log_nm1)
     tl.store(OUT + offs_m, out, mask=mrow)
 
 
