@@ -1,0 +1,115 @@
+// Multi-tensor apply for optimizer-style ops (Kalman step, AWP): one kernel
+// launch covers up to kMaxTensorsPerLaunch tensors of one dtype, so a pass over
+// any parameter list costs ceil(n / kMaxTensorsPerLaunch) launches (one for
+// every list up to 256 tensors: all of ViT-B/16 CLIP).
+//
+// The tensor table travels BY VALUE as a kernel argument (about 10 KB for
+// three lists; CUDA >= 12.1 allows 32 KB of parameters), so there is no host ->
+// device copy and a launch can be captured in a CUDA graph.  Scalars that change
+// per step (innovation, R, ...) must be read from device pointers, not passed
+// by value.
+//
+// Work is split into chunks of `chunk_size` elements; chunk c of the launch
+// belongs to tensor t with chunk_start[t] <= c < chunk_start[t+1] (binary
+// search).  Blocks stride over chunks, so the grid can be capped.
+//
+// Host side: build a std::vector<TensorRef> (raw pointers + numel + the tensor's
+// position in the caller's list), then for_each_launch<NLists>(refs, chunk, f)
+// calls f(meta, total_chunks) once per launch.  This header includes no torch
+// header: it is used from .cu files compiled by nvcc alone.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace vlmkern::mta {
+
+constexpr int kMaxTensorsPerLaunch = 256;
+constexpr int kMaxLists = 4;
+
+template <int NLists>
+struct TensorListMeta {
+  static_assert(NLists >= 1 && NLists <= kMaxLists, "1..4 lists");
+  void* ptrs[NLists][kMaxTensorsPerLaunch];
+  int64_t numel[kMaxTensorsPerLaunch];
+  int32_t chunk_start[kMaxTensorsPerLaunch + 1];
+  int32_t list_index[kMaxTensorsPerLaunch];  // position of the tensor in the caller's list
+  int32_t ntensors;
+  int32_t launch_index;  // which launch of the pass this is (0, 1, ...)
+};
+
+struct TensorRef {
+  void* ptrs[kMaxLists];
+  int64_t numel;
+  int32_t list_index;
+};
+
+// Index of the tensor that owns `chunk` (chunk_start is sorted).
+template <int NLists>
+__device__ __forceinline__ int locate_tensor(const TensorListMeta<NLists>& m, int32_t chunk) {
+  int lo = 0, hi = m.ntensors - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (m.chunk_start[mid] <= chunk) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+// Calls f(const TensorListMeta<NLists>& meta, int32_t total_chunks) for each
+// launch.  Empty tensors are skipped.  Returns the number of launches.
+template <int NLists, typename F>
+int for_each_launch(const std::vector<TensorRef>& refs, int64_t chunk_size, F&& f) {
+  TensorListMeta<NLists> meta;
+  int n = 0;
+  int64_t chunks = 0;
+  int launches = 0;
+  auto flush = [&]() {
+    if (n == 0) return;
+    meta.ntensors = n;
+    meta.chunk_start[n] = static_cast<int32_t>(chunks);
+    meta.launch_index = launches;
+    f(meta, static_cast<int32_t>(chunks));
+    ++launches;
+    n = 0;
+    chunks = 0;
+  };
+  for (const TensorRef& r : refs) {
+    if (r.numel == 0) continue;
+    const int64_t c = (r.numel + chunk_size - 1) / chunk_size;
+    if (n == kMaxTensorsPerLaunch || chunks + c > INT32_MAX / 2) flush();
+    for (int l = 0; l < NLists; ++l) meta.ptrs[l][n] = r.ptrs[l];
+    meta.numel[n] = r.numel;
+    meta.list_index[n] = r.list_index;
+    meta.chunk_start[n] = static_cast<int32_t>(chunks);
+    chunks += c;
+    ++n;
+  }
+  flush();
+  return launches;
+}
+
+// Number of launches for_each_launch will make (to size per-launch buffers).
+inline int count_launches(const std::vector<TensorRef>& refs, int64_t chunk_size) {
+  int launches = 0, n = 0;
+  int64_t chunks = 0;
+  for (const TensorRef& r : refs) {
+    if (r.numel == 0) continue;
+    const int64_t c = (r.numel + chunk_size - 1) / chunk_size;
+    if (n == kMaxTensorsPerLaunch || chunks + c > INT32_MAX / 2) {
+      ++launches;
+      n = 0;
+      chunks = 0;
+    }
+    chunks += c;
+    ++n;
+  }
+  return launches + (n > 0 ? 1 : 0);
+}
+
+}  // namespace vlmkern::mta
