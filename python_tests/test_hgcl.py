@@ -465,3 +465,6 @@ def test_info_reports_hgcl():
     assert tab["torch"] == "live"
     assert "cuda" in tab and tab["cuda"] != "live"
     assert set(DEVICES) <= set(vlmkern.info()["backends"]["hgcl"])
+    # no CUDA kernels: CUDA tensors take Triton, and the registry says why
+    ok, why = vlmkern.backends.availability("hgcl", "cuda", "cuda")
+    assert not ok and "no compiled cuda kernel" in why

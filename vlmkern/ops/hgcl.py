@@ -41,6 +41,7 @@ _INFO = backends.register_op(
     compiled=("vlmkern::hgcl_stats", "vlmkern::hgcl_state_update_", "vlmkern::hgcl_grad"),
     triton=True,
     doc="hinged / plain global contrastive loss with per-sample u (SPEC §1)",
+    cuda=False,  # no CUDA kernels: CUDA tensors take the Triton kernels
 )
 
 try:  # the Triton kernels must import on machines without a GPU; record why not otherwise
