@@ -16,7 +16,9 @@ Providers:
 Cases: B in {1k, 4k, 16k, 64k} (+256k on GPU) x d in {512, 768}, HGCL (margin
 0.1), tau 0.05, gamma 0.9; bf16 on GPU, fp32 on CPU.  On the CPU only
 B in {1024, 4096, 8192} at d = 512 run (B = 8192 is the CPU target size);
-``VLMKERN_BENCH_HGCL_B=1024,2048`` overrides the sizes.
+``VLMKERN_BENCH_HGCL_B=1024,2048`` overrides the sizes and
+``VLMKERN_BENCH_HGCL_PROVIDERS=vlmkern-cpu,open_clip-ClipLoss`` the providers
+(the ``eager`` baseline always runs).
 """
 
 from __future__ import annotations
@@ -174,6 +176,10 @@ def make_bench(quick: bool) -> Bench:
         Provider("open_clip-ClipLoss", make_clip, kind="peer", available=clip_available),
         Provider("inf-cl", make_infcl, kind="peer", available=infcl_available),
     ]
+    only = os.environ.get("VLMKERN_BENCH_HGCL_PROVIDERS")
+    if only:
+        keep = set(only.split(","))
+        providers = [p for p in providers if p.name in keep or p.kind == "baseline"]
     return Bench(
         name="hgcl",
         cases=cases,

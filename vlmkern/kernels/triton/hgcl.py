@@ -15,10 +15,17 @@ column ``offset + i`` is anchor ``i``'s own pair and is excluded.
 * :func:`_col_grad_kernel` (column grid): accumulates ``dS^T @ A``, the
   gradient of the column set.
 
+Cost per call: stats 4 B^2 d FLOPs, gradient 4 sweeps x (1 + ceil(d / BLOCK_DO))
+x 2 B^2 d (with ``d <= BLOCK_DO``: 16 B^2 d).  The one-process case could share
+one similarity tile between the two directions (s'_ij = s_ji: 12 B^2 d in all,
+SPEC's figure; the CPU kernel shares tiles and needs 8 B^2 d); these kernels
+do not yet: 20 B^2 d for d <= BLOCK_DO.  Block sizes for the GPU are
+untuned defaults: no GPU was available when they were written.
+
 All accumulation is fp32 for fp32 / bf16 / fp16 inputs (fp32 ``tl.dot`` in
-IEEE precision, not TF32; see :func:`_ieee` for an interpreter workaround).  The ops ``vlmkern::hgcl_stats_triton`` and
-``vlmkern::hgcl_grad_triton`` are registered with ``torch.library.triton_op``
-so they trace into ``torch.compile`` graphs.  This module imports without a
+IEEE precision, not TF32; see :func:`_ieee` for an interpreter workaround).
+The ops ``vlmkern::hgcl_stats_triton`` and ``vlmkern::hgcl_grad_triton`` are
+registered with ``torch.library.triton_op`` so they trace into ``torch.compile`` graphs.  This module imports without a
 GPU; on CPU tensors it runs only under ``TRITON_INTERPRET=1``.
 """
 
