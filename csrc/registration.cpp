@@ -27,8 +27,10 @@ TORCH_LIBRARY(vlmkern, m) {
   // ---- SPEC §1: hinged / plain global contrastive loss ---------------------
   // Row and column sweeps: log Phi1 (image-anchored) and log Phi2
   // (text-anchored) for the local anchors, never materialising b x B.
+  // all_img / all_txt = None means one process (the columns are img / txt,
+  // offset must be 0); both or neither must be given.
   m.def(
-      "hgcl_stats(Tensor img, Tensor txt, Tensor all_img, Tensor all_txt, int offset, "
+      "hgcl_stats(Tensor img, Tensor txt, Tensor? all_img, Tensor? all_txt, int offset, "
       "float tau, float margin, bool hinge) -> (Tensor, Tensor)");
   // In-place log-domain state update for the anchors `index`; returns
   // log(eps + u_new) for the batch (the denominators of the estimator).
@@ -36,9 +38,11 @@ TORCH_LIBRARY(vlmkern, m) {
       "hgcl_state_update_(Tensor(a!) log_u, Tensor index, Tensor log_phi, float gamma, "
       "float eps) -> Tensor");
   // The compositional gradient estimator: gradients w.r.t. the local features
-  // (positive-pair and row terms) and the global column sets.
+  // (positive-pair and row terms) and the global column sets.  With
+  // all_img / all_txt = None (one process) the column terms are folded into
+  // grad_img / grad_txt and grad_all_img / grad_all_txt are empty [0, d].
   m.def(
-      "hgcl_grad(Tensor img, Tensor txt, Tensor all_img, Tensor all_txt, Tensor logden_img, "
+      "hgcl_grad(Tensor img, Tensor txt, Tensor? all_img, Tensor? all_txt, Tensor logden_img, "
       "Tensor logden_txt, Tensor grad_out, int offset, float tau, float margin, bool hinge) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
 }

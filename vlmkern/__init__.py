@@ -23,6 +23,7 @@ _C_loader.load()
 from . import backends, reference  # noqa: E402
 from .backends import BackendUnavailableError  # noqa: E402
 from .info import info  # noqa: E402
+from .ops.hgcl import GlobalContrastiveLoss, hgcl_loss  # noqa: E402
 from .ops.kalman import kalman_step_  # noqa: E402
 
 __all__ = [
@@ -32,4 +33,6 @@ __all__ = [
     "BackendUnavailableError",
     "info",
     "kalman_step_",
+    "hgcl_loss",
+    "GlobalContrastiveLoss",
 ]

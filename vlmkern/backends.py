@@ -45,20 +45,24 @@ class OpInfo:
     ``compiled``: qualified names of the ``torch.ops.vlmkern`` ops the compiled
     backends call (all must have a kernel for the device's dispatch key).
     ``triton``: whether a Triton implementation exists.
+    ``cuda``: whether the compiled ops have CUDA kernels (False: CUDA tensors
+    use ``triton``, and ``availability`` says so).
     """
 
     name: str
     compiled: Tuple[str, ...] = ()
     triton: bool = False
     doc: str = ""
+    cuda: bool = True
     triton_import_error: Optional[str] = field(default=None, repr=False)
 
 
 _OPS: Dict[str, OpInfo] = {}
 
 
-def register_op(name: str, compiled: Tuple[str, ...] = (), triton: bool = False, doc: str = "") -> OpInfo:
-    info = OpInfo(name=name, compiled=tuple(compiled), triton=triton, doc=doc)
+def register_op(name: str, compiled: Tuple[str, ...] = (), triton: bool = False, doc: str = "",
+                cuda: bool = True) -> OpInfo:
+    info = OpInfo(name=name, compiled=tuple(compiled), triton=triton, doc=doc, cuda=cuda)
     _OPS[name] = info
     return info
 
@@ -98,7 +102,7 @@ def availability(op: str, backend: str, device: torch.device | str) -> Tuple[boo
         want = "cuda" if backend == "cuda" else "cpu"
         if dev.type != want:
             return False, f"backend {backend!r} runs on {want} tensors, the inputs are on {dev}"
-        if not info.compiled:
+        if not info.compiled or (backend == "cuda" and not info.cuda):
             return False, f"op {op!r} has no compiled {backend} kernel (use 'triton' or 'torch')"
         if not _C_loader.load():
             return False, f"the compiled library vlmkern._C is not loaded ({_C_loader.error()})"

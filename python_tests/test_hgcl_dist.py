@@ -1,0 +1,111 @@
+"""GlobalContrastiveLoss under torch.distributed: 2 CPU processes, gloo.
+
+Each rank holds half of a global batch.  Checked against one process on the
+concatenated batch: the mean of the ranks' losses equals the single-process
+loss, the state is identical on both ranks and equal to the single-process
+state (over several steps with overlapping indices), and each rank's feature
+gradient is ``world_size`` times the single-process gradient of its slice
+(the documented convention: DDP's averaging then gives the global gradient).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import rel_err, require_backend
+
+WORLD = 2
+B_LOCAL = 6
+D = 16
+N = 30
+STEPS = [list(range(0, 12)), list(range(6, 18)), [29, 3, 17, 8, 0, 21, 5, 11, 26, 14, 2, 19]]
+KW = dict(tau=0.05, gamma=0.7, margin=0.1)
+
+
+def _data(step):
+    g = torch.Generator().manual_seed(100 + step)
+    img = torch.nn.functional.normalize(torch.randn(WORLD * B_LOCAL, D, generator=g), dim=1)
+    txt = torch.nn.functional.normalize(torch.randn(WORLD * B_LOCAL, D, generator=g), dim=1)
+    return img, txt, torch.tensor(STEPS[step])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, port, backend, outdir):
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    import datetime
+
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    try:
+        from vlmkern import GlobalContrastiveLoss
+
+        loss_fn = GlobalContrastiveLoss(N, backend=backend, **KW)
+        out = []
+        for step in range(len(STEPS)):
+            img, txt, index = _data(step)
+            sl = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+            a = img[sl].clone().requires_grad_()
+            t = txt[sl].clone().requires_grad_()
+            loss = loss_fn(a, t, index[sl])
+            loss.backward()
+            out.append(dict(loss=loss.detach(), grad_img=a.grad, grad_txt=t.grad,
+                            log_u_img=loss_fn.log_u_img.clone(), log_u_txt=loss_fn.log_u_txt.clone()))
+        torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_two_process_gloo_matches_one_process(backend):
+    require_backend("hgcl", backend, "cpu")
+    from vlmkern import GlobalContrastiveLoss
+
+    with tempfile.TemporaryDirectory() as outdir:
+        ctx = mp.get_context("spawn")
+        port = _free_port()
+        procs = [ctx.Process(target=_worker, args=(r, port, backend, outdir)) for r in range(WORLD)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=120)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                pytest.fail("a distributed worker timed out")
+            assert p.exitcode == 0, f"worker exited with {p.exitcode}"
+        res = [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(WORLD)]
+
+    single = GlobalContrastiveLoss(N, backend=backend, **KW)
+    for step in range(len(STEPS)):
+        img, txt, index = _data(step)
+        a, t = img.clone().requires_grad_(), txt.clone().requires_grad_()
+        loss = single(a, t, index)
+        loss.backward()
+        mean_loss = sum(r[step]["loss"] for r in res) / WORLD
+        assert math.isclose(mean_loss.item(), loss.item(), rel_tol=1e-5, abs_tol=1e-6)
+        for r in range(WORLD):
+            # identical state on every rank (bit for bit) and equal to one process
+            assert torch.equal(res[r][step]["log_u_img"], res[0][step]["log_u_img"])
+            assert torch.equal(res[r][step]["log_u_txt"], res[0][step]["log_u_txt"])
+            fin = torch.isfinite(single.log_u_img)
+            assert torch.equal(fin, torch.isfinite(res[r][step]["log_u_img"]))
+            assert torch.allclose(res[r][step]["log_u_img"][fin], single.log_u_img[fin], rtol=1e-5, atol=1e-5)
+            assert torch.allclose(res[r][step]["log_u_txt"][fin], single.log_u_txt[fin], rtol=1e-5, atol=1e-5)
+            sl = slice(r * B_LOCAL, (r + 1) * B_LOCAL)
+            assert rel_err(res[r][step]["grad_img"], WORLD * a.grad[sl]) < 1e-5
+            assert rel_err(res[r][step]["grad_txt"], WORLD * t.grad[sl]) < 1e-5

@@ -1,0 +1,485 @@
+"""Hinged / plain global contrastive loss with per-sample ``log u`` state (SPEC §1).
+
+Public API: :func:`hgcl_loss` and :class:`GlobalContrastiveLoss`.
+
+Three steps per call, each an op with a fake kernel (so the loss works under
+``torch.compile``):
+
+1. **stats** (no gradient): row sweep and column sweep giving ``log Phi1``
+   (image-anchored) and ``log Phi2`` (text-anchored) for the local anchors.
+   Schemas ``vlmkern::hgcl_stats`` (C++, ``csrc/hgcl/hgcl_cpu.cpp``) and
+   ``vlmkern::hgcl_stats_triton`` (``vlmkern/kernels/triton/hgcl.py``).
+2. **state update** (in place, no gradient): ``log u <- logaddexp(log(1-gamma) + log u,
+   log gamma + log Phi)`` (``log Phi`` on a first visit); returns
+   ``logden = log(eps + u_new)``.  ``vlmkern::hgcl_state_update_`` on the CPU; a
+   few PyTorch index ops elsewhere (it is ``O(b)``).
+3. **core** ``vlmkern::hgcl_loss_core`` (differentiable custom op): its forward is
+   ``tau/b * sum_i (logden1_i + logden2_i)``; its backward is the compositional
+   estimator (``vlmkern::hgcl_grad`` / ``hgcl_grad_triton``), **not** the autograd of
+   that scalar (which would be zero: the logden are constants).
+
+Backends: ``cpu`` (compiled C++, BLAS tiles), ``triton`` (GPU; CPU under
+``TRITON_INTERPRET=1``), ``torch`` (plain PyTorch, blocked over rows: never
+``B x B``).  There is no ``cuda`` backend: CUDA tensors take ``triton``.
+The float64 oracle is :func:`vlmkern.reference.hgcl`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ._common import FLOAT_DTYPES
+
+OP = "hgcl"
+_INFO = backends.register_op(
+    OP,
+    compiled=("vlmkern::hgcl_stats", "vlmkern::hgcl_state_update_", "vlmkern::hgcl_grad"),
+    triton=True,
+    doc="hinged / plain global contrastive loss with per-sample u (SPEC §1)",
+    cuda=False,  # no CUDA kernels: CUDA tensors take the Triton kernels
+)
+
+try:  # the Triton kernels must import on machines without a GPU; record why not otherwise
+    from ..kernels.triton import hgcl as _triton_hgcl  # noqa: F401
+except Exception as exc:  # pragma: no cover - depends on the install
+    _INFO.triton_import_error = f"{type(exc).__name__}: {exc}"
+    _triton_hgcl = None
+
+_TORCH_BLOCK = 512  # rows per tile of the PyTorch fallback: memory O(512 * B)
+
+
+# ----------------------------------------------------------------------------
+# fake kernels of the C++ schemas (csrc/registration.cpp)
+# ----------------------------------------------------------------------------
+
+if hasattr(torch.ops, "vlmkern") and hasattr(torch.ops.vlmkern, "hgcl_stats"):
+
+    @torch.library.register_fake("vlmkern::hgcl_stats")
+    def _hgcl_stats_fake(img, txt, all_img, all_txt, offset, tau, margin, hinge):
+        b = img.shape[0]
+        return img.new_empty((b,), dtype=torch.float32), img.new_empty((b,), dtype=torch.float32)
+
+    @torch.library.register_fake("vlmkern::hgcl_state_update_")
+    def _hgcl_state_update_fake(log_u, index, log_phi, gamma, eps):
+        return log_phi.new_empty(log_phi.shape, dtype=torch.float32)
+
+    @torch.library.register_fake("vlmkern::hgcl_grad")
+    def _hgcl_grad_fake(img, txt, all_img, all_txt, logden_img, logden_txt, grad_out, offset, tau, margin, hinge):
+        b, d = img.shape
+        B = 0 if all_img is None else all_img.shape[0]
+        return img.new_empty((b, d)), txt.new_empty((b, d)), img.new_empty((B, d)), img.new_empty((B, d))
+
+
+# ----------------------------------------------------------------------------
+# PyTorch fallback (blocked over rows, fp32 math)
+# ----------------------------------------------------------------------------
+
+
+def _surrogate(x: Tensor, hinge: bool, margin: float) -> Tensor:
+    return torch.clamp(x + margin, min=0.0).square() if hinge else x
+
+
+def _surrogate_grad(x: Tensor, hinge: bool, margin: float) -> Tensor:
+    return 2.0 * torch.clamp(x + margin, min=0.0) if hinge else torch.ones_like(x)
+
+
+def _stats_torch(img, txt, all_img, all_txt, offset, tau, margin, hinge, block=_TORCH_BLOCK):
+    F, G = img.float(), txt.float()
+    Fg = F if all_img is None else all_img.float()
+    Gg = G if all_txt is None else all_txt.float()
+    b, B = F.shape[0], Fg.shape[0]
+    out1 = torch.full((b,), -math.inf, dtype=torch.float32, device=F.device)
+    out2 = torch.full((b,), -math.inf, dtype=torch.float32, device=F.device)
+    if B < 2 or b == 0:
+        return out1, out2
+    p = (F * G).sum(1)
+    cols = torch.arange(B, device=F.device)
+    log_nm1 = math.log(B - 1)
+    for r0 in range(0, b, block):
+        r1 = min(b, r0 + block)
+        own = cols[None, :] == (torch.arange(r0, r1, device=F.device) + offset)[:, None]
+        for A, C, out in ((F, Gg, out1), (G, Fg, out2)):
+            z = _surrogate(A[r0:r1] @ C.T - p[r0:r1, None], hinge, margin) / tau
+            out[r0:r1] = torch.logsumexp(z.masked_fill(own, -math.inf), dim=1) - log_nm1
+    return out1, out2
+
+
+def _grad_torch(img, txt, all_img, all_txt, logden_img, logden_txt, grad_out, offset, tau, margin, hinge,
+                block=_TORCH_BLOCK):
+    F, G = img.float(), txt.float()
+    local = all_img is None
+    Fg = F if local else all_img.float()
+    Gg = G if local else all_txt.float()
+    b, d = F.shape
+    B = Fg.shape[0]
+    gF, gG = torch.zeros_like(F), torch.zeros_like(G)
+    gFg, gGg = torch.zeros_like(Fg), torch.zeros_like(Gg)
+    if B >= 2 and b > 0:
+        scale = grad_out.reshape(()).float() / b
+        p = (F * G).sum(1)
+        cols = torch.arange(B, device=F.device)
+        inv_nm1 = 1.0 / (B - 1)
+        dp = torch.empty(b, dtype=torch.float32, device=F.device)
+        for r0 in range(0, b, block):
+            r1 = min(b, r0 + block)
+            own = cols[None, :] == (torch.arange(r0, r1, device=F.device) + offset)[:, None]
+            ds = []
+            for A, C, ld in ((F, Gg, logden_img), (G, Fg, logden_txt)):
+                x = A[r0:r1] @ C.T - p[r0:r1, None]
+                z = _surrogate(x, hinge, margin) / tau
+                w = torch.exp((z - ld[r0:r1, None].float()).masked_fill(own, -math.inf)) * inv_nm1
+                ds.append(w * _surrogate_grad(x, hinge, margin) * scale)
+            D1, D2 = ds
+            gF[r0:r1] = D1 @ Gg
+            gG[r0:r1] = D2 @ Fg
+            gGg += D1.T @ F[r0:r1]
+            gFg += D2.T @ G[r0:r1]
+            dp[r0:r1] = -(D1.sum(1) + D2.sum(1))
+        gF = gF + dp[:, None] * G
+        gG = gG + dp[:, None] * F
+    if local:
+        gF, gG = gF + gFg, gG + gGg
+        gFg, gGg = gFg[:0], gGg[:0]
+    dt = img.dtype
+    return gF.to(dt), gG.to(dt), gFg.to(dt), gGg.to(dt)
+
+
+def _state_update_torch(log_u: Tensor, index: Tensor, log_phi: Tensor, gamma: float, eps: float) -> Tensor:
+    """In-place log-domain update of ``log_u[index]``; returns ``log(eps + u_new)``."""
+    old = log_u.index_select(0, index)
+    if gamma >= 1.0:
+        new = log_phi.float()
+    else:
+        blended = torch.logaddexp(old + math.log1p(-gamma), log_phi.float() + math.log(gamma))
+        new = torch.where(torch.isneginf(old), log_phi.float(), blended)
+    log_u.index_copy_(0, index, new)
+    return torch.logaddexp(new, torch.full_like(new, math.log(eps)))
+
+
+# ----------------------------------------------------------------------------
+# backend dispatch of the three steps
+# ----------------------------------------------------------------------------
+
+
+@torch._dynamo.assume_constant_result
+def _choose(device: str, backend: Optional[str]) -> str:
+    """The backend for ``device`` (a constant for ``torch.compile``: the choice
+    is made once at trace time, the registry itself is not traced)."""
+    return backends.choose(OP, torch.device(device), backend)
+
+
+# ----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
+
+
+def _stats(backend, img, txt, all_img, all_txt, offset, tau, margin, hinge) -> Tuple[Tensor, Tensor]:
+    if backend == "cpu":
+        return torch.ops.vlmkern.hgcl_stats(img, txt, all_img, all_txt, offset, tau, margin, hinge)
+    if backend == "triton":
+        return torch.ops.vlmkern.hgcl_stats_triton(img, txt, all_img, all_txt, offset, tau, margin, hinge)
+    return _stats_torch(img, txt, all_img, all_txt, offset, tau, margin, hinge)
+
+
+def _state_update(backend, log_u, index, log_phi, gamma, eps) -> Tensor:
+    if backend == "cpu":
+        return torch.ops.vlmkern.hgcl_state_update_(log_u, index, log_phi, gamma, eps)
+    return _state_update_torch(log_u, index, log_phi, gamma, eps)
+
+
+def _grad(backend, *args):
+    if backend == "cpu":
+        return torch.ops.vlmkern.hgcl_grad(*args)
+    if backend == "triton":
+        return torch.ops.vlmkern.hgcl_grad_triton(*args)
+    return _grad_torch(*args)
+
+
+# ----------------------------------------------------------------------------
+# the differentiable core
+# ----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("vlmkern::hgcl_loss_core", mutates_args=())
+def _loss_core(
+    img: Tensor, txt: Tensor, all_img: Optional[Tensor], all_txt: Optional[Tensor],
+    logden_img: Tensor, logden_txt: Tensor, offset: int, tau: float, margin: float, hinge: bool,
+    backend: str,
+) -> Tensor:
+    """``tau/b * sum(logden_img + logden_txt)``; backward = the SPEC §1 estimator."""
+    return (logden_img.float() + logden_txt.float()).sum() * (tau / img.shape[0])
+
+
+@_loss_core.register_fake
+def _(img, txt, all_img, all_txt, logden_img, logden_txt, offset, tau, margin, hinge, backend):
+    return logden_img.new_empty((), dtype=torch.float32)
+
+
+def _core_setup(ctx, inputs, output):
+    img, txt, all_img, all_txt, ld1, ld2, offset, tau, margin, hinge, backend = inputs
+    ctx.save_for_backward(img, txt, all_img, all_txt, ld1, ld2)
+    ctx.args = (offset, tau, margin, hinge, backend)
+
+
+def _core_backward(ctx, grad):
+    img, txt, all_img, all_txt, ld1, ld2 = ctx.saved_tensors
+    offset, tau, margin, hinge, backend = ctx.args
+    gF, gG, gFg, gGg = _grad(backend, img, txt, all_img, all_txt, ld1, ld2, grad, offset, tau, margin, hinge)
+    if all_img is None:
+        gFg = gGg = None
+    return gF, gG, gFg, gGg, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("vlmkern::hgcl_loss_core", _core_backward, setup_context=_core_setup)
+
+
+# ----------------------------------------------------------------------------
+# argument checks
+# ----------------------------------------------------------------------------
+
+
+def _fail(exc, msg):
+    raise exc(f"vlmkern.hgcl_loss: {msg}")
+
+
+def _check_args(img, txt, index, log_u_img, log_u_txt, tau, gamma, margin, eps, all_img, all_txt, offset,
+                check_finite, validate, global_index=None):
+    for name, t in (("img", img), ("txt", txt), ("index", index), ("log_u_img", log_u_img),
+                    ("log_u_txt", log_u_txt)):
+        if not isinstance(t, torch.Tensor):
+            _fail(TypeError, f"{name} must be a Tensor, got {type(t).__name__}")
+    if img.dim() != 2:
+        _fail(ValueError, f"img must be 2-D [b, d], got shape {tuple(img.shape)}")
+    if txt.shape != img.shape:
+        _fail(ValueError, f"txt has shape {tuple(txt.shape)} but img has shape {tuple(img.shape)}")
+    if img.shape[0] == 0:
+        _fail(ValueError, "img is an empty batch (b = 0)")
+    if img.dtype not in FLOAT_DTYPES:
+        _fail(TypeError, f"img must be float32, bfloat16 or float16, got {img.dtype}")
+    if txt.dtype != img.dtype:
+        _fail(TypeError, f"txt has dtype {txt.dtype} but img has dtype {img.dtype}")
+    dev = img.device
+    if txt.device != dev:
+        _fail(ValueError, f"txt is on {txt.device} but img is on {dev}")
+    b, d = img.shape
+    if (all_img is None) != (all_txt is None):
+        _fail(ValueError, "give both all_img and all_txt or neither")
+    if all_img is not None:
+        for name, t in (("all_img", all_img), ("all_txt", all_txt)):
+            if not isinstance(t, torch.Tensor):
+                _fail(TypeError, f"{name} must be a Tensor, got {type(t).__name__}")
+            if t.dim() != 2 or t.shape[1] != d:
+                _fail(ValueError, f"{name} must be [B, {d}] (the width of img), got shape {tuple(t.shape)}")
+            if t.dtype != img.dtype:
+                _fail(TypeError, f"{name} has dtype {t.dtype} but img has dtype {img.dtype}")
+            if t.device != dev:
+                _fail(ValueError, f"{name} is on {t.device} but img is on {dev}")
+        if all_txt.shape != all_img.shape:
+            _fail(ValueError, f"all_txt has shape {tuple(all_txt.shape)} but all_img has shape {tuple(all_img.shape)}")
+        B = all_img.shape[0]
+        if not (0 <= offset <= B - b):
+            _fail(ValueError, f"offset must be in [0, B - b] = [0, {B - b}], got {offset}")
+    elif offset != 0:
+        _fail(ValueError, f"offset must be 0 when all_img/all_txt are not given, got {offset}")
+    if index.dim() != 1 or index.shape[0] != b:
+        _fail(ValueError, f"index must be 1-D of length b = {b}, got shape {tuple(index.shape)}")
+    if index.dtype not in (torch.int64, torch.int32):
+        _fail(TypeError, f"index must be int64 (or int32), got {index.dtype}")
+    if index.device != dev:
+        _fail(ValueError, f"index is on {index.device} but img is on {dev}")
+    for name, t in (("log_u_img", log_u_img), ("log_u_txt", log_u_txt)):
+        if t.dtype != torch.float32:
+            _fail(TypeError, f"{name} must be float32 (log u state), got {t.dtype}")
+        if t.dim() != 1:
+            _fail(ValueError, f"{name} must be 1-D [num_samples], got shape {tuple(t.shape)}")
+        if t.device != dev:
+            _fail(ValueError, f"{name} is on {t.device} but img is on {dev}")
+    if log_u_txt.shape != log_u_img.shape:
+        _fail(ValueError, f"log_u_txt has shape {tuple(log_u_txt.shape)} but log_u_img has {tuple(log_u_img.shape)}")
+    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+        _fail(ValueError, f"tau must be a finite number > 0, got {tau}")
+    if not (isinstance(gamma, (int, float)) and 0.0 < gamma <= 1.0):
+        _fail(ValueError, f"gamma must be in (0, 1], got {gamma}")
+    if margin is not None and not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin >= 0):
+        _fail(ValueError, f"margin must be None (GCL) or a number >= 0, got {margin}")
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        _fail(ValueError, f"eps must be > 0, got {eps}")
+    if validate:  # the checks below synchronise with the host
+        n = log_u_img.shape[0]
+        gi = index if global_index is None else global_index
+        lo, hi = int(gi.min()), int(gi.max())
+        if lo < 0 or hi >= n:
+            _fail(IndexError, f"index values must be in [0, num_samples) = [0, {n}), got min {lo}, max {hi}")
+        if torch.unique(gi).numel() != gi.numel():
+            _fail(ValueError, "index has duplicate entries within the batch; every anchor must be a distinct "
+                              "sample (its state entry is updated once per call)")
+    if check_finite:
+        for name, t in (("img", img), ("txt", txt), ("all_img", all_img), ("all_txt", all_txt)):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                _fail(ValueError, f"{name} contains NaN or inf")
+
+
+# ----------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------
+
+
+def hgcl_loss(
+    img: Tensor,
+    txt: Tensor,
+    index: Tensor,
+    log_u_img: Tensor,
+    log_u_txt: Tensor,
+    *,
+    tau: float,
+    gamma: float,
+    margin: Optional[float] = 0.1,
+    eps: float = 1e-14,
+    all_img: Optional[Tensor] = None,
+    all_txt: Optional[Tensor] = None,
+    offset: int = 0,
+    backend: Optional[str] = None,
+    check_finite: bool = False,
+    validate: bool = True,
+) -> Tensor:
+    """Hinged (``margin`` given) or plain (``margin=None``) global contrastive loss, SPEC §1.
+
+    For each local anchor ``i`` (global column ``offset + i``)::
+
+        Phi1_i = 1/(B-1) sum_{j != i} exp(l(F_i.Gg_j - p_i) / tau)     image-anchored
+        Phi2_i = 1/(B-1) sum_{j != i} exp(l(Fg_j.G_i - p_i) / tau)     text-anchored
+        u[index_i] <- (1 - gamma) u[index_i] + gamma Phi_i             (Phi on a first visit)
+
+    with ``l(x) = max(x + margin, 0)^2`` (HGCL) or ``l(x) = x`` (GCL), kept in
+    the log domain.  Returns the float32 scalar
+    ``tau/b * sum_i [log(eps + u1_i) + log(eps + u2_i)]`` (the tracked estimate of
+    the objective, for logging) and updates ``log_u_img`` / ``log_u_txt`` in place.
+
+    **Backward is the compositional estimator**
+    ``tau/b * sum_i [grad Phi1_i/(eps + u1_i) + grad Phi2_i/(eps + u2_i)]`` with the
+    updated ``u`` held constant - not the autograd of the returned scalar.
+
+    Args:
+        img, txt: L2-normalised local features ``[b, d]`` (float32/bfloat16/float16,
+            fp32 accumulation).
+        index: ``[b]`` int64 dataset indices of the anchors.  Duplicates within a
+            batch are rejected (``ValueError``): each anchor is a distinct sample.
+        log_u_img, log_u_txt: float32 ``[num_samples]`` state, ``-inf`` = never visited.
+        tau: temperature > 0.  gamma: moving-average rate in (0, 1].
+        margin: hinge margin >= 0, or ``None`` for GCL.  eps: > 0.
+        all_img, all_txt: global column sets ``[B, d]`` (all ranks' features) whose
+            rows ``offset .. offset+b`` are ``img``/``txt``; gradients w.r.t. them are
+            returned through autograd (route them back to their owners).
+        backend: ``"cpu"``, ``"triton"`` or ``"torch"`` (default: by device, see
+            :mod:`vlmkern.backends`).
+        check_finite: raise if a feature tensor holds NaN/inf (one host sync).
+        validate: check ``index`` range and duplicates (one host sync); ``False``
+            skips them (e.g. inside ``torch.compile(fullgraph=True)`` or CUDA graphs).
+    """
+    _check_args(img, txt, index, log_u_img, log_u_txt, tau, gamma, margin, eps, all_img, all_txt, offset,
+                check_finite, validate)
+    name = _choose(str(img.device), backend)
+    hinge = margin is not None
+    m = float(margin) if hinge else 0.0
+    index = index.long()
+    with torch.no_grad():
+        lphi1, lphi2 = _stats(name, img.detach(), txt.detach(),
+                              None if all_img is None else all_img.detach(),
+                              None if all_txt is None else all_txt.detach(),
+                              int(offset), float(tau), m, hinge)
+        ld1 = _state_update(name, log_u_img, index, lphi1, float(gamma), float(eps))
+        ld2 = _state_update(name, log_u_txt, index, lphi2, float(gamma), float(eps))
+    return _loss_core(img, txt, all_img, all_txt, ld1, ld2, int(offset), float(tau), m, hinge, name)
+
+
+class GlobalContrastiveLoss(torch.nn.Module):
+    """HGCL / GCL with its per-sample state as buffers (``state_dict`` saves it).
+
+    ``forward(img, txt, index)`` returns this rank's loss, the mean over its
+    local anchors (like open_clip's ``ClipLoss``), and updates the state.
+
+    Under ``torch.distributed`` (initialised, world size > 1) it all-gathers
+    the features with ``torch.distributed.nn.functional.all_gather`` (whose
+    backward sums every rank's gradient into the owner's features), gathers
+    ``index`` and the per-anchor ``log Phi`` so that every rank applies the same
+    update to the state of all global anchors (the state stays identical on all
+    ranks), and uses ``offset = rank * b``.  Every rank must pass the same batch
+    size ``b``.  Gradient convention: each rank's feature gradient is
+    ``world_size`` times the gradient of the single-process loss over the
+    concatenated batch, so DDP's gradient *averaging* yields exactly the
+    global-batch parameter gradient.
+
+    ``gamma`` is settable between steps (e.g. FastCLIP's schedule,
+    :func:`vlmkern.reference.fastclip_gamma`).  ``margin=None`` gives GCL.
+    """
+
+    def __init__(self, num_samples: int, tau: float, gamma: float, margin: Optional[float] = 0.1,
+                 eps: float = 1e-14, backend: Optional[str] = None, validate: bool = True):
+        super().__init__()
+        if int(num_samples) <= 0:
+            raise ValueError(f"vlmkern.GlobalContrastiveLoss: num_samples must be > 0, got {num_samples}")
+        self.register_buffer("log_u_img", torch.full((int(num_samples),), -math.inf, dtype=torch.float32))
+        self.register_buffer("log_u_txt", torch.full((int(num_samples),), -math.inf, dtype=torch.float32))
+        self.tau = float(tau)
+        self.gamma = gamma
+        self.margin = margin
+        self.eps = float(eps)
+        self.backend = backend
+        self.validate = validate
+
+    @property
+    def gamma(self) -> float:
+        return self._gamma
+
+    @gamma.setter
+    def gamma(self, value: float) -> None:
+        if not (0.0 < float(value) <= 1.0):
+            raise ValueError(f"vlmkern.GlobalContrastiveLoss: gamma must be in (0, 1], got {value}")
+        self._gamma = float(value)
+
+    def extra_repr(self) -> str:
+        return (f"num_samples={self.log_u_img.shape[0]}, tau={self.tau}, gamma={self.gamma}, "
+                f"margin={self.margin}, eps={self.eps}")
+
+    def forward(self, img: Tensor, txt: Tensor, index: Tensor) -> Tensor:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return self._forward_distributed(img, txt, index)
+        return hgcl_loss(img, txt, index, self.log_u_img, self.log_u_txt, tau=self.tau, gamma=self.gamma,
+                         margin=self.margin, eps=self.eps, backend=self.backend, validate=self.validate)
+
+    def _forward_distributed(self, img: Tensor, txt: Tensor, index: Tensor) -> Tensor:
+        import torch.distributed as dist
+        import torch.distributed.nn.functional as dist_nn
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+        b = img.shape[0]
+        all_img = torch.cat(dist_nn.all_gather(img), 0)
+        all_txt = torch.cat(dist_nn.all_gather(txt), 0)
+        index = index.long()
+
+        def gather(t: Tensor) -> Tensor:
+            out = [torch.empty_like(t) for _ in range(world)]
+            dist.all_gather(out, t.contiguous())
+            return torch.cat(out, 0)
+
+        global_index = gather(index)
+        offset = rank * b
+        _check_args(img, txt, index, self.log_u_img, self.log_u_txt, self.tau, self.gamma, self.margin,
+                    self.eps, all_img, all_txt, offset, False, self.validate, global_index=global_index)
+        name = _choose(str(img.device), self.backend)
+        hinge = self.margin is not None
+        m = float(self.margin) if hinge else 0.0
+        with torch.no_grad():
+            lphi1, lphi2 = _stats(name, img.detach(), txt.detach(), all_img.detach(), all_txt.detach(),
+                                  offset, self.tau, m, hinge)
+            lphi1, lphi2 = gather(lphi1), gather(lphi2)
+            ld1 = _state_update(name, self.log_u_img, global_index, lphi1, self.gamma, self.eps)
+            ld2 = _state_update(name, self.log_u_txt, global_index, lphi2, self.gamma, self.eps)
+        ld1 = ld1[offset:offset + b].contiguous()
+        ld2 = ld2[offset:offset + b].contiguous()
+        return _loss_core(img, txt, all_img, all_txt, ld1, ld2, offset, self.tau, m, hinge, name)
