@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any, Dict, List, Optional
 
-METHODS = ("tuneclip", "apft")
+METHODS = ("tuneclip", "apft", "wrf4cir", "kalman")
 
 
 def add_train_parser(sub) -> None:
@@ -47,6 +47,18 @@ def add_train_parser(sub) -> None:
     p.add_argument("--strategy", default=None, choices=("apft", "fixed", "full", "lora"))
     p.add_argument("--window", type=int, default=None)
     p.add_argument("--patience", type=int, default=None)
+    # WRF4CIR
+    p.add_argument("--awp-gamma", type=float, default=None, help="perturbation size (0 = plain fine-tuning)")
+    p.add_argument("--random-ratio", type=float, default=None)
+    p.add_argument("--warmup-epochs", type=int, default=None)
+    p.add_argument("--combiner", default=None, choices=("sum", "learned"))
+    p.add_argument("--cir-root", default=None, help="FashionIQ/CIRR root (--data files)")
+    p.add_argument("--cir-layout", default="fashioniq", choices=("fashioniq", "cirr"))
+    # Kalman
+    p.add_argument("--optimizer", default=None, choices=("kalman", "adamw"))
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--p0", type=float, default=None)
+    p.add_argument("--lora-rank", type=int, default=None)
     p.set_defaults(fn=cmd_train)
 
 
@@ -97,6 +109,27 @@ def cmd_train(args) -> int:
             gamma=o.get("gamma"), tau=o.get("tau"), amp=o.get("amp"), seed=o["seed"]).items() if v is not None})
         res = train_tuneclip(model, tok, tr, va, cfg, out, device=device, resume=o.get("resume", False))
         print(json.dumps({"run": out, "final": res["final"], "osr_steps": res["osr_steps"]}, indent=1))
+        return 0
+    if o["method"] == "wrf4cir":
+        from .wrf4cir import WRF4CIRConfig, train_wrf4cir
+
+        tr, va = _cir_data(o, size)
+        cfg = WRF4CIRConfig(**{k: v for k, v in dict(
+            epochs=o.get("epochs"), batch_size=o.get("batch_size"), lr=o.get("lr"), wd=o.get("wd"),
+            gamma=o.get("awp_gamma"), random_ratio=o.get("random_ratio"), warmup_epochs=o.get("warmup_epochs"),
+            combiner=o.get("combiner"), amp=o.get("amp"), seed=o["seed"]).items() if v is not None})
+        res = train_wrf4cir(model, tok, tr, va, cfg, out, device=device, resume=o.get("resume", False))
+        print(json.dumps({"run": out, "final": res["final"]}, indent=1))
+        return 0
+    if o["method"] == "kalman":
+        from .kalman import KalmanTrainConfig, train_kalman
+
+        tr, va, prompts = _labelled_data(o, size)
+        cfg = KalmanTrainConfig(**{k: v for k, v in dict(
+            optimizer=o.get("optimizer"), steps=o.get("steps"), batch_size=o.get("batch_size"), lr=o.get("lr"),
+            p0=o.get("p0"), lora_rank=o.get("lora_rank"), amp=o.get("amp"), seed=o["seed"]).items() if v is not None})
+        res = train_kalman(model, tok, tr, va, prompts, cfg, out, device=device, resume=o.get("resume", False))
+        print(json.dumps({"run": out, "optimizer": res["optimizer"], "curve": res["curve"]}, indent=1))
         return 0
     from .apft import APFTTrainConfig, train_apft
     from .apft_schedule import APFTConfig
@@ -156,3 +189,21 @@ def _labelled_data(o, size):
         if d.bad:
             print(f"{name}: {d.report()}")
     return tr, va, tr.prompts()
+
+
+def _cir_data(o, size):
+    from ..data import CIRTriplets, default_transform
+    from ..data import synthetic as S
+
+    if o["data"] == "synthetic":
+        return (S.cir_triplets(o["n_train"], seed=o["seed"] + 1, image_size=size),
+                S.cir_triplets(o["n_val"], seed=o["seed"] + 2, image_size=size))
+    if not o.get("cir_root"):
+        raise SystemExit("vlmkern train wrf4cir: --data files needs --cir-root")
+    tf = default_transform(size)
+    tr = CIRTriplets(o["cir_root"], split="train", layout=o["cir_layout"], transform=tf, on_error=o["on_error"])
+    va = CIRTriplets(o["cir_root"], split="val", layout=o["cir_layout"], transform=tf, on_error=o["on_error"])
+    for name, d in (("train", tr), ("val", va)):
+        if d.bad:
+            print(f"{name}: {d.report()}")
+    return tr, va
