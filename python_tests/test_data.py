@@ -111,6 +111,7 @@ def test_cir_fashioniq_and_cirr_layouts(tmp_path):
     ref, text, tgt, ri, ti = ds[0]
     assert text == "is blue and has sleeves" and ds.gallery[ri] == "a" and ds.gallery[ti] == "b"
     assert ds.subsets() is None
+    assert torch.equal(ds.image(ti), ds.image("b"))  # by gallery index or by name
 
     cirr = tmp_path / "cirr"
     for n in ("r1", "t1", "m1", "m2"):

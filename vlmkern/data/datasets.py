@@ -440,7 +440,10 @@ class CIRTriplets(Dataset):
     def __len__(self):
         return len(self.triplets)
 
-    def image(self, name: str):
+    def image(self, name):
+        """An image by gallery index (int) or by name."""
+        if isinstance(name, int):
+            name = self.gallery[name]
         p = self.paths[name] if name in self.paths else self._path(name)
         return self.transform(_load_image(p, p))
 
