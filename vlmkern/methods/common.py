@@ -69,6 +69,30 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def allreduce_gradients(params) -> None:
+    """Average ``.grad`` over the ranks (what DDP does), one flat buffer per dtype.
+
+    The trainers call this after ``backward()`` instead of wrapping the model
+    in DDP, because they call ``encode_image`` / ``encode_text`` rather than
+    ``forward`` (DDP's reducer is armed by ``forward``)."""
+    if not is_distributed():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    by_dtype: Dict[torch.dtype, list] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    ws = world_size()
+    for gs in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in gs])
+        dist.all_reduce(flat)
+        flat /= ws
+        off = 0
+        for g in gs:
+            n = g.numel()
+            g.copy_(flat[off:off + n].view_as(g))
+            off += n
+
+
 def is_main() -> bool:
     return rank() == 0
 

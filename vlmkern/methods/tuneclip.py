@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from ..eval.metrics import caption_retrieval
 from ..reference import fastclip_gamma
-from .common import (RunLogger, autocast, is_distributed, load_checkpoint, progress, rank, save_checkpoint,
+from .common import (RunLogger, allreduce_gradients, autocast, is_distributed, load_checkpoint, progress, rank, save_checkpoint,
                      seed_everything, world_size)
 
 
@@ -147,6 +147,7 @@ def recover_statistics(model, tokenizer, loader, objective: _Objective, optimize
             for p in params:
                 p.grad = None
             loss.backward()
+            allreduce_gradients(params)
             with torch.no_grad():
                 for p in params:
                     if p.grad is None:
@@ -248,6 +249,7 @@ def train_tuneclip(model, tokenizer, train_ds, val_ds, cfg: TuneCLIPConfig, run_
             loss = objective(fi, ft, idx, model.logit_scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            allreduce_gradients(params)
             opt.step()
             sched.step()
             running += loss.item()
