@@ -32,10 +32,8 @@ def _worker(rank, world, port, out_dir, q):
         tr, va = S.pairs(32, seed=1, image_size=16), S.pairs(8, seed=2, image_size=16)
         res = train_tuneclip(m, tok, tr, va, TuneCLIPConfig(loss="hgcl", osr_epochs=1, epochs=1, batch_size=8,
                                                             lr=1e-3), os.path.join(out_dir, f"r{rank}"))
-        ck = torch.load(os.path.join(out_dir, f"r{rank}", "checkpoint.pt"), weights_only=False) if rank == 0 else None
         w = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
-        q.put((rank, w, res["osr_steps"]))
-        del ck
+        q.put((rank, w.numpy().copy(), res["osr_steps"]))  # numpy: pickled by value, not shared memory
     finally:
         dist.destroy_process_group()
 
@@ -50,7 +48,7 @@ def test_tuneclip_two_gloo_ranks_stay_identical(tmp_path):
     results = dict()
     for _ in range(2):
         r, w, steps = q.get(timeout=240)
-        results[r] = (w, steps)
+        results[r] = (torch.from_numpy(w), steps)
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
