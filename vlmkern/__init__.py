@@ -24,6 +24,7 @@ from . import backends, reference  # noqa: E402
 from .backends import BackendUnavailableError  # noqa: E402
 from .info import info  # noqa: E402
 from .ops.kalman import kalman_step_  # noqa: E402
+from .ops.awp import awp_perturb_, awp_restore_  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -32,4 +33,6 @@ __all__ = [
     "BackendUnavailableError",
     "info",
     "kalman_step_",
+    "awp_perturb_",
+    "awp_restore_",
 ]

@@ -24,7 +24,7 @@ inline void check_perturb_args(at::TensorList params, at::TensorList grads, at::
                                double gamma, double eps, double sign, int64_t mode) {
   constexpr const char* op = "vlmkern.awp_perturb_";
   TORCH_CHECK(mode == kModeAdversarial || mode == kModeRandom, op,
-              ": mode must be 0 (adversarial) or 1 (random), got ", mode);
+              ": direction must be 0 (adversarial) or 1 (random), got ", mode);
   TORCH_CHECK(std::isfinite(gamma) && gamma >= 0.0, op, ": gamma must be finite and >= 0, got ",
               gamma);
   TORCH_CHECK(std::isfinite(eps) && eps >= 0.0, op, ": eps must be finite and >= 0, got ", eps);
