@@ -19,6 +19,11 @@ All backends compute in fp32 from fp32 norms: ``scale = sign * gamma * ||w|| /
 product and one for the sum.  The norms are accumulated in double across
 blocks (fixed order: deterministic).  ``backup`` receives the weights bit for
 bit and :func:`awp_restore_` copies them back bit for bit.
+
+Limits: squares are taken in fp32, so a tensor with elements above ~1.8e19 has
+an infinite norm; an infinite ``||d||`` gives ``scale = 0`` (no perturbation), a
+NaN/inf direction gives NaN weights until the restore.  ``eps = 0`` with an
+all-zero direction gives NaN (0/0) as in the formula.
 """
 
 from __future__ import annotations
