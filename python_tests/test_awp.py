@@ -29,7 +29,7 @@ def impl(request):
 
 def rt(backend):
     """Tolerance on norms / perturbation for a backend (see check_against_reference)."""
-    return 1e-5 if backend == "torch" else 2e-6
+    return 2e-6
 
 
 def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -56,9 +56,7 @@ def check_against_reference(params0, grads, out, backup, norms, *, gamma, eps=1e
 
     Every element within one ulp of the exactly rounded reference, plus ``rtol``
     of the perturbation (fp32 math of the scale and direction); norms within
-    ``rtol``.  The compiled kernels accumulate norms in double across blocks
-    (2e-6); the torch fallback's ``torch._foreach_norm`` accumulates in fp32
-    (pass 1e-5)."""
+    ``rtol`` (every backend combines fp32 partial sums in double)."""
     vs = R.awp_perturbation(params0, grads, gamma=gamma, eps=eps, sign=sign, mode=mode, seed=seed)
     for t, (w0, w1, b, v) in enumerate(zip(params0, out, backup, vs)):
         assert w1.dtype == w0.dtype and w1.shape == w0.shape
@@ -253,22 +251,38 @@ def test_reference_hash_matches_python_ints():
     assert [mix(int(x)) for x in xs] == R._mix32(xs).tolist()
 
 
-def test_many_tensors_and_misaligned_views(impl):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_many_tensors_and_misaligned_views(impl, dtype):
     """More than 256 tensors (several multi-tensor launches on CUDA) and views
-    starting at odd element offsets (no vector loads)."""
+    starting at odd element offsets (no vector loads; odd tails for F16C)."""
     dev, backend = impl
     g = torch.Generator().manual_seed(5)
-    storage = torch.randn(300 * 11 + 1, generator=g).to(dev)
-    gstore = torch.randn(300 * 11 + 1, generator=g).to(dev)
-    params = [storage[1 + 11 * i : 1 + 11 * (i + 1)] for i in range(300)]
-    grads = [gstore[1 + 11 * i : 1 + 11 * (i + 1)] for i in range(300)]
+    L = 37
+    storage = torch.randn(300 * L + 1, generator=g).to(dtype).to(dev)
+    gstore = torch.randn(300 * L + 1, generator=g).to(dtype).to(dev)
+    params = [storage[1 + L * i : 1 + L * (i + 1)] for i in range(300)]
+    grads = [gstore[1 + L * i : 1 + L * (i + 1)] for i in range(300)]
     params0 = [p.clone() for p in params]
-    bstore = torch.empty(300 * 11 + 1, device=dev)
-    backup = [bstore[1 + 11 * i : 1 + 11 * (i + 1)] for i in range(300)]
+    bstore = torch.empty(300 * L + 1, device=dev, dtype=dtype)
+    backup = [bstore[1 + L * i : 1 + L * (i + 1)] for i in range(300)]
     norms = vlmkern.awp_perturb_(params, grads, backup, gamma=0.1, backend=backend).cpu()
     check_against_reference(params0, grads, params, backup, norms, gamma=0.1, rtol=rt(backend))
     vlmkern.awp_restore_(params, backup, backend=backend)
     assert all(torch.equal(p, p0) for p, p0 in zip(params, params0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_norms_accurate_on_large_tensors(impl, dtype):
+    """Norms of multi-million-element tensors stay at fp32 accuracy (blocked
+    partial sums combined in double), in every backend."""
+    dev, backend = impl
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(3_000_001, generator=g).to(dtype)
+    d = torch.randn(3_000_001, generator=g).to(dtype)
+    ref = [w.double().norm().item(), d.double().norm().item()]
+    norms = vlmkern.awp_perturb_([w.to(dev)], [d.to(dev)], [torch.empty_like(w, device=dev)], gamma=1e-3, backend=backend)
+    for k in range(2):
+        assert abs(norms[0, k].item() - ref[k]) <= 1e-6 * ref[k]
 
 
 def test_non_contiguous(impl):
@@ -312,9 +326,9 @@ def test_backends_agree_cpu():
         bk = [torch.empty_like(p) for p in params]
         na = vlmkern.awp_perturb_(a, grads, bk, gamma=0.1, mode=mode, seed=9, backend="cpu")
         nb = vlmkern.awp_perturb_(b, grads, bk, gamma=0.1, mode=mode, seed=9, backend="torch")
-        torch.testing.assert_close(na, nb, rtol=1e-5, atol=0)
+        torch.testing.assert_close(na, nb, rtol=2e-6, atol=0)
         for x, y, p0 in zip(a, b, params):  # 1 ulp + the norm difference times |v|
-            tol = ulp(x, x.dtype) + 1e-5 * (x.double() - p0.double()).abs()
+            tol = ulp(x, x.dtype) + 2e-6 * (x.double() - p0.double()).abs()
             assert ((x.double() - y.double()).abs() <= tol).all()
 
 

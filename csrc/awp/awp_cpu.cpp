@@ -19,7 +19,13 @@
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define VLMKERN_AWP_F16C 1
+#endif
 
 #include "awp/awp_host.h"
 #include "awp/awp_math.h"
@@ -88,10 +94,23 @@ double sumsq_random(uint32_t key, int64_t begin, int64_t end) {
   return s;
 }
 
+#if defined(VLMKERN_AWP_F16C)
+bool cpu_has_f16c();
+void perturb_half_f16c(c10::Half* w, const c10::Half* g, int64_t begin, int64_t end, float s);
+#endif
+
 template <typename T>
 void perturb_block(T* w, const T* g, T* backup, int64_t begin, int64_t end, float s,
                    bool random, uint32_t key) {
   std::memcpy(backup + begin, w + begin, sizeof(T) * (end - begin));
+#if defined(VLMKERN_AWP_F16C)
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    if (!random && cpu_has_f16c()) {
+      perturb_half_f16c(w, g, begin, end, s);
+      return;
+    }
+  }
+#endif
   if (random) {
     for (int64_t k = begin; k < end; ++k) {
       const float d = gaussian(key, static_cast<uint64_t>(k));
@@ -102,6 +121,71 @@ void perturb_block(T* w, const T* g, T* backup, int64_t begin, int64_t end, floa
       w[k] = static_cast<T>(perturbed(static_cast<float>(w[k]), s, static_cast<float>(g[k])));
     }
   }
+}
+
+// float16 on x86-64: the build targets baseline x86-64, where c10::Half
+// converts in software (~6 ns per element: compute-bound).  These F16C paths
+// are chosen at run time when the CPU has F16C; same math, same rounding (RNE
+// conversions; fp32 multiply then add, never fused) -> identical bits.
+#if defined(VLMKERN_AWP_F16C)
+bool cpu_has_f16c() {
+  static const bool ok = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+  return ok;
+}
+
+__attribute__((target("avx,f16c"))) double sumsq_half_f16c(const c10::Half* xh, int64_t n) {
+  const uint16_t* x = reinterpret_cast<const uint16_t*>(xh);
+  double s = 0.0;
+  for (int64_t b = 0; b < n; b += kFlush) {
+    const int64_t e = std::min(n, b + kFlush);
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int64_t i = b;
+    for (; i + 16 <= e; i += 16) {
+      const __m256 v0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i)));
+      const __m256 v1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i + 8)));
+      a0 = _mm256_add_ps(a0, _mm256_mul_ps(v0, v0));
+      a1 = _mm256_add_ps(a1, _mm256_mul_ps(v1, v1));
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, _mm256_add_ps(a0, a1));
+    float f = 0.f;
+    for (int l = 0; l < 8; ++l) f += lanes[l];
+    for (; i < e; ++i) {
+      const float v = _cvtsh_ss(x[i]);
+      f += v * v;
+    }
+    s += f;
+  }
+  return s;
+}
+
+__attribute__((target("avx,f16c"))) void perturb_half_f16c(c10::Half* wh, const c10::Half* gh,
+                                                            int64_t begin, int64_t end, float s) {
+  uint16_t* w = reinterpret_cast<uint16_t*>(wh);
+  const uint16_t* g = reinterpret_cast<const uint16_t*>(gh);
+  const __m256 sv = _mm256_set1_ps(s);
+  int64_t i = begin;
+  for (; i + 8 <= end; i += 8) {
+    const __m256 wf = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i)));
+    const __m256 gf = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + i)));
+    const __m256 r = _mm256_add_ps(wf, _mm256_mul_ps(sv, gf));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(w + i), _mm256_cvtps_ph(r, _MM_FROUND_TO_NEAREST_INT));
+  }
+  for (; i < end; ++i) {
+    const float p = s * _cvtsh_ss(g[i]);
+    w[i] = _cvtss_sh(_cvtsh_ss(w[i]) + p, _MM_FROUND_TO_NEAREST_INT);
+  }
+}
+#endif
+
+template <typename T>
+double sumsq_dispatch(const T* x, int64_t n) {
+#if defined(VLMKERN_AWP_F16C)
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    if (cpu_has_f16c()) return sumsq_half_f16c(x, n);
+  }
+#endif
+  return sumsq(x, n);
 }
 
 #define VLMKERN_AWP_FLOAT_SWITCH(dtype, T, ...)                            \
@@ -138,9 +222,9 @@ at::Tensor awp_perturb_cpu(at::TensorList params, at::TensorList grads, at::Tens
       const Item& it = items[j];
       const int64_t len = it.end - it.begin;
       VLMKERN_AWP_FLOAT_SWITCH(w[it.tensor].scalar_type(), T, {
-        part[2 * j] = sumsq(w[it.tensor].const_data_ptr<T>() + it.begin, len);
+        part[2 * j] = sumsq_dispatch(w[it.tensor].const_data_ptr<T>() + it.begin, len);
         part[2 * j + 1] = random ? sumsq_random(keys[it.tensor], it.begin, it.end)
-                                 : sumsq(g[it.tensor].const_data_ptr<T>() + it.begin, len);
+                                 : sumsq_dispatch(g[it.tensor].const_data_ptr<T>() + it.begin, len);
       });
     }
   });
