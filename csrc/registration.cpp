@@ -14,13 +14,15 @@ TORCH_LIBRARY(vlmkern, m) {
       "float var_floor) -> Tensor");
 
   // ---- SPEC §4: layerwise-normalised weight perturbation -------------------
-  // mode 0 = adversarial (direction = grads), 1 = random (counter-based
+  // direction 0 = adversarial (d = grads), 1 = random (counter-based
   // Gaussian from seed; grads may be empty).  Saves params into backup, adds
   // v = sign * gamma * ||w|| * d / (||d|| + eps).  Returns the per-tensor norms
-  // [n, 2] float32: (||w||, ||d||).
+  // [n, 2] float32: (||w||, ||d||).  (The argument is not called `mode`: under
+  // torch.compile a mutable op's arguments travel as keyword arguments of the
+  // auto_functionalized HOP, whose mode-redirect impl takes `mode` itself.)
   m.def(
       "awp_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backup, float gamma, "
-      "float eps, float sign, int mode, int seed) -> Tensor");
+      "float eps, float sign, int direction, int seed) -> Tensor");
   // Bitwise-exact restore: params <- backup.
   m.def("awp_restore_(Tensor(a!)[] params, Tensor[] backup) -> ()");
 

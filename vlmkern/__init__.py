@@ -25,6 +25,7 @@ from .backends import BackendUnavailableError  # noqa: E402
 from .info import info  # noqa: E402
 from .ops.hgcl import GlobalContrastiveLoss, hgcl_loss  # noqa: E402
 from .ops.kalman import kalman_step_  # noqa: E402
+from .ops.awp import awp_perturb_, awp_restore_  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -35,4 +36,6 @@ __all__ = [
     "kalman_step_",
     "hgcl_loss",
     "GlobalContrastiveLoss",
+    "awp_perturb_",
+    "awp_restore_",
 ]

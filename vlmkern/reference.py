@@ -287,13 +287,26 @@ def kalman_noise_update(
 _M32 = 0xFFFFFFFF
 
 
+def _mulmod32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``(x * c) mod 2^32`` for uint32 values held in int64, without int64 overflow.
+
+    ``x * 0x846CA68B`` can reach 2^64, past int64: it only gave the right low bits
+    because torch's int64 multiply happens to wrap (signed overflow is undefined in
+    the C++ underneath).  Splitting ``c`` into 16-bit halves keeps every product
+    below 2^49.
+    """
+    lo = x * (c & 0xFFFF)
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & _M32
+
+
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """lowbias32 integer hash on uint32 values held in int64 tensors."""
     x = x & _M32
     x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
+    x = _mulmod32(x, 0x7FEB352D)
     x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _M32
+    x = _mulmod32(x, 0x846CA68B)
     x = x ^ (x >> 16)
     return x
 

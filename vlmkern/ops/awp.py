@@ -1,0 +1,309 @@
+"""Layerwise-normalised weight perturbation with an exact restore (SPEC §4).
+
+Schemas (csrc/registration.cpp)::
+
+    vlmkern::awp_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backup,
+                          float gamma, float eps, float sign, int direction, int seed) -> Tensor
+    vlmkern::awp_restore_(Tensor(a!)[] params, Tensor[] backup) -> ()
+
+Kernels: ``csrc/awp/awp_cpu.cpp`` (CPU), ``csrc/awp/awp_cuda.cu`` +
+``csrc/awp/awp_cuda.cpp`` (CUDA, multi-tensor apply: 3 launches per dtype group
+of up to 256 tensors for the perturb, 1 per 256 tensors of any dtypes for the
+restore, no host synchronisation), the per-element math in
+``csrc/awp/awp_math.h``; the PyTorch fallback is :func:`_awp_perturb_torch`
+below; the oracle is :func:`vlmkern.reference.awp_perturb`.
+
+All backends compute in fp32 from fp32 norms: ``scale = sign * gamma * ||w|| /
+(||d|| + eps)`` (computed in double, rounded once to fp32), then
+``w <- round_to_dtype(fp32(w) + scale * fp32(d))`` with one rounding for the
+product and one for the sum.  The norms are accumulated in double across
+blocks (fixed order: deterministic).  ``backup`` receives the weights bit for
+bit and :func:`awp_restore_` copies them back bit for bit.
+
+Limits: squares are taken in fp32, so a tensor with elements above ~1.8e19 has
+an infinite norm; an infinite ``||d||`` gives ``scale = 0`` (no perturbation), a
+NaN/inf direction gives NaN weights until the restore.  ``eps = 0`` with an
+all-zero direction gives NaN (0/0) as in the formula.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from .. import backends
+from ._common import FLOAT_DTYPES, as_list, check_same_shapes, device_of
+
+OP = "awp"
+backends.register_op(
+    OP,
+    compiled=("vlmkern::awp_perturb_", "vlmkern::awp_restore_"),
+    doc="layerwise-normalised weight perturbation + exact restore (SPEC §4)",
+)
+
+MODES = {"adversarial": 0, "random": 1}
+_M32 = 0xFFFFFFFF
+_M64 = 0xFFFFFFFFFFFFFFFF
+_GEN_CHUNK = 1 << 20  # elements of the random direction generated at once by the fallback
+
+
+if hasattr(torch.ops, "vlmkern") and hasattr(torch.ops.vlmkern, "awp_perturb_"):
+
+    @torch.library.register_fake("vlmkern::awp_perturb_")
+    def _awp_perturb_fake(params, grads, backup, gamma, eps, sign, direction, seed):
+        if len(params) == 0:
+            return torch.empty((0, 2), dtype=torch.float32)
+        return params[0].new_empty((len(params), 2), dtype=torch.float32)
+
+    @torch.library.register_fake("vlmkern::awp_restore_")
+    def _awp_restore_fake(params, backup):
+        return None
+
+
+# ---------------------------------------------------------------------------
+# PyTorch fallback
+# ---------------------------------------------------------------------------
+
+
+def _mulmod32(x: torch.Tensor, c: int) -> torch.Tensor:
+    # (x * c) mod 2^32 without int64 overflow (products stay below 2^49)
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32_t(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mulmod32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mulmod32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _mix32_int(x: int) -> int:
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def _tensor_key(seed: int, index: int) -> int:
+    s = int(seed) & _M64
+    s32 = (s ^ (s >> 32)) & _M32
+    return _mix32_int(s32 ^ _mix32_int(index * 0x9E3779B9 + 1))
+
+
+def _gaussian(key: int, begin: int, end: int, device) -> torch.Tensor:
+    """fp32 standard normals for flat elements [begin, end) of a tensor (awp_math.h)."""
+    k = torch.arange(begin, end, dtype=torch.int64, device=device)
+    k2 = (2 * k) & _M32
+    a = _mix32_t(k2 ^ key)
+    c = _mix32_t((k2 + 1) ^ key)
+    u1 = ((a >> 8) + 1).to(torch.float32) * 2.0**-24
+    u2 = (c >> 8).to(torch.float32) * 2.0**-24
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+
+
+def _random_sumsq(key: int, numel: int, device) -> torch.Tensor:
+    s = torch.zeros((), dtype=torch.float64, device=device)
+    for b in range(0, numel, _GEN_CHUNK):
+        r = _gaussian(key, b, min(numel, b + _GEN_CHUNK), device)
+        s = s + (r.double() * r.double()).sum()
+    return s
+
+
+_NORM_ROW = 1024
+
+
+def _norm_f32(t: torch.Tensor) -> torch.Tensor:
+    """||t|| as fp32, accurate to ~1e-7 on tensors of any size: fp32 norms of
+    1024-element rows combined in double.  (torch's own fp32 norm drifts on large
+    CPU tensors: 1.3e-4 relative error on 5M elements with torch 2.14.)"""
+    flat = t.reshape(-1)
+    n = flat.numel()
+    m = n // _NORM_ROW
+    s = torch.zeros((), dtype=torch.float64, device=t.device)
+    if m:
+        rows = torch.linalg.vector_norm(flat[: m * _NORM_ROW].view(m, _NORM_ROW), dim=1, dtype=torch.float32)
+        s = s + rows.double().square().sum()
+    if n > m * _NORM_ROW:
+        s = s + torch.linalg.vector_norm(flat[m * _NORM_ROW :], dtype=torch.float32).double().square()
+    return s.sqrt().to(torch.float32)
+
+
+def _awp_perturb_torch(params, grads, backup, gamma, eps, sign, mode, seed):
+    """Plain PyTorch, same math as the kernels (no host synchronisation)."""
+    n = len(params)
+    dev = params[0].device
+    live = [i for i in range(n) if params[i].numel() > 0]
+    nw = [torch.zeros((), dtype=torch.float32, device=dev) for _ in range(n)]
+    nd = [torch.zeros((), dtype=torch.float32, device=dev) for _ in range(n)]
+    if live:
+        for i in live:
+            nw[i] = _norm_f32(params[i])
+        if mode == 0:
+            for i in live:
+                nd[i] = _norm_f32(grads[i])
+        else:
+            keys = {i: _tensor_key(seed, i) for i in live}
+            for i in live:
+                nd[i] = _random_sumsq(keys[i], params[i].numel(), dev).sqrt().to(torch.float32)
+    gs = float(sign) * float(gamma)
+    for i in live:
+        w = params[i]
+        s = (gs * nw[i].double() / (nd[i].double() + eps)).to(torch.float32)
+        backup[i].copy_(w)
+        if mode == 0:
+            d = grads[i].to(torch.float32)
+            w.copy_((w.to(torch.float32) + d * s).to(w.dtype))
+        else:
+            flat = w.reshape(-1) if w.is_contiguous() else None
+            if flat is None:  # non-contiguous: work on a contiguous copy
+                tmp = w.contiguous()
+                flat = tmp.reshape(-1)
+            for b in range(0, w.numel(), _GEN_CHUNK):
+                e = min(w.numel(), b + _GEN_CHUNK)
+                d = _gaussian(keys[i], b, e, dev)
+                flat[b:e] = (flat[b:e].to(torch.float32) + d * s).to(w.dtype)
+            if not w.is_contiguous():
+                w.copy_(flat.reshape(w.shape))
+    return torch.stack([torch.stack(nw), torch.stack(nd)], dim=1) if n else torch.empty((0, 2))
+
+
+def _awp_restore_torch(params, backup):
+    live = [i for i in range(len(params)) if params[i].numel() > 0]
+    if live:
+        torch._foreach_copy_([params[i] for i in live], [backup[i] for i in live])
+
+
+# ---------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------
+
+
+def _check_dtypes_devices(op, params, others):
+    dev = device_of(params)
+    for i, w in enumerate(params):
+        if not isinstance(w, torch.Tensor):
+            raise TypeError(f"vlmkern.{op}: params[{i}] must be a Tensor, got {type(w).__name__}")
+        if w.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"vlmkern.{op}: params[{i}] must be float32, bfloat16 or float16, got {w.dtype}")
+        if w.device != dev:
+            raise ValueError(f"vlmkern.{op}: params[{i}] is on {w.device} but params[0] is on {dev}")
+        for name, lst in others:
+            if lst[i].dtype != w.dtype:
+                raise TypeError(f"vlmkern.{op}: {name}[{i}] must have the dtype of params[{i}] ({w.dtype}), got {lst[i].dtype}")
+    return dev
+
+
+def _signed64(seed: int) -> int:
+    s = int(seed) & _M64
+    return s - (1 << 64) if s >= (1 << 63) else s
+
+
+def awp_perturb_(
+    params: Sequence[torch.Tensor],
+    grads: Optional[Sequence[torch.Tensor]],
+    backup: Sequence[torch.Tensor],
+    *,
+    gamma: float,
+    eps: float = 1e-12,
+    sign: float = +1,
+    mode: str = "adversarial",
+    seed: Optional[int] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Save ``params`` into ``backup`` and perturb them in place (SPEC §4)::
+
+        v_l = sign * gamma * ||w_l|| * d_l / (||d_l|| + eps)
+        backup_l <- w_l   (bit copy);   w_l <- round(w_l + v_l)
+
+    with ``d_l = grads[l]`` (``mode="adversarial"``) or ``d_l = r_l``, a standard
+    Gaussian drawn inside the kernel from ``(seed, l, element index)``
+    (``mode="random"``: counter-based, nothing stored, the same numbers on every
+    backend up to fp32 rounding of log/cos; see
+    :func:`vlmkern.reference.awp_random_direction`).
+
+    Args:
+        params: weights (float32 / bfloat16 / float16, any mix), updated in place.
+        grads: directions, same shapes and dtypes as ``params``; ignored (may be
+            ``None`` or empty) in random mode.
+        backup: buffers of the same shapes and dtypes as ``params``; overwritten
+            with the unperturbed weights.
+        gamma: relative size ``||v_l|| / ||w_l||`` (>= 0).
+        eps: added to ``||d_l||`` (zero gradients give ``v = 0``, never NaN, when eps > 0).
+        sign: ``+1`` ascends the loss (AWP/WRF4CIR), ``-1`` descends (the sign
+            printed in WRF4CIR's Algorithm 1).
+        mode: ``"adversarial"`` or ``"random"``.
+        seed: required in random mode (any Python int; its low 64 bits are used).
+        backend: force ``"cuda"``, ``"cpu"`` or ``"torch"`` (default: by device).
+
+    Returns:
+        ``[len(params), 2]`` float32 on the parameters' device: ``(||w_l||, ||d_l||)``.
+        On CUDA nothing synchronises with the host.
+    """
+    op = "awp_perturb_"
+    params = as_list(params, "params", op)
+    backup = as_list(backup, "backup", op)
+    if mode not in MODES:
+        raise ValueError(f"vlmkern.{op}: mode must be 'adversarial' or 'random', got {mode!r}")
+    m = MODES[mode]
+    if m == 0:
+        if grads is None:
+            raise ValueError(f"vlmkern.{op}: grads is required in adversarial mode")
+        grads = as_list(grads, "grads", op)
+        check_same_shapes(op, params, "params", grads, "grads")
+    else:
+        if seed is None:
+            raise ValueError(f"vlmkern.{op}: seed is required in random mode")
+        grads = []
+    if m == 1 and not isinstance(seed, int):
+        raise TypeError(f"vlmkern.{op}: seed must be an int, got {type(seed).__name__}")
+    check_same_shapes(op, params, "params", backup, "backup")
+    others = [("backup", backup)] + ([("grads", grads)] if m == 0 else [])
+    dev = _check_dtypes_devices(op, params, others)
+    for i, (w, b) in enumerate(zip(params, backup)):
+        if b is w or (b.numel() > 0 and b.data_ptr() == w.data_ptr()):
+            raise ValueError(f"vlmkern.{op}: backup[{i}] is params[{i}] itself; it must be a separate buffer")
+    gamma = float(gamma)
+    eps = float(eps)
+    if not (math.isfinite(gamma) and gamma >= 0.0):
+        raise ValueError(f"vlmkern.{op}: gamma must be finite and >= 0, got {gamma}")
+    if not (math.isfinite(eps) and eps >= 0.0):
+        raise ValueError(f"vlmkern.{op}: eps must be finite and >= 0, got {eps}")
+    if sign not in (1, -1):
+        raise ValueError(f"vlmkern.{op}: sign must be +1 or -1, got {sign}")
+    if len(params) == 0:
+        return torch.empty((0, 2), dtype=torch.float32, device=dev)
+    s64 = _signed64(seed) if m == 1 else 0
+    name = backends.choose(OP, dev, backend)
+    with torch.no_grad():
+        if name == "torch":
+            return _awp_perturb_torch(params, grads, backup, gamma, eps, float(sign), m, s64)
+        return torch.ops.vlmkern.awp_perturb_(params, grads, backup, gamma, eps, float(sign), m, s64)
+
+
+def awp_restore_(
+    params: Sequence[torch.Tensor],
+    backup: Sequence[torch.Tensor],
+    *,
+    backend: Optional[str] = None,
+) -> None:
+    """``params <- backup`` bit for bit (the exact restore of SPEC §4: the saved
+    weights are copied back, ``v`` is never subtracted)."""
+    op = "awp_restore_"
+    params = as_list(params, "params", op)
+    backup = as_list(backup, "backup", op)
+    check_same_shapes(op, params, "params", backup, "backup")
+    dev = _check_dtypes_devices(op, params, [("backup", backup)])
+    if len(params) == 0:
+        return None
+    name = backends.choose(OP, dev, backend)
+    with torch.no_grad():
+        if name == "torch":
+            _awp_restore_torch(params, backup)
+        else:
+            torch.ops.vlmkern.awp_restore_(params, backup)
+    return None

@@ -1,0 +1,1 @@
+from .weight_perturbation import WeightPerturbation  # noqa: F401

@@ -1,0 +1,392 @@
+"""WeightPerturbation: layerwise-normalised adversarial (or random) weight
+perturbation around any optimizer (AWP, Wu et al. 2020; WRF4CIR; SPEC §4).
+
+One step (``step(closure)``; the closure runs forward + backward and returns the loss)::
+
+    closure()                     at w       (DDP: inside model.no_sync(): no all-reduce)
+    awp_perturb_(w, g)            w <- w + v,  v_l = sign * gamma * ||w_l|| g_l / (||g_l|| + eps)
+    closure()                     at w + v   (gradients all-reduced; BatchNorm statistics frozen)
+    awp_restore_(w)               w <- saved w, bit for bit
+    base_optimizer.step()         with the gradient taken at w + v
+
+With probability ``random_ratio`` a step is *random* instead (WRF4CIR's cheap
+variant): ``v_l = sign * gamma * ||w_l|| r_l / ||r_l||`` with ``r`` drawn inside
+the kernel from a per-step seed, and the first forward/backward is skipped
+entirely -- the step costs one forward/backward plus three bandwidth-bound
+passes over the perturbed weights.
+
+Recipes
+-------
+
+Plain::
+
+    opt = WeightPerturbation(model, torch.optim.AdamW(model.parameters(), lr=1e-5), gamma=1e-3)
+    def closure():
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+    loss = opt.step(closure)          # zeroes the gradients itself before each closure call
+
+AMP (``GradScaler``): pass the scaler; the closure scales the loss, ``step`` calls
+``scaler.step(base)`` and ``scaler.update()``::
+
+    scaler = torch.amp.GradScaler("cuda")
+    opt = WeightPerturbation(model, base, gamma=1e-3, scaler=scaler)
+    def closure():
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = loss_fn(model(x), y)
+        scaler.scale(loss).backward()
+        return loss
+    opt.step(closure)
+
+The direction ``g / ||g||`` does not depend on the loss scale, so the first
+gradients are used scaled (no unscale, no extra pass).  If they hold inf/NaN
+(the returned ``||g||`` is not finite; this one check synchronises with the
+host, as ``scaler.step`` does anyway) the perturbation is dropped: the weights
+are restored, the second closure runs at ``w`` and ``scaler.step`` then skips
+the update and lowers the scale, on every rank alike under DDP.
+
+DDP: pass the ``DistributedDataParallel`` module (or ``model=ddp_module``, or a
+``no_sync`` context factory); the first backward runs inside ``no_sync()``, so
+only the gradient at ``w + v`` is all-reduced.  Each rank perturbs along its
+own local gradient (as in SAM/AWP data-parallel practice); the restore brings
+every rank back to the same synchronised weights.
+
+LR schedulers: construct them on the base optimizer or on the wrapper -- both
+work, ``param_groups``/``state`` are the base optimizer's.  ``state_dict`` is
+the base optimizer's plus a ``"weight_perturbation"`` entry (step count, random
+generator state).
+
+BatchNorm: the running statistics of every ``_NormBase`` module (BatchNorm,
+SyncBatchNorm, InstanceNorm with ``track_running_stats``) are saved before the
+forward at ``w + v`` and copied back after it, so they are updated once per
+step, by the forward at ``w`` (needs the model: pass a module, or ``model=``).
+In a random step the only forward is at ``w + v`` and updates them.
+
+``gamma = 0`` (and the first ``warmup_steps`` steps) take exactly the base
+optimizer's step: one closure call, bitwise equal to the base optimizer alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..ops.awp import awp_perturb_, awp_restore_
+
+_M64 = 0xFFFFFFFFFFFFFFFF
+
+
+def default_param_filter(name: str, param: torch.Tensor) -> bool:
+    """AWP's choice: weights with ``dim > 1`` (no biases, no norm-layer scales)."""
+    return param.dim() > 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def _named_params(params_or_model) -> Tuple[Optional[nn.Module], List[Tuple[str, torch.Tensor]]]:
+    if isinstance(params_or_model, nn.Module):
+        return params_or_model, list(params_or_model.named_parameters())
+    if isinstance(params_or_model, torch.Tensor):
+        raise TypeError("WeightPerturbation: params_or_model must be a Module or an iterable of tensors, got a Tensor")
+    out: List[Tuple[str, torch.Tensor]] = []
+    for i, item in enumerate(params_or_model):
+        if isinstance(item, torch.Tensor):
+            out.append((f"param{i}", item))
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.Tensor):
+            out.append((str(item[0]), item[1]))
+        elif isinstance(item, dict) and "params" in item:
+            out.extend((f"group{i}.param{j}", p) for j, p in enumerate(item["params"]))
+        else:
+            raise TypeError(f"WeightPerturbation: params_or_model[{i}] must be a Tensor, (name, Tensor) or a param group dict")
+    return None, out
+
+
+class WeightPerturbation(torch.optim.Optimizer):
+    """Adversarial / random weight perturbation around ``base_optimizer`` (see module docstring).
+
+    Args:
+        params_or_model: a module (its named parameters; also enables BatchNorm
+            handling and DDP ``no_sync``), or an iterable of tensors / ``(name, tensor)``.
+        base_optimizer: any ``torch.optim.Optimizer`` over the model's parameters.
+        gamma: relative perturbation size ``||v_l|| / ||w_l||`` (WRF4CIR: ~1e-3).
+        random_ratio: probability that a step uses a random direction instead of
+            the adversarial one (0: never, 1: always); drawn from a generator seeded with ``seed``.
+        warmup_steps: number of plain base-optimizer steps before perturbing.
+        param_filter: ``f(name, param) -> bool`` choosing the perturbed tensors
+            (default: ``dim > 1``).  Only tensors with ``requires_grad`` are perturbed.
+        sign: ``+1`` ascent (AWP), ``-1`` descent.
+        seed: seeds the random/adversarial choice and the random directions.
+        eps: added to ``||g_l||``.
+        scaler: a ``torch.amp.GradScaler`` (see the AMP recipe).
+        model: the module, when ``params_or_model`` is a list of tensors.
+        no_sync: a zero-argument callable returning the context manager that
+            disables gradient synchronisation (default: ``model.no_sync`` for a DDP model).
+        freeze_norm_stats: keep BatchNorm statistics from the forward at ``w + v``.
+        backend: forwarded to the ops (``"cuda"``, ``"cpu"``, ``"torch"``).
+    """
+
+    def __init__(
+        self,
+        params_or_model,
+        base_optimizer: torch.optim.Optimizer,
+        gamma: float = 1e-3,
+        random_ratio: float = 0.0,
+        warmup_steps: int = 0,
+        param_filter: Callable[[str, torch.Tensor], bool] = default_param_filter,
+        sign: float = +1,
+        seed: int = 0,
+        *,
+        eps: float = 1e-12,
+        scaler=None,
+        model: Optional[nn.Module] = None,
+        no_sync: Optional[Callable[[], Any]] = None,
+        freeze_norm_stats: bool = True,
+        backend: Optional[str] = None,
+    ) -> None:
+        if not (gamma >= 0.0 and gamma < float("inf")):
+            raise ValueError(f"WeightPerturbation: gamma must be finite and >= 0, got {gamma}")
+        if not (0.0 <= random_ratio <= 1.0):
+            raise ValueError(f"WeightPerturbation: random_ratio must be in [0, 1], got {random_ratio}")
+        if int(warmup_steps) != warmup_steps or warmup_steps < 0:
+            raise ValueError(f"WeightPerturbation: warmup_steps must be an int >= 0, got {warmup_steps}")
+        if sign not in (1, -1):
+            raise ValueError(f"WeightPerturbation: sign must be +1 or -1, got {sign}")
+        if not hasattr(base_optimizer, "step") or not hasattr(base_optimizer, "param_groups"):
+            raise TypeError(f"WeightPerturbation: base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
+        found_model, named = _named_params(params_or_model)
+        self.model = model if model is not None else found_model
+        self.perturbed_names: List[str] = []
+        self.perturbed_params: List[torch.Tensor] = []
+        for name, p in named:
+            if p.requires_grad and param_filter(name, p):
+                self.perturbed_names.append(name)
+                self.perturbed_params.append(p)
+        if not self.perturbed_params and gamma > 0:
+            raise ValueError("WeightPerturbation: no parameter passes param_filter (with requires_grad=True)")
+        # torch.optim.Optimizer bookkeeping (hooks, profiling) on a placeholder
+        # group; afterwards param_groups / state / defaults are the base optimizer's.
+        super().__init__([torch.zeros(0)], {})
+        self.base_optimizer = base_optimizer
+        self.gamma = float(gamma)
+        self.random_ratio = float(random_ratio)
+        self.warmup_steps = int(warmup_steps)
+        self.sign = int(sign)
+        self.seed = int(seed)
+        self.eps = float(eps)
+        self.scaler = scaler
+        self.freeze_norm_stats = bool(freeze_norm_stats)
+        self.backend = backend
+        self._no_sync_factory = no_sync
+        self._rng = torch.Generator(device="cpu")
+        self._rng.manual_seed(self.seed & 0x7FFFFFFFFFFFFFFF)
+        self._backup: Dict[int, torch.Tensor] = {}
+        self.step_count = 0
+        self.last_step_kind: Optional[str] = None  # "plain" | "adversarial" | "random" | "skipped"
+        self.counts = {"plain": 0, "adversarial": 0, "random": 0, "skipped": 0}
+
+    # ---- delegation to the base optimizer ----------------------------------
+    @property
+    def param_groups(self):  # type: ignore[override]
+        base = self.__dict__.get("base_optimizer")
+        return base.param_groups if base is not None else self.__dict__["_placeholder_groups"]
+
+    @param_groups.setter
+    def param_groups(self, value):
+        base = self.__dict__.get("base_optimizer")
+        if base is None:
+            self.__dict__["_placeholder_groups"] = value
+        else:
+            base.param_groups = value
+
+    @property
+    def state(self):  # type: ignore[override]
+        base = self.__dict__.get("base_optimizer")
+        return base.state if base is not None else self.__dict__["_placeholder_state"]
+
+    @state.setter
+    def state(self, value):
+        base = self.__dict__.get("base_optimizer")
+        if base is None:
+            self.__dict__["_placeholder_state"] = value
+        else:
+            base.state = value
+
+    @property
+    def defaults(self):  # type: ignore[override]
+        base = self.__dict__.get("base_optimizer")
+        return base.defaults if base is not None else self.__dict__["_placeholder_defaults"]
+
+    @defaults.setter
+    def defaults(self, value):
+        base = self.__dict__.get("base_optimizer")
+        if base is None:
+            self.__dict__["_placeholder_defaults"] = value
+        else:
+            base.defaults = value
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        base = self.__dict__.get("base_optimizer")
+        if base is None:  # during Optimizer.__init__ (placeholder group)
+            super().add_param_group(param_group)
+        else:
+            base.add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+        if self.model is not None:
+            self.model.zero_grad(set_to_none=set_to_none)
+        for p in self.perturbed_params:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+
+    def state_dict(self) -> Dict[str, Any]:
+        sd = self.base_optimizer.state_dict()
+        sd["weight_perturbation"] = {
+            "step_count": self.step_count,
+            "rng_state": self._rng.get_state(),
+            "counts": dict(self.counts),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        sd = dict(state_dict)
+        wp = sd.pop("weight_perturbation", None)
+        self.base_optimizer.load_state_dict(sd)
+        if wp is not None:
+            self.step_count = int(wp["step_count"])
+            self._rng.set_state(wp["rng_state"])
+            self.counts.update(wp.get("counts", {}))
+
+    def __repr__(self) -> str:
+        return (
+            f"WeightPerturbation(gamma={self.gamma}, random_ratio={self.random_ratio}, warmup_steps={self.warmup_steps}, "
+            f"sign={self.sign:+d}, {len(self.perturbed_params)} perturbed tensors, base={self.base_optimizer!r})"
+        )
+
+    # ---- helpers -----------------------------------------------------------
+    def step_seed(self, step: int) -> int:
+        """Seed of the random direction at step ``step`` (same on every rank)."""
+        return _splitmix64((self.seed & _M64) ^ _splitmix64(step))
+
+    def _backups(self, params: List[torch.Tensor]) -> List[torch.Tensor]:
+        out = []
+        for p in params:
+            b = self._backup.get(id(p))
+            if b is None or b.shape != p.shape or b.dtype != p.dtype or b.device != p.device:
+                b = torch.empty_like(p, memory_format=torch.contiguous_format)
+                self._backup[id(p)] = b
+            out.append(b)
+        return out
+
+    def _no_sync(self):
+        if self._no_sync_factory is not None:
+            return self._no_sync_factory()
+        if isinstance(self.model, nn.parallel.DistributedDataParallel):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _norm_stats_frozen(self):
+        saved = []
+        if self.freeze_norm_stats and self.model is not None:
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats and m.running_mean is not None:
+                    saved.append((m, [(name, buf.clone()) for name, buf in m.named_buffers(recurse=False) if buf is not None]))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for m, bufs in saved:
+                    for name, val in bufs:
+                        getattr(m, name).copy_(val)
+
+    def _base_step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.step(self.base_optimizer)
+            self.scaler.update()
+        else:
+            self.base_optimizer.step()
+
+    def _kind(self, t: int) -> str:
+        if self.gamma == 0.0 or t < self.warmup_steps:
+            return "plain"
+        if self.random_ratio >= 1.0:
+            return "random"
+        if self.random_ratio > 0.0 and torch.rand((), generator=self._rng).item() < self.random_ratio:
+            return "random"
+        return "adversarial"
+
+    # ---- the step ----------------------------------------------------------
+    def step(self, closure: Optional[Callable[[], Any]] = None):  # type: ignore[override]
+        """One perturbed step; returns the closure's loss at ``w`` (random steps: at ``w + v``)."""
+        if closure is None:
+            raise ValueError(
+                "WeightPerturbation.step needs a closure that runs forward + backward and returns the loss"
+            )
+        closure = torch.enable_grad()(closure)
+        t = self.step_count
+        self.step_count += 1
+        kind = self._kind(t)
+        if kind == "plain":
+            self.zero_grad()
+            loss = closure()
+            self._base_step()
+        elif kind == "random":
+            loss = self._random_step(closure, self.step_seed(t))
+        else:
+            loss, kind = self._adversarial_step(closure)
+        self.last_step_kind = kind
+        self.counts[kind] += 1
+        return loss
+
+    def _random_step(self, closure, seed: int):
+        params = self.perturbed_params
+        backup = self._backups(params)
+        self.zero_grad()
+        awp_perturb_(params, None, backup, gamma=self.gamma, eps=self.eps, sign=self.sign, mode="random", seed=seed, backend=self.backend)
+        try:
+            loss = closure()  # the only forward: BatchNorm statistics update here
+        finally:
+            awp_restore_(params, backup, backend=self.backend)
+        self._base_step()
+        return loss
+
+    def _adversarial_step(self, closure):
+        self.zero_grad()
+        with self._no_sync():
+            loss = closure()
+        params, grads = [], []
+        for p in self.perturbed_params:
+            if p.grad is not None:  # unused parameters are not perturbed
+                if p.grad.is_sparse:
+                    raise RuntimeError("WeightPerturbation: sparse gradients are not supported")
+                params.append(p)
+                grads.append(p.grad)
+        backup = self._backups(params)
+        norms = awp_perturb_(params, grads, backup, gamma=self.gamma, eps=self.eps, sign=self.sign, backend=self.backend)
+        kind = "adversarial"
+        if self.scaler is not None and self.scaler.is_enabled() and len(params):
+            if not bool(torch.isfinite(norms[:, 1]).all()):  # scaled first backward overflowed
+                awp_restore_(params, backup, backend=self.backend)
+                kind = "skipped"
+        self.zero_grad()
+        try:
+            with self._norm_stats_frozen():
+                closure()
+        finally:
+            if kind == "adversarial":
+                awp_restore_(params, backup, backend=self.backend)
+        self._base_step()
+        return loss, kind
