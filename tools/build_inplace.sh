@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 CMAKE="$("$PY" -c 'import cmake, os; print(os.path.join(cmake.CMAKE_BIN_DIR, "cmake"))' 2>/dev/null || echo cmake)"
+mkdir -p build
 "$CMAKE" -S . -B build/inplace -G Ninja -DCMAKE_BUILD_TYPE=Release \
   -DPython_EXECUTABLE="$(command -v "$PY")" -DVLMKERN_CUDA="${VLMKERN_CUDA:-auto}" \
   ${VLMKERN_CUDA_ARCHS:+-DVLMKERN_CUDA_ARCHS="$VLMKERN_CUDA_ARCHS"} >build/inplace.configure.log 2>&1 \
