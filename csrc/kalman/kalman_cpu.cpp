@@ -8,6 +8,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <vector>
 
 #include "kalman/kalman_host.h"
@@ -58,8 +59,10 @@ void pass2_tensor(at::Tensor& w, const at::Tensor& g, at::Tensor& v, const Pass2
 
 at::Tensor kalman_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList variances,
                            const at::Tensor& innovation, const at::Tensor& obs_noise,
-                           double process_noise, double forgetting, double var_floor) {
-  check_args(params, grads, variances, innovation, obs_noise, forgetting, var_floor);
+                           double process_noise, double forgetting, double var_floor,
+                           std::optional<double> gate_chi2) {
+  check_args(params, grads, variances, innovation, obs_noise, process_noise, forgetting, var_floor,
+             gate_chi2);
   const float q = static_cast<float>(process_noise);
   const size_t n = params.size();
 
@@ -78,8 +81,9 @@ at::Tensor kalman_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
     VLMKERN_FLOAT_SWITCH(g[i].scalar_type(), T, s += pass1_tensor<T>(g[i], v[i], q));
   }
   const float R = obs_noise.item<float>();  // CPU tensor: no device sync involved
-  const float e = innovation.item<float>();
   const float S = static_cast<float>(s) + R;
+  const float chi2 = gate_chi2.has_value() ? static_cast<float>(*gate_chi2) : 0.0f;
+  const float e = gate_innovation(innovation.item<float>(), S, chi2);
   Pass2Scalars c{e / S, 1.0f / S, q, static_cast<float>(1.0 / forgetting),
                  static_cast<float>(var_floor)};
   for (size_t i = 0; i < n; ++i) {
