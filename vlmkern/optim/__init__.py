@@ -1,0 +1,1 @@
+from .kalman import KalmanOptimizer  # noqa: F401
