@@ -11,6 +11,13 @@ import torch
 from . import _C_loader, backends
 
 
+def registered_ops() -> list:
+    """Names of the ops registered under ``torch.ops.vlmkern`` (compiled and Python-defined)."""
+    return sorted(
+        n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("vlmkern::")
+    )
+
+
 def info(as_text: bool = False) -> Dict[str, Any] | str:
     """Report versions, devices and which backends are live for which op.
 
@@ -42,11 +49,7 @@ def info(as_text: bool = False) -> Dict[str, Any] | str:
             "cuda_kernels_compiled": bool(getattr(C, "with_cuda", 0)),
             "cuda_archs": getattr(C, "cuda_archs", None),
         },
-        "registered_ops": sorted(
-            n for n in dir(torch.ops.vlmkern) if not n.startswith("_") and n not in ("name", "_dir")
-        )
-        if _C_loader.load()
-        else [],
+        "registered_ops": registered_ops(),
         "devices": {
             "cpu": {"threads": torch.get_num_threads()},
             "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

@@ -1,0 +1,1 @@
+"""Kernel microbenchmarks: `python bench/<op>.py [--quick] [--device cuda]`; see bench/harness.py."""

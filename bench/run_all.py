@@ -1,0 +1,67 @@
+"""Run every op benchmark (bench/<op>.py exposing ``make_bench(quick)``).
+
+    python bench/run_all.py [--quick] [--device cpu|cuda] [--out bench/out] [--only hgcl kalman]
+
+Writes <out>/<bench>_<device>.json/.md for each, and <out>/SUMMARY_<device>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import traceback
+
+try:
+    import _path  # noqa: F401  (run as a script)
+except ImportError:  # imported as bench.<module>
+    from bench import _path  # noqa: F401
+
+import torch
+
+from bench.harness import markdown, run
+
+BENCHES = ["kalman", "awp", "hgcl"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default="bench/out")
+    p.add_argument("--only", nargs="*", default=None)
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    summary = []
+    failed = []
+    for name in args.only or BENCHES:
+        try:
+            mod = importlib.import_module(f"bench.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"bench.{name}":
+                print(f"[run_all] bench/{name}.py does not exist yet: skipped", flush=True)
+                continue
+            raise
+        print(f"[run_all] {name} on {args.device}{' (quick)' if args.quick else ''}", flush=True)
+        try:
+            bench = mod.make_bench(args.quick)
+            res = run(bench, args.device, warmup=1 if args.quick else 3, repeats=3 if args.quick else 10,
+                      quick=args.quick, out_dir=args.out)
+            summary.append(markdown(res))
+        except Exception:
+            traceback.print_exc()
+            failed.append(name)
+    path = os.path.join(args.out, f"SUMMARY_{torch.device(args.device).type}.md")
+    with open(path, "w") as f:
+        f.write("\n\n".join(summary))
+    print("\n\n".join(summary))
+    print(f"[run_all] wrote {path}")
+    if failed:
+        print(f"[run_all] FAILED: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Command line: ``vlmkern info``, ``vlmkern demo``, ``vlmkern bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from typing import List, Optional
+
+
+def _repo_root() -> Optional[str]:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return here if os.path.isfile(os.path.join(here, "bench", "harness.py")) else None
+
+
+def cmd_info(args) -> int:
+    import vlmkern
+
+    if args.json:
+        print(json.dumps(vlmkern.info(), indent=1, default=str))
+    else:
+        print(vlmkern.info(as_text=True))
+    return 0
+
+
+def _run_bench(quick: bool, out: str, device: Optional[str], only: Optional[List[str]]) -> int:
+    root = _repo_root()
+    if root is None:
+        print("vlmkern: the benchmarks live in the source tree (bench/); run from a checkout", file=sys.stderr)
+        return 2
+    cmd = [sys.executable, os.path.join(root, "bench", "run_all.py"), "--out", out]
+    if quick:
+        cmd.append("--quick")
+    if device:
+        cmd += ["--device", device]
+    if only:
+        cmd += ["--only", *only]
+    return subprocess.call(cmd, cwd=root)
+
+
+def cmd_demo(args) -> int:
+    """The main job on the embedded default: what is live, then the CPU microbenchmarks."""
+    print("=" * 78)
+    print("vlmkern demo 1/2: build and backends")
+    print("=" * 78, flush=True)
+    cmd_info(argparse.Namespace(json=False))
+    print()
+    print("=" * 78)
+    print("vlmkern demo 2/2: kernel microbenchmarks (quick sizes; full sizes: make bench)")
+    print("=" * 78, flush=True)
+    return _run_bench(quick=True, out=args.out, device=args.device, only=None)
+
+
+def cmd_bench(args) -> int:
+    return _run_bench(quick=args.quick, out=args.out, device=args.device, only=args.only)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="vlmkern", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    pi = sub.add_parser("info", help="versions, devices and live backends per op")
+    pi.add_argument("--json", action="store_true")
+    pi.set_defaults(fn=cmd_info)
+    pd = sub.add_parser("demo", help="the main job on the embedded default (no downloads)")
+    pd.add_argument("--out", default="runs/demo")
+    pd.add_argument("--device", default=None)
+    pd.set_defaults(fn=cmd_demo)
+    pb = sub.add_parser("bench", help="kernel microbenchmarks (bench/run_all.py)")
+    pb.add_argument("--quick", action="store_true")
+    pb.add_argument("--out", default="bench/out")
+    pb.add_argument("--device", default=None)
+    pb.add_argument("--only", nargs="*", default=None)
+    pb.set_defaults(fn=cmd_bench)
+    args = p.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

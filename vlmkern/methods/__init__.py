@@ -1,0 +1,1 @@
+"""Thin trainers, one file per method (they call ops, never kernels)."""

@@ -1,0 +1,162 @@
+"""Plumbing shared by the trainers: run folders, metrics log, seeding,
+checkpoint/resume with RNG state, AMP, and torch.distributed helpers.
+
+A run folder holds ``config.json``, ``metrics.jsonl`` (one JSON object per
+line: ``{"step"|"epoch": ..., "split": ..., <metric>: value}``), optional
+TensorBoard events, and ``checkpoint.pt`` (model, optimizer, scheduler,
+method state such as the per-sample ``u`` buffers or APFT's phase history,
+and every RNG state) so that a resumed run continues exactly as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import time
+from typing import Any, Dict, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % (2**32))
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def rng_state() -> Dict[str, Any]:
+    st: Dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        st["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        pass
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: Dict[str, Any]) -> None:
+    random.setstate(st["python"])
+    torch.set_rng_state(st["torch"])
+    if "numpy" in st:
+        import numpy as np
+
+        np.random.set_state(st["numpy"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def autocast(device: torch.device | str, amp: Optional[str]):
+    """``amp`` in (None, "bf16", "fp16"): an autocast context for the forward pass."""
+    if amp in (None, "", "none", "fp32"):
+        return contextlib.nullcontext()
+    if amp not in ("bf16", "fp16"):
+        raise ValueError(f"amp must be one of None, 'bf16', 'fp16', got {amp!r}")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+class RunLogger:
+    """Metrics as JSON lines (+ TensorBoard when asked and installed); writes on rank 0 only."""
+
+    def __init__(self, run_dir: str, config: Optional[Dict[str, Any]] = None, tensorboard: bool = False,
+                 resume: bool = False):
+        self.run_dir = run_dir
+        self.enabled = is_main()
+        self.records: list = []
+        self._tb = None
+        if not self.enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        if config is not None:
+            with open(os.path.join(run_dir, "config.json"), "w") as f:
+                json.dump(config, f, indent=1, default=str)
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        if not resume and os.path.exists(self.path):
+            os.remove(self.path)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(run_dir)
+            except Exception:  # tensorboard not installed
+                self._tb = None
+
+    def log(self, **record: Any) -> None:
+        record = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
+        record.setdefault("time", time.time())
+        self.records.append(record)
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+        if self._tb is not None:
+            step = record.get("step", record.get("epoch", 0))
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch", "time"):
+                    self._tb.add_scalar(f"{record.get('split', 'train')}/{k}", v, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(run_dir: str) -> list:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def save_checkpoint(path: str, **state: Any) -> None:
+    """Atomically save ``state`` plus every RNG state (rank 0 writes)."""
+    if not is_main():
+        return
+    state = dict(state)
+    state["rng"] = rng_state()
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, restore_rng: bool = True) -> Dict[str, Any]:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if restore_rng and "rng" in state:
+        set_rng_state(state["rng"])
+    return state
+
+
+def progress(iterable: Iterable, desc: str, total: Optional[int] = None, disable: Optional[bool] = None):
+    """A tqdm bar on rank 0 (plain iteration when tqdm is missing or disabled)."""
+    if disable is None:
+        disable = not is_main() or os.environ.get("VLMKERN_NO_PROGRESS", "") not in ("", "0")
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return iterable
+    return tqdm(iterable, desc=desc, total=total, disable=disable, leave=False, dynamic_ncols=True)
