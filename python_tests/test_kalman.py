@@ -404,3 +404,26 @@ def test_cuda_launch_count(n_tensors, dtypes, want):
         torch.cuda.synchronize()
     names = [ev.name for ev in prof.events() if "kalman_pass" in ev.name]
     assert len(names) == want, names
+
+
+def test_cpu_result_independent_of_thread_count():
+    """The compiled CPU kernel sums per-chunk partials in chunk order: S and the
+    update are bitwise identical for any number of threads."""
+    require_backend("kalman", "cpu", "cpu")
+    shapes = [(40000,), (3, 5), (70001,), (0,), (16384,)]
+    outs = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            gen = torch.Generator().manual_seed(2)
+            params, variances = _make(shapes, torch.float32, "cpu", gen=gen)
+            grads = _grads(shapes, torch.float32, "cpu", gen=gen)
+            S = vlmkern.kalman_step_(params, grads, variances, torch.tensor(3.0), torch.tensor(0.1),
+                                     process_noise=1e-3, backend="cpu")
+            outs.append((S, params, variances))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1]))
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][2], outs[1][2]))
