@@ -7,11 +7,12 @@
 TORCH_LIBRARY(vlmkern, m) {
   // ---- SPEC §3: diagonal Kalman step (in place over tensor lists) ----------
   // Returns the innovation variance S = sum h^2 (p + q) + R as a 0-d float32
-  // tensor on the parameters' device.  No host synchronisation.
+  // tensor on the parameters' device.  No host synchronisation.  gate_chi2:
+  // Mahalanobis gate, the innovation used is clamped to |e| <= sqrt(chi2 S).
   m.def(
       "kalman_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] variances, "
       "Tensor innovation, Tensor obs_noise, float process_noise, float forgetting, "
-      "float var_floor) -> Tensor");
+      "float var_floor, float? gate_chi2=None) -> Tensor");
 
   // ---- SPEC §4: layerwise-normalised weight perturbation -------------------
   // direction 0 = adversarial (d = grads), 1 = random (counter-based

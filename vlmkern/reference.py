@@ -236,6 +236,7 @@ def kalman_step(
     process_noise: float,
     forgetting: float = 1.0,
     var_floor: float = 1e-12,
+    gate_chi2: Optional[float] = None,
 ) -> KalmanResult:
     """SPEC §3: one scalar-observation EKF step with diagonal covariance.
 
@@ -243,6 +244,7 @@ def kalman_step(
 
         p_hat = p + q
         S     = sum_i h_i^2 p_hat_i + R              (over *all* tensors)
+        e     = clamp(e, -sqrt(chi2 S), sqrt(chi2 S))  (Mahalanobis gate, if gate_chi2)
         theta += (e / S) p_hat h
         p      = max((p_hat - (p_hat h)^2 / S) / lambda, floor)
     """
@@ -254,6 +256,9 @@ def kalman_step(
     for h, ph in zip(hs, p_hats):
         s = s + (h * h * ph).sum()
     S = s + R
+    if gate_chi2 is not None:
+        bound = torch.sqrt(gate_chi2 * S)
+        e = torch.clamp(e, -bound, bound)
     new_params, new_vars = [], []
     for theta, h, ph in zip(params, hs, p_hats):
         new_params.append(theta.detach().double() + (e / S) * ph * h)
@@ -264,13 +269,16 @@ def kalman_step(
 
 def kalman_noise_update(
     obs_noise: float, innovation: float, S: float, *, beta: float, floor: float,
-    gate_chi2: Optional[float] = None, gate_inflation: float = 0.0,
+    gate_chi2: Optional[float] = None,
 ) -> tuple[float, bool]:
     """SPEC §3 noise EMA and Mahalanobis gate, on Python floats (reference only).
 
     Returns ``(R_next, gated)``.  The gate fires when ``e^2 / S > gate_chi2``;
-    the EMA then takes ``gate_inflation * R`` worth of the innovation instead of
-    ``e^2`` (see ``vlmkern.optim.KalmanOptimizer`` for the exact rule used).
+    the EMA then takes the clamped ``chi2 * S`` instead of ``e^2`` (the same
+    clamp :func:`kalman_step` applies to the innovation), so one outlier cannot
+    blow up ``R``::
+
+        R_next = max(beta R + (1 - beta) min(e^2, chi2 S), floor)
     """
     gated = gate_chi2 is not None and innovation * innovation / S > gate_chi2
     sq = innovation * innovation

@@ -1,13 +1,19 @@
-// CPU kernel of kalman_step_ (SPEC §3): two passes over all tensors.
-// Pass 1 reduces s = sum h^2 (p+q) with double accumulation (deterministic for
-// a given thread count), pass 2 updates parameters and variances in place.
+// CPU kernel of kalman_step_ (SPEC §3): two passes over all tensors, each ONE
+// parallel region over a flat table of fixed-size chunks of every tensor (the
+// CPU analogue of multi-tensor apply: a list of many small tensors, e.g. LoRA
+// adapters, costs two parallel regions, not two per tensor).
+//
+// Pass 1 writes one partial sum per chunk (fp32 lanes inside the chunk, so the
+// loop vectorises; double per chunk) and sums the partials in chunk order in
+// double: S is bitwise identical for any thread count.  Pass 2 updates
+// parameters and variances in place.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <vector>
 
 #include "kalman/kalman_host.h"
@@ -16,36 +22,37 @@
 namespace vlmkern::kalman {
 namespace {
 
-constexpr int64_t kGrain = 1 << 14;
+constexpr int64_t kChunk = 1 << 14;  // elements per chunk (and per parallel work item)
+constexpr int kLanes = 16;           // independent fp32 accumulators in pass 1
+
+struct Chunk {
+  int32_t tensor;
+  int64_t start;
+  int64_t len;
+};
 
 template <typename T>
-double pass1_tensor(const at::Tensor& g, const at::Tensor& v, float q) {
-  const T* h = g.const_data_ptr<T>();
-  const float* p = v.const_data_ptr<float>();
-  return at::parallel_reduce(
-      0, g.numel(), kGrain, 0.0,
-      [&](int64_t b, int64_t e, double acc) {
-        float local = 0.f;
-        for (int64_t i = b; i < e; ++i) local += pass1_term(static_cast<float>(h[i]), p[i], q);
-        return acc + static_cast<double>(local);
-      },
-      [](double a, double b) { return a + b; });
+double pass1_chunk(const T* h, const float* p, int64_t n, float q) {
+  float lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lanes[l] += pass1_term(static_cast<float>(h[i + l]), p[i + l], q);
+  }
+  for (int l = 0; i < n; ++i, ++l) lanes[l] += pass1_term(static_cast<float>(h[i]), p[i], q);
+  double s = 0.0;
+  for (int l = 0; l < kLanes; ++l) s += static_cast<double>(lanes[l]);
+  return s;
 }
 
 template <typename T>
-void pass2_tensor(at::Tensor& w, const at::Tensor& g, at::Tensor& v, const Pass2Scalars& c) {
-  T* theta = w.mutable_data_ptr<T>();
-  const T* h = g.const_data_ptr<T>();
-  float* p = v.mutable_data_ptr<float>();
-  at::parallel_for(0, w.numel(), kGrain, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      float t = static_cast<float>(theta[i]);
-      float pi = p[i];
-      pass2(t, pi, static_cast<float>(h[i]), c);
-      theta[i] = static_cast<T>(t);
-      p[i] = pi;
-    }
-  });
+void pass2_chunk(T* theta, const T* h, float* p, int64_t n, const Pass2Scalars& c) {
+  for (int64_t i = 0; i < n; ++i) {
+    float t = static_cast<float>(theta[i]);
+    float pi = p[i];
+    pass2(t, pi, static_cast<float>(h[i]), c);
+    theta[i] = static_cast<T>(t);
+    p[i] = pi;
+  }
 }
 
 #define VLMKERN_FLOAT_SWITCH(dtype, T, ...)                                       \
@@ -58,33 +65,57 @@ void pass2_tensor(at::Tensor& w, const at::Tensor& g, at::Tensor& v, const Pass2
 
 at::Tensor kalman_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList variances,
                            const at::Tensor& innovation, const at::Tensor& obs_noise,
-                           double process_noise, double forgetting, double var_floor) {
-  check_args(params, grads, variances, innovation, obs_noise, forgetting, var_floor);
+                           double process_noise, double forgetting, double var_floor,
+                           std::optional<double> gate_chi2) {
+  check_args(params, grads, variances, innovation, obs_noise, process_noise, forgetting, var_floor,
+             gate_chi2);
   const float q = static_cast<float>(process_noise);
   const size_t n = params.size();
 
   // Non-contiguous tensors are worked on through contiguous copies that are
   // written back at the end (params and variances are updated in place).
   std::vector<at::Tensor> w(n), g(n), v(n);
+  std::vector<Chunk> chunks;
   for (size_t i = 0; i < n; ++i) {
     w[i] = params[i].contiguous();
     g[i] = grads[i].contiguous();
     v[i] = variances[i].contiguous();
+    const int64_t numel = w[i].numel();
+    for (int64_t s = 0; s < numel; s += kChunk) {
+      chunks.push_back(Chunk{static_cast<int32_t>(i), s, std::min(kChunk, numel - s)});
+    }
   }
+  const int64_t nchunks = static_cast<int64_t>(chunks.size());
 
+  std::vector<double> partial(chunks.size(), 0.0);
+  at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      const Chunk& ch = chunks[k];
+      const float* p = v[ch.tensor].const_data_ptr<float>() + ch.start;
+      VLMKERN_FLOAT_SWITCH(g[ch.tensor].scalar_type(), T,
+                           partial[k] = pass1_chunk<T>(g[ch.tensor].const_data_ptr<T>() + ch.start, p,
+                                                       ch.len, q));
+    }
+  });
   double s = 0.0;
-  for (size_t i = 0; i < n; ++i) {
-    if (w[i].numel() == 0) continue;
-    VLMKERN_FLOAT_SWITCH(g[i].scalar_type(), T, s += pass1_tensor<T>(g[i], v[i], q));
-  }
+  for (double x : partial) s += x;  // fixed order: independent of the thread count
+
   const float R = obs_noise.item<float>();  // CPU tensor: no device sync involved
-  const float e = innovation.item<float>();
   const float S = static_cast<float>(s) + R;
-  Pass2Scalars c{e / S, 1.0f / S, q, static_cast<float>(1.0 / forgetting),
-                 static_cast<float>(var_floor)};
+  const float chi2 = gate_chi2.has_value() ? static_cast<float>(*gate_chi2) : 0.0f;
+  const float e = gate_innovation(innovation.item<float>(), S, chi2);
+  const Pass2Scalars c{e / S, 1.0f / S, q, static_cast<float>(1.0 / forgetting),
+                       static_cast<float>(var_floor)};
+  at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      const Chunk& ch = chunks[k];
+      float* p = v[ch.tensor].mutable_data_ptr<float>() + ch.start;
+      VLMKERN_FLOAT_SWITCH(w[ch.tensor].scalar_type(), T,
+                           pass2_chunk<T>(w[ch.tensor].mutable_data_ptr<T>() + ch.start,
+                                          g[ch.tensor].const_data_ptr<T>() + ch.start, p, ch.len, c));
+    }
+  });
   for (size_t i = 0; i < n; ++i) {
-    if (w[i].numel() == 0) continue;
-    VLMKERN_FLOAT_SWITCH(w[i].scalar_type(), T, pass2_tensor<T>(w[i], g[i], v[i], c));
     if (!w[i].is_same(params[i])) params[i].copy_(w[i]);
     if (!v[i].is_same(variances[i])) variances[i].copy_(v[i]);
   }

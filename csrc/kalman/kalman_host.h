@@ -1,19 +1,27 @@
 // Host-side argument validation of kalman_step_, shared by the CPU and CUDA
 // registrations.
 #pragma once
+#include <cmath>
+#include <optional>
+
 #include "common/checks.h"
 
 namespace vlmkern::kalman {
 
 inline void check_args(at::TensorList params, at::TensorList grads, at::TensorList variances,
                        const at::Tensor& innovation, const at::Tensor& obs_noise,
-                       double forgetting, double var_floor) {
+                       double process_noise, double forgetting, double var_floor,
+                       std::optional<double> gate_chi2) {
   constexpr const char* op = "vlmkern.kalman_step_";
   check_lists_match(op, params, "params", grads, "grads");
   check_lists_match(op, params, "params", variances, "variances");
   TORCH_CHECK(forgetting > 0.0 && forgetting <= 1.0, op,
               ": forgetting must be in (0, 1], got ", forgetting);
   TORCH_CHECK(var_floor >= 0.0, op, ": var_floor must be >= 0, got ", var_floor);
+  TORCH_CHECK(process_noise >= 0.0, op, ": process_noise must be >= 0, got ", process_noise);
+  TORCH_CHECK(!gate_chi2.has_value() || *gate_chi2 > 0.0, op,
+              ": gate_chi2 must be > 0 (or None for no gate), got ",
+              gate_chi2.has_value() ? *gate_chi2 : 0.0);
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK(is_float_dtype(params[i].scalar_type()), op, ": ", arg_name("params", i),
                 " must be float32, bfloat16 or float16, got ", params[i].scalar_type());

@@ -1,6 +1,8 @@
 // Per-element math of the diagonal Kalman step (SPEC §3), shared by the CPU
 // loop (kalman_cpu.cpp) and the CUDA kernel (kalman_cuda.cu).  fp32 math.
 #pragma once
+#include <cmath>
+
 #include "common/vlmkern_common.h"
 
 namespace vlmkern::kalman {
@@ -9,6 +11,17 @@ namespace vlmkern::kalman {
 VLMKERN_HD float pass1_term(float h, float p, float q) {
   const float ph = p + q;
   return h * h * ph;
+}
+
+// Mahalanobis gate (SPEC §3), "clamp" form: the innovation used by the update
+// is clamped to [-sqrt(chi2 S), sqrt(chi2 S)], so the normalised innovation
+// e^2 / S never exceeds chi2 (a Huber-type robust filter).  chi2 <= 0 means
+// "no gate".  Written with comparisons so that a NaN innovation stays NaN
+// (fminf/fmaxf would silently replace it by the bound).
+VLMKERN_HD float gate_innovation(float e, float S, float chi2) {
+  if (!(chi2 > 0.f)) return e;
+  const float bound = sqrtf(chi2 * S);
+  return e > bound ? bound : (e < -bound ? -bound : e);
 }
 
 // Pass 2: theta += gain * p_hat * h;  p = max((p_hat - (p_hat h)^2 / S) / lambda, floor)

@@ -4,10 +4,12 @@ Schema (csrc/registration.cpp)::
 
     vlmkern::kalman_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] variances,
                           Tensor innovation, Tensor obs_noise, float process_noise,
-                          float forgetting, float var_floor) -> Tensor
+                          float forgetting, float var_floor, float? gate_chi2=None) -> Tensor
 
 Kernels: ``csrc/kalman/kalman_cpu.cpp`` (CPU), ``csrc/kalman/kalman_cuda.cu``
-(CUDA, multi-tensor apply), the per-element math in ``csrc/kalman/kalman_math.h``;
+(CUDA, multi-tensor apply: 2 launches per step for up to 256 tensors of one
+dtype; a list mixing fp32/bf16/fp16 parameters costs 2 launches per dtype
+present), the per-element math in ``csrc/kalman/kalman_math.h``;
 the PyTorch fallback is :func:`_kalman_step_torch` below; the oracle is
 :func:`vlmkern.reference.kalman_step`.
 """
@@ -30,11 +32,29 @@ _DEFAULT_VAR_FLOOR = 1e-12
 if hasattr(torch.ops, "vlmkern") and hasattr(torch.ops.vlmkern, "kalman_step_"):
 
     @torch.library.register_fake("vlmkern::kalman_step_")
-    def _kalman_step_fake(params, grads, variances, innovation, obs_noise, process_noise, forgetting, var_floor):
+    def _kalman_step_fake(
+        params, grads, variances, innovation, obs_noise, process_noise, forgetting, var_floor, gate_chi2=None
+    ):
         return innovation.new_empty((), dtype=torch.float32)
 
 
-def _kalman_step_torch(params, grads, variances, innovation, obs_noise, process_noise, forgetting, var_floor):
+def gate_innovation(e: torch.Tensor, S: torch.Tensor, gate_chi2: Optional[float]) -> torch.Tensor:
+    """The Mahalanobis gate of SPEC §3 in its "clamp" form (device tensors, no sync).
+
+    Returns ``e`` clamped to ``[-sqrt(chi2 S), sqrt(chi2 S)]``, i.e. the
+    normalised innovation ``e^2 / S`` is capped at ``chi2``; ``gate_chi2=None``
+    returns ``e`` unchanged.  Same rule as ``gate_innovation`` in
+    ``csrc/kalman/kalman_math.h``.
+    """
+    if gate_chi2 is None:
+        return e
+    bound = torch.sqrt(S * float(gate_chi2))
+    return torch.where(e > bound, bound, torch.where(e < -bound, -bound, e))
+
+
+def _kalman_step_torch(
+    params, grads, variances, innovation, obs_noise, process_noise, forgetting, var_floor, gate_chi2=None
+):
     """Plain-PyTorch implementation (fp32 math, same two passes, no host sync)."""
     q = float(process_noise)
     s = innovation.new_zeros((), dtype=torch.float32)
@@ -43,7 +63,7 @@ def _kalman_step_torch(params, grads, variances, innovation, obs_noise, process_
             h = g.float()
             s = s + (h * h * (v + q)).sum()
     S = s + obs_noise.float()
-    gain = innovation.float() / S
+    gain = gate_innovation(innovation.float(), S, gate_chi2) / S
     inv_s = 1.0 / S
     for w, g, v in zip(params, grads, variances):
         if w.numel() == 0:
@@ -67,6 +87,7 @@ def kalman_step_(
     process_noise: float,
     forgetting: float = 1.0,
     var_floor: float = _DEFAULT_VAR_FLOOR,
+    gate_chi2: Optional[float] = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """One diagonal Kalman step over lists of tensors, in place (SPEC §3).
@@ -75,6 +96,7 @@ def kalman_step_(
 
         p_hat = p + q                                  (q = process_noise)
         S     = sum_i h_i^2 p_hat_i + R                (one reduction over all tensors)
+        e     = clamp(e, -sqrt(chi2 S), sqrt(chi2 S))  (only with gate_chi2)
         theta += (e / S) p_hat h                       (e = innovation)
         p      = max((p_hat - (p_hat h)^2 / S) / lambda, var_floor)
 
@@ -88,6 +110,10 @@ def kalman_step_(
         process_noise: ``q >= 0`` added to ``p`` before the update.
         forgetting: ``lambda`` in (0, 1]; 1 means no forgetting.
         var_floor: lower clamp of ``p`` (keeps it positive).
+        gate_chi2: Mahalanobis gate threshold ``> 0``, or ``None`` (no gate):
+            when ``e^2 / S > gate_chi2`` the innovation used for the update is
+            clamped to ``sign(e) sqrt(gate_chi2 S)`` (the variance update does
+            not depend on ``e`` and is unchanged).  Decided on the device.
         backend: force ``"cuda"``, ``"cpu"`` or ``"torch"`` (default: by device).
 
     Returns:
@@ -116,10 +142,22 @@ def kalman_step_(
         raise ValueError(f"vlmkern.{op}: process_noise must be >= 0, got {process_noise}")
     if var_floor < 0:
         raise ValueError(f"vlmkern.{op}: var_floor must be >= 0, got {var_floor}")
+    if gate_chi2 is not None and not gate_chi2 > 0:
+        raise ValueError(f"vlmkern.{op}: gate_chi2 must be > 0 (or None for no gate), got {gate_chi2}")
     e = scalar_tensor(innovation, "innovation", op, dev)
     R = scalar_tensor(obs_noise, "obs_noise", op, dev)
     name = backends.choose(OP, dev, backend)
     if name == "torch":
         with torch.no_grad():
-            return _kalman_step_torch(params, grads, variances, e, R, process_noise, forgetting, var_floor)
-    return torch.ops.vlmkern.kalman_step_(params, grads, variances, e, R, float(process_noise), float(forgetting), float(var_floor))
+            return _kalman_step_torch(params, grads, variances, e, R, process_noise, forgetting, var_floor, gate_chi2)
+    return torch.ops.vlmkern.kalman_step_(
+        params,
+        grads,
+        variances,
+        e,
+        R,
+        float(process_noise),
+        float(forgetting),
+        float(var_floor),
+        None if gate_chi2 is None else float(gate_chi2),
+    )

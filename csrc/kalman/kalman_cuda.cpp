@@ -1,0 +1,89 @@
+// Torch-facing host side of the CUDA kalman_step_ (SPEC §3): argument checks,
+// contiguous working copies, dtype groups, the partials buffer, and the launch
+// on the current stream.  Kernels: kalman_cuda.cu.
+//
+// Launch count: 2 per dtype group present (pass 1 + pass 2) for up to 256
+// non-empty tensors per group; a list of fp32 tensors only (the usual case)
+// costs exactly 2 launches.  Mixed fp32/bf16/fp16 lists cost 2 per dtype.
+//
+// No host synchronisation: no .item(), no device->host copy, no stream sync; the
+// partials buffer comes from the caching allocator (graph-safe).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "common/cuda_launch.h"
+#include "kalman/kalman_cuda.h"
+#include "kalman/kalman_host.h"
+
+namespace vlmkern::kalman {
+namespace {
+
+cuda::ParamDtype group_of(c10::ScalarType t) {
+  switch (t) {
+    case c10::kFloat: return cuda::kF32;
+    case c10::kBFloat16: return cuda::kBF16;
+    case c10::kHalf: return cuda::kF16;
+    default: TORCH_CHECK(false, "vlmkern.kalman_step_: unsupported dtype ", t);
+  }
+}
+
+at::Tensor kalman_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList variances,
+                            const at::Tensor& innovation, const at::Tensor& obs_noise,
+                            double process_noise, double forgetting, double var_floor,
+                            std::optional<double> gate_chi2) {
+  check_args(params, grads, variances, innovation, obs_noise, process_noise, forgetting, var_floor,
+             gate_chi2);
+  const c10::cuda::CUDAGuard guard(innovation.device());
+  const size_t n = params.size();
+
+  // Non-contiguous tensors are worked on through contiguous copies that are
+  // written back at the end (params and variances are updated in place).
+  std::vector<at::Tensor> w(n), g(n), v(n);
+  cuda::Groups groups;
+  for (size_t i = 0; i < n; ++i) {
+    w[i] = params[i].contiguous();
+    g[i] = grads[i].contiguous();
+    v[i] = variances[i].contiguous();
+    if (w[i].numel() == 0) continue;
+    groups[group_of(w[i].scalar_type())].push_back(cuda::TensorPtrs{
+        w[i].data_ptr(), g[i].const_data_ptr(), v[i].data_ptr<float>(), w[i].numel(),
+        static_cast<int32_t>(i)});
+  }
+
+  const int64_t nparts = cuda::num_partials(groups);
+  at::Tensor partials =
+      at::empty({nparts > 0 ? nparts : 1}, innovation.options().dtype(c10::kDouble));
+  at::Tensor out = at::empty({}, innovation.options().dtype(c10::kFloat));
+  // innovation / obs_noise are float32 one-element tensors (check_args).
+  const at::Tensor e = innovation.contiguous();
+  const at::Tensor R = obs_noise.contiguous();
+
+  cuda::StepScalars c{};
+  c.q = static_cast<float>(process_noise);
+  c.inv_lambda = static_cast<float>(1.0 / forgetting);
+  c.var_floor = static_cast<float>(var_floor);
+  c.gate_chi2 = gate_chi2.has_value() ? static_cast<float>(*gate_chi2) : 0.0f;
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(innovation.device().index()).stream();
+  VLMKERN_CHECK_CUDA(cuda::launch_step(groups, e.const_data_ptr<float>(), R.const_data_ptr<float>(),
+                                       c, partials.data_ptr<double>(), nparts,
+                                       out.data_ptr<float>(), stream, nullptr));
+
+  for (size_t i = 0; i < n; ++i) {
+    if (!w[i].is_same(params[i])) params[i].copy_(w[i]);
+    if (!v[i].is_same(variances[i])) variances[i].copy_(v[i]);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vlmkern, CUDA, m) { m.impl("kalman_step_", &kalman_step_cuda); }
+
+}  // namespace vlmkern::kalman

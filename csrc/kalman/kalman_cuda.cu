@@ -1,0 +1,338 @@
+// CUDA kernels of kalman_step_ (SPEC §3) on multi-tensor apply.
+//
+//   pass 1  (one launch per dtype group and 256 tensors): every block strides
+//           over its chunks, accumulates h^2 (p + q) (fp32 within a chunk,
+//           fp64 across chunks) and writes ONE float64 partial sum.  The grid is
+//           min(chunks, kMaxBlocks): it depends on the tensor sizes only, never
+//           on the device, so the partials and S are bitwise reproducible.
+//   pass 2  every block first reduces all partials in the same fixed order
+//           (so every block holds the same S bit for bit, and S needs no launch
+//           of its own), S = s + R, gates the innovation, then updates
+//           theta and p of its chunks.  Block 0 of the first pass-2 launch
+//           writes S to the output.
+//
+// Scalars that change per step (innovation, R) are read from device memory;
+// nothing here synchronises with the host or copies to it, so a step can be
+// captured in a CUDA graph.  Loads and stores are 16-byte vectors when the
+// tensor's three pointers are 16-byte aligned (always true for tensors that
+// own their storage; views at odd offsets take the scalar path).
+//
+// No torch header: launchers take raw pointers and a stream
+// (common/cuda_launch.h).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "common/multi_tensor_apply.cuh"
+#include "kalman/kalman_cuda.h"
+#include "kalman/kalman_math.h"
+
+namespace vlmkern::kalman::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int64_t kChunk = 16384;  // elements per chunk (a multiple of every vector width)
+constexpr int kMaxBlocks = 1024;   // grid cap of each launch (pass 1 partials per launch)
+
+// ---- dtype helpers ----------------------------------------------------------
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
+
+// Elements per 16-byte vector of T (4 for fp32, 8 for bf16/fp16).
+template <typename T>
+struct VecWidth {
+  static constexpr int value = 16 / static_cast<int>(sizeof(T));
+};
+
+// 16-byte load/store of N values of T (sizeof(T) * N == 16); src/dst 16-byte aligned.
+template <typename T, int N>
+__device__ __forceinline__ void load16(T (&dst)[N], const T* src) {
+  static_assert(sizeof(T) * N == 16, "16-byte vectors");
+  const uint4 raw = *reinterpret_cast<const uint4*>(src);
+  memcpy(&dst[0], &raw, 16);
+}
+template <typename T, int N>
+__device__ __forceinline__ void store16(T* dst, const T (&src)[N]) {
+  static_assert(sizeof(T) * N == 16, "16-byte vectors");
+  uint4 raw;
+  memcpy(&raw, &src[0], 16);
+  *reinterpret_cast<uint4*>(dst) = raw;
+}
+// N floats (N = 4 or 8) as N/4 16-byte vectors.
+template <int N>
+__device__ __forceinline__ void load_f32(float (&dst)[N], const float* src) {
+#pragma unroll
+  for (int k = 0; k < N / 4; ++k) {
+    const float4 v = reinterpret_cast<const float4*>(src)[k];
+    dst[4 * k + 0] = v.x;
+    dst[4 * k + 1] = v.y;
+    dst[4 * k + 2] = v.z;
+    dst[4 * k + 3] = v.w;
+  }
+}
+template <int N>
+__device__ __forceinline__ void store_f32(float* dst, const float (&src)[N]) {
+#pragma unroll
+  for (int k = 0; k < N / 4; ++k) {
+    reinterpret_cast<float4*>(dst)[k] =
+        make_float4(src[4 * k + 0], src[4 * k + 1], src[4 * k + 2], src[4 * k + 3]);
+  }
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+
+// Sum over the block in a fixed order (warp shuffles, then warp 0); the result
+// is valid in thread 0.  `smem` holds kWarps doubles.
+__device__ __forceinline__ double block_sum(double v, double* smem) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  double r = 0.0;
+  if (warp == 0) {
+    r = lane < kWarps ? smem[lane] : 0.0;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) r += __shfl_down_sync(0xffffffffu, r, o);
+  }
+  return r;
+}
+
+// Position of chunk c inside its tensor.
+struct ChunkView {
+  int t;          // tensor slot in the launch table
+  int64_t start;  // first element of the chunk in the tensor
+  int64_t n;      // elements in the chunk
+};
+
+__device__ __forceinline__ ChunkView chunk_view(const mta::TensorListMeta<3>& m, int32_t c) {
+  ChunkView v;
+  v.t = mta::locate_tensor(m, c);
+  v.start = static_cast<int64_t>(c - m.chunk_start[v.t]) * kChunk;
+  const int64_t left = m.numel[v.t] - v.start;
+  v.n = left < kChunk ? left : kChunk;
+  return v;
+}
+
+// ---- pass 1 -------------------------------------------------------------------
+// Table lists: 0 = params (unused here), 1 = grads, 2 = variances.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    kalman_pass1_kernel(const mta::TensorListMeta<3> meta, int32_t total_chunks, float q,
+                        double* __restrict__ partials) {
+  constexpr int N = VecWidth<T>::value;
+  __shared__ double smem[kWarps];
+  double acc = 0.0;
+  for (int32_t c = blockIdx.x; c < total_chunks; c += gridDim.x) {
+    const ChunkView cv = chunk_view(meta, c);
+    const T* h = static_cast<const T*>(meta.ptrs[1][cv.t]) + cv.start;
+    const float* p = static_cast<const float*>(meta.ptrs[2][cv.t]) + cv.start;
+    float local = 0.f;
+    int64_t scalar_from = 0;
+    if (aligned16(h) && aligned16(p)) {
+      const int64_t nvec = cv.n / N;
+      for (int64_t i = threadIdx.x; i < nvec; i += kThreads) {
+        T hv[N];
+        float pv[N];
+        load16(hv, h + i * N);
+        load_f32(pv, p + i * N);
+#pragma unroll
+        for (int k = 0; k < N; ++k) local += pass1_term(to_float(hv[k]), pv[k], q);
+      }
+      scalar_from = nvec * N;
+    }
+    for (int64_t i = scalar_from + threadIdx.x; i < cv.n; i += kThreads) {
+      local += pass1_term(to_float(h[i]), p[i], q);
+    }
+    acc += static_cast<double>(local);
+  }
+  const double s = block_sum(acc, smem);
+  if (threadIdx.x == 0) partials[blockIdx.x] = s;
+}
+
+// ---- pass 2 -------------------------------------------------------------------
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    kalman_pass2_kernel(const mta::TensorListMeta<3> meta, int32_t total_chunks,
+                        const double* __restrict__ partials, int32_t nparts,
+                        const float* __restrict__ innovation, const float* __restrict__ obs_noise,
+                        StepScalars sc, float* __restrict__ s_out, int write_s) {
+  constexpr int N = VecWidth<T>::value;
+  __shared__ double smem[kWarps];
+  __shared__ float S_shared;
+
+  // S: every block reduces the partials in the same order -> identical bits.
+  double acc = 0.0;
+  for (int32_t i = threadIdx.x; i < nparts; i += kThreads) acc += partials[i];
+  const double s = block_sum(acc, smem);
+  if (threadIdx.x == 0) {
+    const float S = static_cast<float>(s) + *obs_noise;
+    S_shared = S;
+    if (write_s && blockIdx.x == 0) *s_out = S;
+  }
+  __syncthreads();
+  const float S = S_shared;
+  const float e = gate_innovation(*innovation, S, sc.gate_chi2);
+  const Pass2Scalars c{e / S, 1.0f / S, sc.q, sc.inv_lambda, sc.var_floor};
+
+  for (int32_t ch = blockIdx.x; ch < total_chunks; ch += gridDim.x) {
+    const ChunkView cv = chunk_view(meta, ch);
+    T* w = static_cast<T*>(meta.ptrs[0][cv.t]) + cv.start;
+    const T* h = static_cast<const T*>(meta.ptrs[1][cv.t]) + cv.start;
+    float* p = static_cast<float*>(meta.ptrs[2][cv.t]) + cv.start;
+    int64_t scalar_from = 0;
+    if (aligned16(w) && aligned16(h) && aligned16(p)) {
+      const int64_t nvec = cv.n / N;
+      for (int64_t i = threadIdx.x; i < nvec; i += kThreads) {
+        T wv[N], hv[N];
+        float pv[N];
+        load16(wv, w + i * N);
+        load16(hv, h + i * N);
+        load_f32(pv, p + i * N);
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          float t = to_float(wv[k]);
+          pass2(t, pv[k], to_float(hv[k]), c);
+          wv[k] = from_float<T>(t);
+        }
+        store16(w + i * N, wv);
+        store_f32(p + i * N, pv);
+      }
+      scalar_from = nvec * N;
+    }
+    for (int64_t i = scalar_from + threadIdx.x; i < cv.n; i += kThreads) {
+      float t = to_float(w[i]);
+      float pi = p[i];
+      pass2(t, pi, to_float(h[i]), c);
+      w[i] = from_float<T>(t);
+      p[i] = pi;
+    }
+  }
+}
+
+// S when every tensor is empty: S = 0 + R.
+__global__ void kalman_empty_kernel(const float* __restrict__ obs_noise, float* __restrict__ s_out) {
+  *s_out = 0.0f + *obs_noise;
+}
+
+int grid_for(int32_t chunks) { return chunks < kMaxBlocks ? static_cast<int>(chunks) : kMaxBlocks; }
+
+std::vector<mta::TensorRef> to_refs(const std::vector<TensorPtrs>& group) {
+  std::vector<mta::TensorRef> refs;
+  refs.reserve(group.size());
+  for (const TensorPtrs& t : group) {
+    mta::TensorRef r{};
+    r.ptrs[0] = t.param;
+    r.ptrs[1] = const_cast<void*>(t.grad);
+    r.ptrs[2] = t.var;
+    r.numel = t.numel;
+    r.list_index = t.list_index;
+    refs.push_back(r);
+  }
+  return refs;
+}
+
+template <typename T>
+cudaError_t pass1_group(const std::vector<mta::TensorRef>& refs, float q, double* partials,
+                        int64_t& offset, cudaStream_t stream, int& launches) {
+  cudaError_t err = cudaSuccess;
+  launches += mta::for_each_launch<3>(
+      refs, kChunk, [&](const mta::TensorListMeta<3>& meta, int32_t chunks) {
+        const int grid = grid_for(chunks);
+        kalman_pass1_kernel<T><<<grid, kThreads, 0, stream>>>(meta, chunks, q, partials + offset);
+        offset += grid;
+        const cudaError_t e = cudaGetLastError();
+        if (err == cudaSuccess) err = e;
+      });
+  return err;
+}
+
+template <typename T>
+cudaError_t pass2_group(const std::vector<mta::TensorRef>& refs, const double* partials,
+                        int32_t nparts, const float* innovation, const float* obs_noise,
+                        const StepScalars& sc, float* s_out, bool& s_written, cudaStream_t stream,
+                        int& launches) {
+  cudaError_t err = cudaSuccess;
+  launches += mta::for_each_launch<3>(
+      refs, kChunk, [&](const mta::TensorListMeta<3>& meta, int32_t chunks) {
+        const int write_s = s_written ? 0 : 1;
+        kalman_pass2_kernel<T><<<grid_for(chunks), kThreads, 0, stream>>>(
+            meta, chunks, partials, nparts, innovation, obs_noise, sc, s_out, write_s);
+        s_written = true;
+        const cudaError_t e = cudaGetLastError();
+        if (err == cudaSuccess) err = e;
+      });
+  return err;
+}
+
+}  // namespace
+
+int64_t num_partials(const Groups& groups) {
+  int64_t n = 0;
+  for (int d = 0; d < kNumDtypes; ++d) {
+    mta::for_each_launch<3>(to_refs(groups[d]), kChunk,
+                            [&](const mta::TensorListMeta<3>&, int32_t chunks) { n += grid_for(chunks); });
+  }
+  return n;
+}
+
+cudaError_t launch_step(const Groups& groups, const float* innovation, const float* obs_noise,
+                        const StepScalars& c, double* partials, int64_t nparts, float* s_out,
+                        cudaStream_t stream, int* launches) {
+  int nl = 0;
+  if (launches) *launches = 0;
+  if (nparts == 0) {
+    kalman_empty_kernel<<<1, 1, 0, stream>>>(obs_noise, s_out);
+    if (launches) *launches = 1;
+    return cudaGetLastError();
+  }
+  if (nparts > INT32_MAX) return cudaErrorInvalidValue;
+  std::vector<mta::TensorRef> refs[kNumDtypes];
+  for (int d = 0; d < kNumDtypes; ++d) refs[d] = to_refs(groups[d]);
+
+  cudaError_t err = cudaSuccess;
+  int64_t offset = 0;
+  err = pass1_group<float>(refs[kF32], c.q, partials, offset, stream, nl);
+  if (err == cudaSuccess) err = pass1_group<__nv_bfloat16>(refs[kBF16], c.q, partials, offset, stream, nl);
+  if (err == cudaSuccess) err = pass1_group<__half>(refs[kF16], c.q, partials, offset, stream, nl);
+  if (err != cudaSuccess) return err;
+  if (offset != nparts) return cudaErrorInvalidValue;  // buffer sized by num_partials()
+
+  const int32_t np = static_cast<int32_t>(nparts);
+  bool s_written = false;
+  err = pass2_group<float>(refs[kF32], partials, np, innovation, obs_noise, c, s_out, s_written,
+                           stream, nl);
+  if (err == cudaSuccess)
+    err = pass2_group<__nv_bfloat16>(refs[kBF16], partials, np, innovation, obs_noise, c, s_out,
+                                     s_written, stream, nl);
+  if (err == cudaSuccess)
+    err = pass2_group<__half>(refs[kF16], partials, np, innovation, obs_noise, c, s_out, s_written,
+                              stream, nl);
+  if (launches) *launches = nl;
+  return err;
+}
+
+}  // namespace vlmkern::kalman::cuda

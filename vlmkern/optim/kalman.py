@@ -1,0 +1,265 @@
+"""``KalmanOptimizer``: a diagonal extended Kalman filter as a PyTorch optimizer.
+
+The form of LoKO (Low-rank Kalman Optimizer, arXiv:2410.11551) and of the
+Kalman-NGD CLIP paper (arXiv:2511.01694) restricted to a diagonal covariance,
+exactly as SPEC §3 fixes it: the state is the trainable parameters, the
+observation is the scalar batch loss with target ``y*`` (0 by default), the
+Jacobian is the gradient of the loss.  One step is one fused
+:func:`vlmkern.kalman_step_` (two passes over all tensors) plus a few 0-d
+device ops for the observation-noise EMA and the gate; nothing synchronises
+with the host.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import torch
+
+from ..ops.kalman import _DEFAULT_VAR_FLOOR, gate_innovation, kalman_step_
+
+__all__ = ["KalmanOptimizer"]
+
+
+class KalmanOptimizer(torch.optim.Optimizer):
+    r"""Diagonal-covariance extended Kalman filter over the trainable parameters.
+
+    Each :meth:`step` observes the batch loss ``L(theta)`` with target ``y*``
+    (``target``, default 0) and Jacobian ``h = grad L``::
+
+        e      = y* - L                              innovation (0-d, on the device)
+        p_hat  = p + q                               predict (q = process_noise of the group)
+        S      = sum_i h_i^2 p_hat_i + R             over ALL tensors of the step
+        e_g    = clamp(e, -sqrt(chi2 S), sqrt(chi2 S))   Mahalanobis gate (if gate_chi2)
+        theta += (e_g / S) p_hat h
+        p      = max((p_hat - (p_hat h)^2 / S) / lambda, var_floor)
+        R      = max(beta R + (1 - beta) e_g^2, obs_noise_floor)     after the update
+
+    **How p0 acts as a step size.**  With ``y* = 0`` the update is
+    ``delta theta_i = -(L p_hat_i / S) dL/dtheta_i``: gradient descent with a
+    per-coordinate learning rate ``eta_i = L p_hat_i / S``.  At the start every
+    ``p_i = p0`` (take ``q << p0``), so ``S = p0 ||h||^2 + R`` and
+
+        eta = p0 L / (p0 ||h||^2 + R).
+
+    * Noise-dominated regime, ``p0 ||h||^2 << R``: ``eta ~= p0 L / R``.  Once the
+      EMA has warmed up ``R ~= E[e^2] ~= L^2``, so ``eta ~= p0 / L`` and the step
+      is ``-p0 grad L / L = -p0 grad log L``: **p0 is the learning rate** of
+      gradient descent on ``log L`` (scaled by ``1/S``, as the papers note: the
+      larger the observation noise, the smaller the step).
+    * Information-dominated regime, ``p0 ||h||^2 >> R``: ``eta ~= L / ||h||^2``,
+      the Polyak / Gauss-Newton step that drives the *linearised* loss exactly
+      to the target: ``L + h . delta theta = 0``.  Here p0 no longer matters,
+      and the step is aggressive (a cross-entropy loss cannot reach 0), so keep
+      ``p0 < R / ||h||^2`` unless that is what you want; the gate limits it.
+
+    The crossover is ``p0* = R / ||h||^2``.  Afterwards each variance shrinks by
+    the information it has received: ``1/p_i`` grows by about ``h_i^2 / S`` per
+    step (``p_i ~= 1 / (1/p0 + sum_t h_{i,t}^2 / S_t)``), an Adagrad-like
+    per-coordinate decay of the step size; ``process_noise`` (``q``) and
+    ``forgetting`` (``lambda < 1``) keep it from vanishing on long runs.  The
+    papers' observation that initialising P is the key is this: p0 is the
+    learning rate.
+
+    Args:
+        params: parameters or param groups.  Per group: ``p0``, ``process_noise``.
+            The innovation variance ``S`` is one reduction over **all** tensors
+            of the step (every group), because there is one scalar observation.
+        p0: initial variance of every parameter (> 0): the learning-rate knob
+            (see above; tune it like a learning rate).  Default ``0.1``, the
+            better of the two settings in ``bench/kalman_method_check.py``
+            (LoRA on a tiny CLIP, cross-entropy loss).
+        process_noise: ``q >= 0`` added to every variance before each update.
+            Default 0.  Groups with different ``q`` cost one extra
+            ``_foreach_add_`` pass over the variances (the fused op takes one q).
+        obs_noise0: initial observation noise ``R > 0``.  Default 1.
+        obs_noise_beta: EMA factor ``beta`` in [0, 1) of ``R``.  Default 0.9.
+        forgetting: ``lambda`` in (0, 1]; 1 = no forgetting.  Global.
+        gate_chi2: Mahalanobis gate threshold (> 0) or ``None`` (default, off).
+            When ``e^2 / S > gate_chi2`` the innovation is **clamped** to
+            ``sign(e) sqrt(gate_chi2 S)`` for both the parameter update and the
+            R update (a Huber-type robust filter: an outlier batch moves the
+            parameters by at most the gate's worth and cannot blow up R); the
+            variance update does not depend on ``e``.  Decided on the device
+            (``torch.where``); :attr:`last_gated` holds the 0-d bool.
+        var_floor: lower clamp of the variances (> = 0).  Global.
+        obs_noise_floor: lower clamp of ``R`` (> 0), keeps ``S > 0``.  Global.
+        target: observation target ``y*``.  Default 0 (minimise the loss).
+        backend: force the ``kalman_step_`` backend (``"cuda"``, ``"cpu"``,
+            ``"torch"``); default: by device.
+
+    :meth:`step` takes a ``closure`` that zeroes the gradients, computes the
+    loss, calls ``backward()`` and returns the loss, or ``loss=`` when the
+    gradients are already computed.  Parameters whose ``.grad`` is ``None`` are
+    not part of the step (no predict, no update).  All parameters of a step
+    must live on one device.  State: ``state[p]["variance"]`` (float32, shape of
+    p); the observation noise ``R`` (a 0-d float32 device tensor) and the step
+    count are saved by :meth:`state_dict` under the key ``"kalman"`` and
+    restored by :meth:`load_state_dict`; the global hyperparameters come from
+    the constructor.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        p0: float = 0.1,
+        process_noise: float = 0.0,
+        obs_noise0: float = 1.0,
+        obs_noise_beta: float = 0.9,
+        forgetting: float = 1.0,
+        gate_chi2: Optional[float] = None,
+        var_floor: float = _DEFAULT_VAR_FLOOR,
+        obs_noise_floor: float = 1e-8,
+        target: float = 0.0,
+        backend: Optional[str] = None,
+    ):
+        _check_group_hparams(p0, process_noise)
+        if not obs_noise0 > 0:
+            raise ValueError(f"KalmanOptimizer: obs_noise0 must be > 0, got {obs_noise0}")
+        if not 0.0 <= obs_noise_beta < 1.0:
+            raise ValueError(f"KalmanOptimizer: obs_noise_beta must be in [0, 1), got {obs_noise_beta}")
+        if not 0.0 < forgetting <= 1.0:
+            raise ValueError(f"KalmanOptimizer: forgetting must be in (0, 1], got {forgetting}")
+        if gate_chi2 is not None and not gate_chi2 > 0:
+            raise ValueError(f"KalmanOptimizer: gate_chi2 must be > 0 or None, got {gate_chi2}")
+        if not var_floor >= 0:
+            raise ValueError(f"KalmanOptimizer: var_floor must be >= 0, got {var_floor}")
+        if not obs_noise_floor > 0:
+            raise ValueError(f"KalmanOptimizer: obs_noise_floor must be > 0, got {obs_noise_floor}")
+        if not math.isfinite(target):
+            raise ValueError(f"KalmanOptimizer: target must be finite, got {target}")
+        super().__init__(params, dict(p0=p0, process_noise=process_noise))
+        for i, g in enumerate(self.param_groups):
+            _check_group_hparams(g["p0"], g["process_noise"], f" (param group {i})")
+        self.obs_noise0 = float(obs_noise0)
+        self.obs_noise_beta = float(obs_noise_beta)
+        self.forgetting = float(forgetting)
+        self.gate_chi2 = None if gate_chi2 is None else float(gate_chi2)
+        self.var_floor = float(var_floor)
+        self.obs_noise_floor = float(obs_noise_floor)
+        self.target = float(target)
+        self.backend = backend
+        self.obs_noise: Optional[torch.Tensor] = None  # R, created on the params' device at the first step
+        self.step_count = 0
+        # Diagnostics of the last step (0-d device tensors; reading them syncs, the step does not).
+        self.last_S: Optional[torch.Tensor] = None
+        self.last_innovation: Optional[torch.Tensor] = None
+        self.last_gated: Optional[torch.Tensor] = None
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None, *, loss: Optional[torch.Tensor] = None):
+        """One Kalman update.  Returns the loss (a tensor; not synchronised)."""
+        if (closure is None) == (loss is None):
+            raise ValueError(
+                "KalmanOptimizer.step: pass exactly one of closure= (zero grads, compute the loss, backward, "
+                "return the loss) or loss= (gradients already computed): the loss is the observation"
+            )
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+            if not isinstance(loss, torch.Tensor):
+                raise TypeError(f"KalmanOptimizer.step: closure must return the loss as a tensor, got {type(loss).__name__}")
+        elif not isinstance(loss, torch.Tensor):
+            raise TypeError(f"KalmanOptimizer.step: loss must be a tensor, got {type(loss).__name__}")
+        if loss.numel() != 1:
+            raise ValueError(f"KalmanOptimizer.step: loss must be a scalar, got shape {tuple(loss.shape)}")
+
+        params: List[torch.Tensor] = []
+        grads: List[torch.Tensor] = []
+        variances: List[torch.Tensor] = []
+        q_of: List[float] = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("KalmanOptimizer does not support sparse gradients")
+                state = self.state[p]
+                if "variance" not in state:
+                    state["variance"] = torch.full(p.shape, float(group["p0"]), dtype=torch.float32, device=p.device)
+                params.append(p)
+                grads.append(p.grad)
+                variances.append(state["variance"])
+                q_of.append(float(group["process_noise"]))
+        device = params[0].device if params else loss.device
+        for i, p in enumerate(params):
+            if p.device != device:
+                raise ValueError(f"KalmanOptimizer: all parameters must be on one device; params[{i}] is on {p.device}, params[0] on {device}")
+        R = self._obs_noise_on(device)
+        e = (self.target - loss.detach().reshape(()).to(device=device, dtype=torch.float32)).contiguous()
+
+        qs = set(q_of)
+        if len(qs) <= 1:
+            q = qs.pop() if qs else 0.0
+        else:
+            # groups with different process noise: predict here, then q = 0 in the fused step
+            by_q: Dict[float, List[torch.Tensor]] = {}
+            for v, qi in zip(variances, q_of):
+                by_q.setdefault(qi, []).append(v)
+            for qi, vs in by_q.items():
+                if qi != 0.0:
+                    torch._foreach_add_(vs, qi)
+            q = 0.0
+
+        S = kalman_step_(
+            params, grads, variances, e, R,
+            process_noise=q, forgetting=self.forgetting, var_floor=self.var_floor,
+            gate_chi2=self.gate_chi2, backend=self.backend,
+        )
+        e_used = gate_innovation(e, S, self.gate_chi2)
+        beta = self.obs_noise_beta
+        R.copy_(torch.clamp(beta * R + (1.0 - beta) * e_used * e_used, min=self.obs_noise_floor))
+        if self.gate_chi2 is None:
+            gated = torch.zeros((), dtype=torch.bool, device=device)
+        else:
+            gated = e * e > self.gate_chi2 * S
+        self.step_count += 1
+        self.last_S, self.last_innovation, self.last_gated = S, e, gated
+        return loss
+
+    def _obs_noise_on(self, device: torch.device) -> torch.Tensor:
+        if self.obs_noise is None:
+            self.obs_noise = torch.tensor(self.obs_noise0, dtype=torch.float32, device=device)
+        elif self.obs_noise.device != device:
+            self.obs_noise = self.obs_noise.to(device)
+        return self.obs_noise
+
+    # ----------------------------------------------------------- state dict
+    def state_dict(self) -> Dict[str, Any]:
+        """The usual optimizer state (variances, param groups) plus
+        ``"kalman": {"obs_noise": R (0-d tensor or None), "step": int}``."""
+        sd = super().state_dict()
+        sd["kalman"] = {
+            "obs_noise": None if self.obs_noise is None else self.obs_noise.detach().clone(),
+            "step": self.step_count,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("kalman", None)
+        if extra is None:
+            raise ValueError("KalmanOptimizer.load_state_dict: state_dict has no 'kalman' entry (R and the step count)")
+        # torch.optim casts floating state to the parameter's dtype on load; the
+        # variances must stay float32 (bf16 params), so restore them ourselves.
+        saved_vars = {k: st["variance"] for k, st in state_dict.get("state", {}).items() if "variance" in st}
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        super().load_state_dict(state_dict)
+        for i, g in enumerate(self.param_groups):
+            _check_group_hparams(g["p0"], g["process_noise"], f" (param group {i})")
+        id_to_param = dict(zip(saved_ids, (p for g in self.param_groups for p in g["params"])))
+        for k, v in saved_vars.items():
+            p = id_to_param[k]
+            self.state[p]["variance"] = v.detach().to(device=p.device, dtype=torch.float32).clone()
+        R = extra.get("obs_noise")
+        self.obs_noise = None if R is None else R.detach().to(torch.float32).clone()
+        self.step_count = int(extra.get("step", 0))
+
+
+def _check_group_hparams(p0, process_noise, where: str = "") -> None:
+    if not (isinstance(p0, (int, float)) and p0 > 0):
+        raise ValueError(f"KalmanOptimizer: p0 must be > 0{where}, got {p0}")
+    if not (isinstance(process_noise, (int, float)) and process_noise >= 0):
+        raise ValueError(f"KalmanOptimizer: process_noise must be >= 0{where}, got {process_noise}")
