@@ -111,6 +111,19 @@ class _BadSamples:
         return "\n".join(lines)
 
 
+class _ReportsBadSamples(Dataset):
+    """``bad`` (list of (where, why)) and ``report()`` for the datasets below."""
+
+    _bad: _BadSamples
+
+    @property
+    def bad(self) -> List[Tuple[str, str]]:
+        return self._bad.bad
+
+    def report(self) -> str:
+        return self._bad.report()
+
+
 @dataclass
 class Pair:
     image: Any
@@ -118,7 +131,7 @@ class Pair:
     index: int
 
 
-class ImageTextCSV(Dataset):
+class ImageTextCSV(_ReportsBadSamples):
     """Image-text pairs from a CSV/TSV file.
 
     Args:
@@ -167,13 +180,6 @@ class ImageTextCSV(Dataset):
                 self.rows.append((img, cap, i))
 
     @property
-    def bad(self) -> List[Tuple[str, str]]:
-        return self._bad.bad
-
-    def report(self) -> str:
-        return self._bad.report()
-
-    @property
     def num_samples(self) -> int:
         """Size of the index space (rows in the file, bad ones included): size the ``u`` state with it."""
         return self._num_rows
@@ -188,7 +194,7 @@ class ImageTextCSV(Dataset):
         return image, text, idx
 
 
-class WebDatasetTar(Dataset):
+class WebDatasetTar(_ReportsBadSamples):
     """Image-text pairs from webdataset tar shards, as a map-style dataset.
 
     Samples are grouped by key (the member name without its extension); a
@@ -248,13 +254,6 @@ class WebDatasetTar(Dataset):
                     index += 1
         self.num_samples = index
 
-    @property
-    def bad(self):
-        return self._bad.bad
-
-    def report(self) -> str:
-        return self._bad.report()
-
     def __len__(self):
         return len(self.samples)
 
@@ -280,7 +279,7 @@ class WebDatasetTar(Dataset):
         return image, text, idx
 
 
-class LabelledImages(Dataset):
+class LabelledImages(_ReportsBadSamples):
     """Labelled images from a class-per-folder tree (``root/<class>/*.jpg``) or a
     CSV with image-path and label columns.
 
@@ -331,13 +330,6 @@ class LabelledImages(Dataset):
             self.samples.append((p, cls_index[c], i))
 
     @property
-    def bad(self):
-        return self._bad.bad
-
-    def report(self) -> str:
-        return self._bad.report()
-
-    @property
     def labels(self) -> List[int]:
         return [s[1] for s in self.samples]
 
@@ -352,7 +344,7 @@ class LabelledImages(Dataset):
         return self.transform(_load_image(p, p)), y, idx
 
 
-class CIRTriplets(Dataset):
+class CIRTriplets(_ReportsBadSamples):
     """Composed image retrieval triplets in the FashionIQ or CIRR layout.
 
     FashionIQ (``layout="fashioniq"``): ``captions/cap.<category>.<split>.json``
@@ -429,13 +421,6 @@ class CIRTriplets(Dataset):
                 self._bad.add(f"{where} ({p})", why)
                 return
         self.triplets.append((ref, text, tgt, members))
-
-    @property
-    def bad(self):
-        return self._bad.bad
-
-    def report(self) -> str:
-        return self._bad.report()
 
     def __len__(self):
         return len(self.triplets)
