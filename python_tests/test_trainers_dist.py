@@ -1,4 +1,10 @@
-"""Trainers under torch.distributed: 2 processes with gloo on the CPU stay in sync."""
+"""Every trainer under torch.distributed: 2 processes with gloo on the CPU stay in sync.
+
+The same code uses NCCL on GPUs (torchrun); here each rank trains on its shard
+of the data and the ranks must end with bit-identical weights (gradients, and
+for Kalman the observed loss, are averaged over the ranks) that differ from
+the initial ones.
+"""
 
 import os
 import socket
@@ -16,48 +22,87 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, out_dir, q):
+def _train(method, out_dir):
+    from vlmkern.data import synthetic as S
+    from vlmkern.models.clip import create_clip
+
+    torch.manual_seed(0)  # same initial weights on every rank
+    m, _, tok = create_clip("vlmkern-micro-ViT")
+    if method == "tuneclip":
+        from vlmkern.methods.tuneclip import TuneCLIPConfig, train_tuneclip
+
+        res = train_tuneclip(m, tok, S.pairs(32, seed=1, image_size=16), S.pairs(8, seed=2, image_size=16),
+                             TuneCLIPConfig(loss="hgcl", osr_epochs=1, epochs=1, batch_size=8, lr=1e-3), out_dir)
+        info = res["osr_steps"]
+    elif method == "apft":
+        from vlmkern.methods.apft import APFTTrainConfig, train_apft
+        from vlmkern.methods.apft_schedule import APFTConfig
+
+        tr, va = S.labelled(32, 12, seed=1, image_size=16, num_classes=6)
+        sched = APFTConfig(window=2, tau_vol=0.0, patience=50, min_epochs=1)  # transition at epoch 2
+        res = train_apft(m, tok, tr, va, tr.prompts(), APFTTrainConfig(max_epochs=3, batch_size=8, lr=1e-3,
+                                                                       schedule=sched, eval_ks=(1,)), out_dir)
+        info = res["phases_used"]
+    elif method == "wrf4cir":
+        from vlmkern.methods.wrf4cir import WRF4CIRConfig, train_wrf4cir
+
+        res = train_wrf4cir(m, tok, S.cir_triplets(32, seed=1, image_size=16), S.cir_triplets(8, seed=2, image_size=16),
+                            WRF4CIRConfig(epochs=1, batch_size=8, lr=1e-4, gamma=1e-2, warmup_epochs=0, ks=(1,)),
+                            out_dir)
+        info = len(res["history"])
+    else:
+        from vlmkern.methods.kalman import KalmanTrainConfig, train_kalman
+
+        tr, va = S.labelled(32, 12, seed=1, image_size=16, num_classes=6)
+        res = train_kalman(m, tok, tr, va, tr.prompts(), KalmanTrainConfig(steps=4, batch_size=8, eval_every=2),
+                           out_dir)
+        info = len(res["curve"])
+    return m, info
+
+
+def _worker(rank, world, port, method, out_dir, q):
     import torch.distributed as dist
 
     os.environ["VLMKERN_NO_PROGRESS"] = "1"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        from vlmkern.data import synthetic as S
-        from vlmkern.methods.tuneclip import TuneCLIPConfig, _Objective, train_tuneclip
-        from vlmkern.models.clip import create_clip
-
-        torch.manual_seed(0)  # same initial weights on every rank
-        m, _, tok = create_clip("vlmkern-micro-ViT")
-        tr, va = S.pairs(32, seed=1, image_size=16), S.pairs(8, seed=2, image_size=16)
-        res = train_tuneclip(m, tok, tr, va, TuneCLIPConfig(loss="hgcl", osr_epochs=1, epochs=1, batch_size=8,
-                                                            lr=1e-3), os.path.join(out_dir, f"r{rank}"))
-        w = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
-        q.put((rank, w.numpy().copy(), res["osr_steps"]))  # numpy: pickled by value, not shared memory
+        m, info = _train(method, os.path.join(out_dir, f"r{rank}"))
+        w = torch.cat([p.detach().reshape(-1).float() for p in m.parameters()])
+        q.put((rank, w.numpy().copy(), info))  # numpy: pickled by value, not shared memory
     finally:
         dist.destroy_process_group()
 
 
-def test_tuneclip_two_gloo_ranks_stay_identical(tmp_path):
+@pytest.mark.multiproc
+@pytest.mark.parametrize("method,expected", [("tuneclip", 2), ("apft", 2), ("wrf4cir", 1), ("kalman", 3)])
+def test_two_gloo_ranks_stay_identical(tmp_path, method, expected):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(tmp_path), q)) for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, method, str(tmp_path), q)) for r in range(2)]
     for p in procs:
         p.start()
-    results = dict()
+    results = {}
     for _ in range(2):
-        r, w, steps = q.get(timeout=240)
-        results[r] = (torch.from_numpy(w), steps)
+        r, w, info = q.get(timeout=300)
+        results[r] = (torch.from_numpy(w), info)
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
-    w0, s0 = results[0]
-    w1, s1 = results[1]
-    assert s0 == s1 == 2  # 32 samples / (2 ranks x batch 8)
-    assert torch.equal(w0, w1), "ranks diverged: gradients were not averaged"
+    (w0, i0), (w1, i1) = results[0], results[1]
+    assert i0 == i1 == expected
+    assert torch.equal(w0, w1), f"{method}: ranks diverged"
     torch.manual_seed(0)
+    from vlmkern.methods.common import seed_everything
     from vlmkern.models.clip import create_clip
 
-    init = torch.cat([p.detach().reshape(-1) for p in create_clip("vlmkern-micro-ViT")[0].parameters()])
-    assert not torch.equal(w0, init)  # and they trained
+    fresh = create_clip("vlmkern-micro-ViT")[0]
+    if method == "kalman":  # the trainer seeds, then adds LoRA adapters: rebuild that initial state
+        from vlmkern.models.lora import add_lora
+
+        seed_everything(0)
+        add_lora(fresh, rank=4, alpha=8.0)
+    init = torch.cat([p.detach().reshape(-1).float() for p in fresh.parameters()])
+    assert w0.shape == init.shape
+    assert not torch.equal(w0, init), f"{method}: nothing was trained"

@@ -43,7 +43,8 @@ from torch.utils.data import DataLoader
 from ..eval.metrics import frequency_groups, grouped_label_retrieval
 from ..models.groups import apft_phases, clip_layer_groups, set_trainable_phase
 from .apft_schedule import APFTConfig, APFTSchedule
-from .common import RunLogger, autocast, load_checkpoint, progress, save_checkpoint, seed_everything
+from .common import (RunLogger, allreduce_gradients, autocast, load_checkpoint, make_sampler, progress,
+                     save_checkpoint, seed_everything)
 
 
 @dataclass
@@ -140,8 +141,10 @@ def train_apft(model, tokenizer, train_ds, val_ds, prompts: List[str], cfg: APFT
     if phases is None or cfg.strategy == "fixed":  # no triggered transitions; early stopping only
         state.config.tau_vol = state.config.tau_slope = math.inf
         state.config.tau_imp = -math.inf
-    loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=False,
-                        num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
+    sampler = make_sampler(train_ds, shuffle=True, seed=cfg.seed, drop_last=True)
+    loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                        drop_last=False, num_workers=cfg.num_workers,
+                        generator=torch.Generator().manual_seed(cfg.seed))
     opt = _make_optimizer(model.parameters(), state.lr, state.wd)
 
     def new_scheduler(optimizer):
@@ -170,6 +173,8 @@ def train_apft(model, tokenizer, train_ds, val_ds, prompts: List[str], cfg: APFT
 
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     for epoch in range(start_epoch, cfg.max_epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         model.train()
         total, count = 0.0, 0
         for images, labels, _ in progress(loader, f"{cfg.strategy} epoch {epoch + 1}"):
@@ -178,6 +183,7 @@ def train_apft(model, tokenizer, train_ds, val_ds, prompts: List[str], cfg: APFT
                 loss = _loss(model, images, labels, class_tokens)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            allreduce_gradients([p for p in model.parameters() if p.requires_grad])
             scaler.step(opt)
             scaler.update()
             scheduler.step()

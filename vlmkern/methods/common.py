@@ -93,6 +93,36 @@ def allreduce_gradients(params) -> None:
             off += n
 
 
+class GradSync:
+    """Gradient averaging with a ``no_sync()`` context, as DDP offers.
+
+    ``sync(params)`` averages the gradients over the ranks unless called inside
+    ``no_sync()`` (used by WeightPerturbation: the first backward at ``w`` is
+    local, only the gradient at ``w + v`` is averaged)."""
+
+    def __init__(self) -> None:
+        self._skip = False
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        prev, self._skip = self._skip, True
+        try:
+            yield
+        finally:
+            self._skip = prev
+
+    def sync(self, params) -> None:
+        if not self._skip:
+            allreduce_gradients(params)
+
+
+def make_sampler(dataset, shuffle: bool, seed: int, drop_last: bool = False):
+    """A DistributedSampler under torch.distributed, else None."""
+    if not is_distributed():
+        return None
+    return torch.utils.data.distributed.DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+
+
 def is_main() -> bool:
     return rank() == 0
 

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..eval.metrics import zero_shot_accuracy
-from .common import RunLogger, autocast, load_checkpoint, save_checkpoint, seed_everything
+from .common import (RunLogger, allreduce_gradients, autocast, is_distributed, load_checkpoint, make_sampler,
+                     save_checkpoint, seed_everything)
 
 
 @dataclass
@@ -81,7 +82,9 @@ def train_kalman(model, tokenizer, train_ds, val_ds, prompts: List[str], cfg: Ka
     logger = RunLogger(run_dir, config=asdict(cfg), resume=resume)
     class_tokens = tokenizer(prompts).to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=False, generator=gen)
+    sampler = make_sampler(train_ds, shuffle=True, seed=cfg.seed, drop_last=True)
+    loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                        drop_last=False, generator=gen)
     ckpt = os.path.join(run_dir, "checkpoint.pt")
     step, curve = 0, []
     if resume and os.path.exists(ckpt):
@@ -107,6 +110,11 @@ def train_kalman(model, tokenizer, train_ds, val_ds, prompts: List[str], cfg: Ka
                 ft = F.normalize(model.encode_text(class_tokens), dim=-1)
                 loss = F.cross_entropy(model.logit_scale.exp() * fi @ ft.T, labels)
             loss.backward()
+            allreduce_gradients(params)  # every rank sees the mean gradient ...
+            if is_distributed():  # ... and observes the mean loss, so the filters stay identical
+                loss = loss.detach().clone()
+                torch.distributed.all_reduce(loss)
+                loss /= torch.distributed.get_world_size()
             return loss
 
         if cfg.optimizer == "kalman":

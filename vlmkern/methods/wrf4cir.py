@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader
 
 from ..eval.metrics import cir_recall
 from ..models.cir import LearnedCombiner, SumCombiner, cir_loss
-from .common import RunLogger, autocast, load_checkpoint, progress, save_checkpoint, seed_everything
+from .common import (GradSync, RunLogger, autocast, load_checkpoint, make_sampler, progress, save_checkpoint,
+                     seed_everything)
 
 
 @dataclass
@@ -109,11 +110,14 @@ def train_wrf4cir(clip, tokenizer, train_ds, val_ds, cfg: WRF4CIRConfig, run_dir
             p.requires_grad_(False)
     logger = RunLogger(run_dir, config=asdict(cfg), resume=resume)
     gen = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                        collate_fn=collate_triplets, generator=gen)
+    sampler = make_sampler(train_ds, shuffle=True, seed=cfg.seed, drop_last=True)
+    loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                        drop_last=True, collate_fn=collate_triplets, generator=gen)
+    gsync = GradSync()
     base = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.wd)
     opt = WeightPerturbation(model, base, gamma=cfg.gamma, random_ratio=cfg.random_ratio,
-                             warmup_steps=cfg.warmup_epochs * len(loader), seed=cfg.seed)
+                             warmup_steps=cfg.warmup_epochs * len(loader), seed=cfg.seed, no_sync=gsync.no_sync)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(base, T_max=max(cfg.epochs * len(loader), 1))
     ckpt = os.path.join(run_dir, "checkpoint.pt")
     start, history = 0, []
@@ -126,6 +130,8 @@ def train_wrf4cir(clip, tokenizer, train_ds, val_ds, cfg: WRF4CIRConfig, run_dir
         start, history = st["epoch"], st["history"]
     step = start * len(loader)
     for epoch in range(start, cfg.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         model.train()
         run_loss, count = 0.0, 0
         for ref, text, tgt, _, _ in progress(loader, f"wrf4cir epoch {epoch + 1}"):
@@ -135,6 +141,7 @@ def train_wrf4cir(clip, tokenizer, train_ds, val_ds, cfg: WRF4CIRConfig, run_dir
                 with autocast(device, cfg.amp):
                     loss = cir_loss(model.query(ref, tokens), model.target(tgt))
                 loss.backward()
+                gsync.sync(trainable)  # skipped inside the wrapper's no_sync (first pass at w)
                 return loss
 
             loss = opt.step(closure)
