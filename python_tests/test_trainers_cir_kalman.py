@@ -65,3 +65,33 @@ def test_kalman_trainer_curve(tmp_path, optimizer):
     assert all(0 <= c["val_acc"] <= 1 for c in res["curve"])
     trainable = [n for n, p in m.named_parameters() if p.requires_grad]
     assert trainable and all("lora" in n.lower() for n in trainable)
+
+
+def test_cli_train_then_eval_each_checkpoint_kind(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), VLMKERN_NO_PROGRESS="1")
+
+    def run(*args):
+        r = subprocess.run([sys.executable, "-m", "vlmkern", *args], capture_output=True, text=True, env=env,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(r.stdout[r.stdout.index("{"):])
+
+    common = ["--model", "vlmkern-micro-ViT", "--batch-size", "8", "--n-val", "8"]
+    run("train", "kalman", *common, "--steps", "2", "--n-train", "16", "--out", str(tmp_path / "k"))
+    ev = run("eval", "--model", "vlmkern-micro-ViT", "--checkpoint", str(tmp_path / "k" / "checkpoint.pt"),
+             "--task", "labels", "--n-val", "8")
+    assert ev["loaded"] == "lora" and 0 <= ev["metrics"]["zero_shot_top1"] <= 1
+    run("train", "wrf4cir", *common, "--epochs", "1", "--n-train", "16", "--out", str(tmp_path / "w"))
+    ev = run("eval", "--model", "vlmkern-micro-ViT", "--checkpoint", str(tmp_path / "w" / "checkpoint.pt"),
+             "--task", "cir", "--n-val", "8")
+    assert ev["loaded"] == "cir" and set(ev["metrics"]) == {"R1", "R5", "R10", "R50"}
+    run("train", "tuneclip", *common, "--epochs", "1", "--osr-epochs", "1", "--n-train", "16", "--out",
+        str(tmp_path / "t"))
+    ev = run("eval", "--model", "vlmkern-micro-ViT", "--checkpoint", str(tmp_path / "t" / "checkpoint.pt"),
+             "--task", "pairs", "--n-val", "8")
+    assert ev["loaded"] == "clip" and 0 <= ev["metrics"]["mean_R"] <= 1

@@ -76,6 +76,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .methods.cli_train import add_train_parser
 
     add_train_parser(sub)
+    from .methods.cli_eval import add_eval_parser
+
+    add_eval_parser(sub)
     args = p.parse_args(argv)
     return args.fn(args)
 
