@@ -91,3 +91,18 @@ def test_cli_train_apft_with_yaml_config(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout[r.stdout.index("{"):])
     assert out["strategy"] == "fixed" and (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_grad_accumulation_equals_one_big_batch(tmp_path):
+    """Per-sample loss: 2 micro-batches of 8 accumulate to the gradient of one batch of 16."""
+    model, tok, tr, va, prompts = _setup()
+    a = train_apft(model, tok, tr, va, prompts, _cfg(strategy="full", max_epochs=1, batch_size=16), str(tmp_path / "a"))
+    model, tok, tr, va, prompts = _setup()
+    b = train_apft(model, tok, tr, va, prompts, _cfg(strategy="full", max_epochs=1, batch_size=8, grad_accum=2),
+                   str(tmp_path / "b"))
+    # same generator seed -> same permutation: micro-batches [0:8], [8:16] make up batch [0:16]
+    ra = [r for r in read_metrics(str(tmp_path / "a")) if r["split"] == "val"]
+    rb = [r for r in read_metrics(str(tmp_path / "b")) if r["split"] == "val"]
+    assert len(ra) == len(rb) == 1
+    assert ra[0]["train_loss"] == pytest.approx(rb[0]["train_loss"], rel=1e-4)
+    assert ra[0]["val_loss"] == pytest.approx(rb[0]["val_loss"], rel=1e-3)

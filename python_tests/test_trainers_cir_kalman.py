@@ -95,3 +95,32 @@ def test_cli_train_then_eval_each_checkpoint_kind(tmp_path):
     ev = run("eval", "--model", "vlmkern-micro-ViT", "--checkpoint", str(tmp_path / "t" / "checkpoint.pt"),
              "--task", "pairs", "--n-val", "8")
     assert ev["loaded"] == "clip" and 0 <= ev["metrics"]["mean_R"] <= 1
+
+
+def test_wrf4cir_resume_matches_uninterrupted(tmp_path):
+    from vlmkern.methods.wrf4cir import WRF4CIRConfig, train_wrf4cir
+
+    tr = S.cir_triplets(16, seed=1, image_size=16)
+    va = S.cir_triplets(8, seed=2, image_size=16)
+    cfg = WRF4CIRConfig(epochs=2, batch_size=8, lr=1e-4, gamma=1e-2, random_ratio=0.5, warmup_epochs=0, ks=(1, 5))
+    m, tok = _clip()
+    a = train_wrf4cir(m, tok, tr, va, cfg, str(tmp_path / "a"))
+    m, tok = _clip()
+    train_wrf4cir(m, tok, tr, va, cfg, str(tmp_path / "b"), stop_after=1)
+    m, tok = _clip(seed=7)
+    b = train_wrf4cir(m, tok, tr, va, cfg, str(tmp_path / "b"), resume=True)
+    assert a["history"] == b["history"]
+
+
+def test_kalman_resume_matches_uninterrupted(tmp_path):
+    from vlmkern.methods.kalman import KalmanTrainConfig, train_kalman
+
+    tr, va = S.labelled(20, 12, seed=1, image_size=16, num_classes=6)
+    cfg = KalmanTrainConfig(steps=6, batch_size=8, eval_every=2)  # 3 batches per pass: resume mid-pass
+    m, tok = _clip()
+    a = train_kalman(m, tok, tr, va, tr.prompts(), cfg, str(tmp_path / "a"))
+    m, tok = _clip()
+    train_kalman(m, tok, tr, va, tr.prompts(), cfg, str(tmp_path / "b"), stop_after=2)
+    m, tok = _clip(seed=3)
+    b = train_kalman(m, tok, tr, va, tr.prompts(), cfg, str(tmp_path / "b"), resume=True)
+    assert a["curve"] == b["curve"]

@@ -64,8 +64,12 @@ class APFTTrainConfig:
     eval_ks: Sequence[int] = (1, 5, 10, 20)
     num_workers: int = 0
     t0_epochs: int = 5  # CosineAnnealingWarmRestarts period
+    grad_accum: int = 1  # micro-batches per optimizer step (the loss is per-sample: accumulation is exact)
+    tensorboard: bool = False
 
     def __post_init__(self):
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
         if self.strategy not in ("apft", "fixed", "full", "lora"):
             raise ValueError(f"strategy must be apft, fixed, full or lora, got {self.strategy!r}")
 
@@ -113,7 +117,7 @@ def train_apft(model, tokenizer, train_ds, val_ds, prompts: List[str], cfg: APFT
     device = torch.device(device)
     seed_everything(cfg.seed)
     model.to(device)
-    logger = RunLogger(run_dir, config=asdict(cfg), resume=resume)
+    logger = RunLogger(run_dir, config=asdict(cfg), resume=resume, tensorboard=cfg.tensorboard)
     train_labels = [int(train_ds[i][1]) if not hasattr(train_ds, "labels") else train_ds.labels[i]
                     for i in range(len(train_ds))]
     groups = frequency_groups(train_labels, num_classes=len(prompts))
@@ -146,12 +150,13 @@ def train_apft(model, tokenizer, train_ds, val_ds, prompts: List[str], cfg: APFT
                         drop_last=False, num_workers=cfg.num_workers,
                         generator=torch.Generator().manual_seed(cfg.seed))
     opt = _make_optimizer(model.parameters(), state.lr, state.wd)
+    steps_per_epoch = max(-(-len(loader) // cfg.grad_accum), 1)
 
     def new_scheduler(optimizer):
         if phases is None:
             return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=state.lr,
-                                                       total_steps=cfg.max_epochs * max(len(loader), 1))
-        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=cfg.t0_epochs * max(len(loader), 1))
+                                                       total_steps=cfg.max_epochs * steps_per_epoch)
+        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=cfg.t0_epochs * steps_per_epoch)
 
     scheduler = new_scheduler(opt)
     best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
@@ -177,18 +182,23 @@ def train_apft(model, tokenizer, train_ds, val_ds, prompts: List[str], cfg: APFT
             sampler.set_epoch(epoch)
         model.train()
         total, count = 0.0, 0
-        for images, labels, _ in progress(loader, f"{cfg.strategy} epoch {epoch + 1}"):
+        opt.zero_grad(set_to_none=True)
+        n_batches = len(loader)
+        for bi, (images, labels, _) in enumerate(progress(loader, f"{cfg.strategy} epoch {epoch + 1}")):
             images, labels = images.to(device), labels.to(device)
+            # the last group of an epoch may be shorter: weight each micro-batch by its share
+            group = min(cfg.grad_accum, n_batches - (bi // cfg.grad_accum) * cfg.grad_accum)
             with autocast(device, cfg.amp):
                 loss = _loss(model, images, labels, class_tokens)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            allreduce_gradients([p for p in model.parameters() if p.requires_grad])
-            scaler.step(opt)
-            scaler.update()
-            scheduler.step()
+            scaler.scale(loss / group).backward()
             total += loss.item() * labels.numel()
             count += labels.numel()
+            if (bi + 1) % cfg.grad_accum == 0 or bi + 1 == n_batches:
+                allreduce_gradients([p for p in model.parameters() if p.requires_grad])
+                scaler.step(opt)
+                scaler.update()
+                scheduler.step()
+                opt.zero_grad(set_to_none=True)
         ev = evaluate(model, tokenizer, val_ds, prompts, groups, device, ks=cfg.eval_ks, amp=cfg.amp)
         lr_now, wd_now, phase_now = state.lr, state.wd, state.phase
         force = cfg.strategy == "fixed" and state.epochs_in_phase + 1 >= cfg.fixed_every

@@ -38,6 +38,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="run folder (default runs/<method>)")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events (if installed)")
+    p.add_argument("--grad-accum", type=int, default=None, help="APFT: micro-batches per optimizer step")
     # TuneCLIP
     p.add_argument("--loss", default=None, choices=("hgcl", "gcl", "clip"))
     p.add_argument("--osr-epochs", type=int, default=None)
@@ -106,7 +108,7 @@ def cmd_train(args) -> int:
         cfg = TuneCLIPConfig(**{k: v for k, v in dict(
             loss=o.get("loss"), osr_epochs=o.get("osr_epochs"), epochs=o.get("epochs"),
             batch_size=o.get("batch_size"), lr=o.get("lr"), wd=o.get("wd"), margin=o.get("margin"),
-            gamma=o.get("gamma"), tau=o.get("tau"), amp=o.get("amp"), seed=o["seed"]).items() if v is not None})
+            gamma=o.get("gamma"), tau=o.get("tau"), amp=o.get("amp"), seed=o["seed"], tensorboard=o.get("tensorboard") or None).items() if v is not None})
         res = train_tuneclip(model, tok, tr, va, cfg, out, device=device, resume=o.get("resume", False))
         print(json.dumps({"run": out, "final": res["final"], "osr_steps": res["osr_steps"]}, indent=1))
         return 0
@@ -117,7 +119,7 @@ def cmd_train(args) -> int:
         cfg = WRF4CIRConfig(**{k: v for k, v in dict(
             epochs=o.get("epochs"), batch_size=o.get("batch_size"), lr=o.get("lr"), wd=o.get("wd"),
             gamma=o.get("awp_gamma"), random_ratio=o.get("random_ratio"), warmup_epochs=o.get("warmup_epochs"),
-            combiner=o.get("combiner"), amp=o.get("amp"), seed=o["seed"]).items() if v is not None})
+            combiner=o.get("combiner"), amp=o.get("amp"), seed=o["seed"], tensorboard=o.get("tensorboard") or None).items() if v is not None})
         res = train_wrf4cir(model, tok, tr, va, cfg, out, device=device, resume=o.get("resume", False))
         print(json.dumps({"run": out, "final": res["final"]}, indent=1))
         return 0
@@ -127,7 +129,7 @@ def cmd_train(args) -> int:
         tr, va, prompts = _labelled_data(o, size)
         cfg = KalmanTrainConfig(**{k: v for k, v in dict(
             optimizer=o.get("optimizer"), steps=o.get("steps"), batch_size=o.get("batch_size"), lr=o.get("lr"),
-            p0=o.get("p0"), lora_rank=o.get("lora_rank"), amp=o.get("amp"), seed=o["seed"]).items() if v is not None})
+            p0=o.get("p0"), lora_rank=o.get("lora_rank"), amp=o.get("amp"), seed=o["seed"], tensorboard=o.get("tensorboard") or None).items() if v is not None})
         res = train_kalman(model, tok, tr, va, prompts, cfg, out, device=device, resume=o.get("resume", False))
         print(json.dumps({"run": out, "optimizer": res["optimizer"], "curve": res["curve"]}, indent=1))
         return 0
@@ -139,7 +141,8 @@ def cmd_train(args) -> int:
                           if v is not None})
     cfg = APFTTrainConfig(**{k: v for k, v in dict(
         strategy=o.get("strategy"), max_epochs=o.get("epochs"), batch_size=o.get("batch_size"), lr=o.get("lr"),
-        wd=o.get("wd"), amp=o.get("amp"), seed=o["seed"], schedule=sched).items() if v is not None})
+        wd=o.get("wd"), amp=o.get("amp"), seed=o["seed"], schedule=sched, grad_accum=o.get("grad_accum"),
+        tensorboard=o.get("tensorboard") or None).items() if v is not None})
     res = train_apft(model, tok, tr, va, prompts, cfg, out, device=device, resume=o.get("resume", False))
     summary = {"run": out, "strategy": res["strategy"], "best_epoch": res["best_epoch"],
                "phases_used": res["phases_used"], "val_loss": res["final"]["val_loss"],

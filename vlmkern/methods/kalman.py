@@ -12,7 +12,6 @@ accuracy" can be read off the metrics log.
 
 from __future__ import annotations
 
-import itertools
 import os
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional
@@ -44,6 +43,7 @@ class KalmanTrainConfig:
     lr: float = 1e-3
     wd: float = 0.0
     eval_every: int = 20
+    tensorboard: bool = False
     amp: Optional[str] = None
     seed: int = 0
 
@@ -65,7 +65,9 @@ def _accuracy(model, class_tokens, dataset, device, amp=None, batch_size=256) ->
 
 
 def train_kalman(model, tokenizer, train_ds, val_ds, prompts: List[str], cfg: KalmanTrainConfig, run_dir: str,
-                 device: str | torch.device = "cpu", resume: bool = False) -> Dict[str, Any]:
+                 device: str | torch.device = "cpu", resume: bool = False,
+                 stop_after: Optional[int] = None) -> Dict[str, Any]:
+    """LoRA few-shot fine-tuning; ``stop_after`` ends after that many steps (resumable exactly)."""
     from ..models.lora import add_lora, lora_parameters
     from ..optim.kalman import KalmanOptimizer
 
@@ -79,7 +81,7 @@ def train_kalman(model, tokenizer, train_ds, val_ds, prompts: List[str], cfg: Ka
                               obs_noise_beta=cfg.obs_noise_beta, forgetting=cfg.forgetting, gate_chi2=cfg.gate_chi2)
     else:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.wd)
-    logger = RunLogger(run_dir, config=asdict(cfg), resume=resume)
+    logger = RunLogger(run_dir, config=asdict(cfg), resume=resume, tensorboard=cfg.tensorboard)
     class_tokens = tokenizer(prompts).to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
     sampler = make_sampler(train_ds, shuffle=True, seed=cfg.seed, drop_last=True)
@@ -87,19 +89,38 @@ def train_kalman(model, tokenizer, train_ds, val_ds, prompts: List[str], cfg: Ka
                         drop_last=False, generator=gen)
     ckpt = os.path.join(run_dir, "checkpoint.pt")
     step, curve = 0, []
+    # Exact resume: the loader's generator state at the start of the current pass
+    # plus how many batches of that pass were used.
+    pass_state, pos, epoch = gen.get_state(), 0, 0
     if resume and os.path.exists(ckpt):
         st = load_checkpoint(ckpt)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
-        gen.set_state(st["loader_rng"])
         step, curve = st["step"], st["curve"]
+        pass_state, pos, epoch = st["pass_state"], st["pass_pos"], st["pass_epoch"]
     if step == 0:
         acc0 = _accuracy(model, class_tokens, val_ds, device, cfg.amp)
         curve.append({"step": 0, "val_acc": acc0})
         logger.log(split="val", step=0, val_acc=acc0)
-    batches = itertools.chain.from_iterable(itertools.repeat(loader))
-    while step < cfg.steps:
-        images, labels, _ = next(batches)
+    def batches():
+        nonlocal pass_state, pos, epoch
+        skip = pos
+        while True:
+            gen.set_state(pass_state)
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            for i, b in enumerate(loader):
+                if i < skip:
+                    continue
+                pos = i + 1
+                yield b
+            skip, pos, epoch = 0, 0, epoch + 1
+            pass_state = gen.get_state()
+
+    it = batches()
+    end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
+    while step < end:
+        images, labels, _ = next(it)
         images, labels = images.to(device), torch.as_tensor(labels).to(device)
         model.train()
 
@@ -123,14 +144,16 @@ def train_kalman(model, tokenizer, train_ds, val_ds, prompts: List[str], cfg: Ka
             loss = closure()
             opt.step()
         step += 1
-        rec = {"step": step, "loss": float(loss)}
+        rec = {"step": step, "loss": float(loss.detach())}
         if step % cfg.eval_every == 0 or step == cfg.steps:
             rec["val_acc"] = _accuracy(model, class_tokens, val_ds, device, cfg.amp)
             curve.append({"step": step, "val_acc": rec["val_acc"], "loss": rec["loss"]})
             logger.log(split="val", **rec)
-            save_checkpoint(ckpt, model=model.state_dict(), optimizer=opt.state_dict(), loader_rng=gen.get_state(),
-                            step=step, curve=curve)
+            save_checkpoint(ckpt, model=model.state_dict(), optimizer=opt.state_dict(), step=step, curve=curve,
+                            pass_state=pass_state, pass_pos=pos, pass_epoch=epoch)
         else:
             logger.log(split="train", **rec)
+    save_checkpoint(ckpt, model=model.state_dict(), optimizer=opt.state_dict(), step=step, curve=curve,
+                    pass_state=pass_state, pass_pos=pos, pass_epoch=epoch)
     logger.close()
     return {"optimizer": cfg.optimizer, "curve": curve, "final_acc": curve[-1]["val_acc"]}

@@ -55,15 +55,13 @@ class TuneCLIPConfig:
     amp: Optional[str] = None
     seed: int = 0
     num_workers: int = 0
-    grad_accum: int = 1
+    tensorboard: bool = False
 
     def __post_init__(self):
         if self.loss not in ("hgcl", "gcl", "clip"):
             raise ValueError(f"loss must be hgcl, gcl or clip, got {self.loss!r}")
         if self.osr_epochs < 0 or self.epochs < 0:
             raise ValueError("osr_epochs and epochs must be >= 0")
-        if self.grad_accum != 1 and self.loss != "clip":
-            raise ValueError("grad_accum: HGCL/GCL update per-sample state every step; use a larger batch instead")
 
 
 def collate_pairs(batch):
@@ -184,7 +182,9 @@ def train_tuneclip(model, tokenizer, train_ds, val_ds, cfg: TuneCLIPConfig, run_
         p.requires_grad_(True)
     tau = cfg.tau if cfg.tau is not None else float(1.0 / model.logit_scale.exp().item())
     model.logit_scale.requires_grad_(False)  # fixed temperature, as in the paper
-    logger = RunLogger(run_dir, config=dict(asdict(cfg), tau=tau), resume=resume)
+    logger = RunLogger(run_dir, config=dict(asdict(cfg), tau=tau), resume=resume, tensorboard=cfg.tensorboard)
+    # fp16 autocast needs loss scaling; the loss itself is computed in fp32 on fp32-cast features.
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     num_samples = getattr(train_ds, "num_samples", len(train_ds))
     objective = _Objective(cfg, num_samples, tau, device)
     sampler = None
@@ -248,9 +248,10 @@ def train_tuneclip(model, tokenizer, train_ds, val_ds, cfg: TuneCLIPConfig, run_
                 fi, ft = _features(model, images, caps, tokenizer, device)
             loss = objective(fi, ft, idx, model.logit_scale)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             allreduce_gradients(params)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             running += loss.item()
             count += 1

@@ -44,6 +44,7 @@ class WRF4CIRConfig:
     amp: Optional[str] = None
     seed: int = 0
     ks: Sequence[int] = (1, 5, 10, 50)
+    tensorboard: bool = False
 
     def __post_init__(self):
         if self.combiner not in ("sum", "learned"):
@@ -94,7 +95,9 @@ def evaluate_cir(model: CIRModel, tokenizer, dataset, device, ks=(1, 5, 10, 50),
 
 
 def train_wrf4cir(clip, tokenizer, train_ds, val_ds, cfg: WRF4CIRConfig, run_dir: str,
-                  device: str | torch.device = "cpu", resume: bool = False) -> Dict[str, Any]:
+                  device: str | torch.device = "cpu", resume: bool = False,
+                  stop_after: Optional[int] = None) -> Dict[str, Any]:
+    """Fine-tune for composed retrieval; ``stop_after`` ends after that many epochs (resumable)."""
     from ..optim.weight_perturbation import WeightPerturbation
 
     device = torch.device(device)
@@ -108,7 +111,7 @@ def train_wrf4cir(clip, tokenizer, train_ds, val_ds, cfg: WRF4CIRConfig, run_dir
     if not cfg.train_image_tower:
         for p in clip.visual.parameters():
             p.requires_grad_(False)
-    logger = RunLogger(run_dir, config=asdict(cfg), resume=resume)
+    logger = RunLogger(run_dir, config=asdict(cfg), resume=resume, tensorboard=cfg.tensorboard)
     gen = torch.Generator().manual_seed(cfg.seed)
     sampler = make_sampler(train_ds, shuffle=True, seed=cfg.seed, drop_last=True)
     loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
@@ -129,7 +132,8 @@ def train_wrf4cir(clip, tokenizer, train_ds, val_ds, cfg: WRF4CIRConfig, run_dir
         gen.set_state(st["loader_rng"])
         start, history = st["epoch"], st["history"]
     step = start * len(loader)
-    for epoch in range(start, cfg.epochs):
+    end = cfg.epochs if stop_after is None else min(stop_after, cfg.epochs)
+    for epoch in range(start, end):
         if sampler is not None:
             sampler.set_epoch(epoch)
         model.train()
