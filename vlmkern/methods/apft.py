@@ -44,7 +44,7 @@ from ..eval.metrics import frequency_groups, grouped_label_retrieval
 from ..models.groups import apft_phases, clip_layer_groups, set_trainable_phase
 from .apft_schedule import APFTConfig, APFTSchedule
 from .common import (RunLogger, allreduce_gradients, autocast, load_checkpoint, make_sampler, progress,
-                     save_checkpoint, seed_everything)
+                     prompt_classification_loss, save_checkpoint, seed_everything)
 
 
 @dataclass
@@ -77,13 +77,6 @@ class APFTTrainConfig:
 def _encode_classes(model, tokenizer, prompts: List[str], device) -> torch.Tensor:
     tokens = tokenizer(prompts).to(device)
     return F.normalize(model.encode_text(tokens), dim=-1)
-
-
-def _loss(model, images, labels, class_tokens) -> torch.Tensor:
-    fi = F.normalize(model.encode_image(images), dim=-1)
-    ft = F.normalize(model.encode_text(class_tokens), dim=-1)
-    logits = model.logit_scale.exp() * fi @ ft.T
-    return F.cross_entropy(logits, labels)
 
 
 @torch.no_grad()
@@ -189,7 +182,7 @@ def train_apft(model, tokenizer, train_ds, val_ds, prompts: List[str], cfg: APFT
             # the last group of an epoch may be shorter: weight each micro-batch by its share
             group = min(cfg.grad_accum, n_batches - (bi // cfg.grad_accum) * cfg.grad_accum)
             with autocast(device, cfg.amp):
-                loss = _loss(model, images, labels, class_tokens)
+                loss = prompt_classification_loss(model, images, labels, class_tokens)
             scaler.scale(loss / group).backward()
             total += loss.item() * labels.numel()
             count += labels.numel()

@@ -205,6 +205,19 @@ def load_checkpoint(path: str, restore_rng: bool = True) -> Dict[str, Any]:
     return state
 
 
+def prompt_classification_loss(model, images: torch.Tensor, labels: torch.Tensor,
+                               class_tokens: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each image against every class prompt (``logit_scale * f_img . f_class``).
+
+    The objective of the labelled-data trainers (APFT, Kalman few-shot): retrieval of the right label text.
+    """
+    import torch.nn.functional as F
+
+    fi = F.normalize(model.encode_image(images), dim=-1)
+    ft = F.normalize(model.encode_text(class_tokens), dim=-1)
+    return F.cross_entropy(model.logit_scale.exp() * fi @ ft.T, labels)
+
+
 def progress(iterable: Iterable, desc: str, total: Optional[int] = None, disable: Optional[bool] = None):
     """A tqdm bar on rank 0 (plain iteration when tqdm is missing or disabled)."""
     if disable is None:

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from ..eval.metrics import zero_shot_accuracy
 from .common import (RunLogger, allreduce_gradients, autocast, is_distributed, load_checkpoint, make_sampler,
-                     save_checkpoint, seed_everything)
+                     prompt_classification_loss, save_checkpoint, seed_everything)
 
 
 @dataclass
@@ -127,9 +127,7 @@ def train_kalman(model, tokenizer, train_ds, val_ds, prompts: List[str], cfg: Ka
         def closure():
             opt.zero_grad(set_to_none=True)
             with autocast(device, cfg.amp):
-                fi = F.normalize(model.encode_image(images), dim=-1)
-                ft = F.normalize(model.encode_text(class_tokens), dim=-1)
-                loss = F.cross_entropy(model.logit_scale.exp() * fi @ ft.T, labels)
+                loss = prompt_classification_loss(model, images, labels, class_tokens)
             loss.backward()
             allreduce_gradients(params)  # every rank sees the mean gradient ...
             if is_distributed():  # ... and observes the mean loss, so the filters stay identical
