@@ -40,17 +40,27 @@ def _run_bench(quick: bool, out: str, device: Optional[str], only: Optional[List
     return subprocess.call(cmd, cwd=root)
 
 
-def cmd_demo(args) -> int:
-    """The main job on the embedded default: what is live, then the CPU microbenchmarks."""
+def _banner(text: str) -> None:
     print("=" * 78)
-    print("vlmkern demo 1/2: build and backends")
+    print(text)
     print("=" * 78, flush=True)
+
+
+def cmd_demo(args) -> int:
+    """The main job on the embedded default: backends, every method vs its baseline, microbenchmarks."""
+    _banner("vlmkern demo 1/3: build and backends")
     cmd_info(argparse.Namespace(json=False))
     print()
-    print("=" * 78)
-    print("vlmkern demo 2/2: kernel microbenchmarks (quick sizes; full sizes: make bench)")
-    print("=" * 78, flush=True)
-    return _run_bench(quick=True, out=args.out, device=args.device, only=None)
+    if not args.skip_methods:
+        _banner(f"vlmkern demo 2/3: each method against its baseline (embedded data, scale {args.scale})")
+        from .demo import run_demo
+
+        run_demo(out=args.out, scale=args.scale, seed=args.seed)
+        print()
+    if args.skip_bench:
+        return 0
+    _banner("vlmkern demo 3/3: kernel microbenchmarks (quick sizes; full sizes: make bench)")
+    return _run_bench(quick=True, out=os.path.join(args.out, "bench"), device=args.device, only=None)
 
 
 def cmd_bench(args) -> int:
@@ -66,6 +76,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     pd = sub.add_parser("demo", help="the main job on the embedded default (no downloads)")
     pd.add_argument("--out", default="runs/demo")
     pd.add_argument("--device", default=None)
+    pd.add_argument("--scale", default="default", choices=("default", "tiny"))
+    pd.add_argument("--seed", type=int, default=0)
+    pd.add_argument("--skip-methods", action="store_true")
+    pd.add_argument("--skip-bench", action="store_true")
     pd.set_defaults(fn=cmd_demo)
     pb = sub.add_parser("bench", help="kernel microbenchmarks (bench/run_all.py)")
     pb.add_argument("--quick", action="store_true")
