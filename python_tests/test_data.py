@@ -14,12 +14,22 @@ from PIL import Image  # noqa: E402
 from vlmkern.data import BadSampleError, CIRTriplets, ImageTextCSV, LabelledImages, WebDatasetTar  # noqa: E402
 from vlmkern.data import default_transform  # noqa: E402
 
-TF = default_transform(16)
+TF = default_transform(16, normalize=False)
 
 
 def _img(path, color=(255, 0, 0), size=(20, 12)):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.new("RGB", size, color).save(path)
+
+
+def test_default_transform_normalizes_by_default(tmp_path):
+    from vlmkern.data.synthetic import normalize
+
+    p = str(tmp_path / "a.png")
+    _img(p, (255, 128, 0), (16, 16))
+    with Image.open(p) as im:
+        im = im.convert("RGB")
+        assert torch.allclose(default_transform(16)(im), normalize(TF(im)))
 
 
 def test_default_transform_shape_and_range(tmp_path):

@@ -13,7 +13,9 @@ def test_pairs_deterministic_with_holdout_and_duplicates():
     assert all((x.shape, x.colour) != ("circle", "red") for x in a.attrs)
     assert len(set(a.attrs)) < 50  # near-duplicates present
     img = a[0][0]
-    assert img.shape == (3, 16, 16) and 0 <= img.min() and img.max() <= 1
+    assert img.shape == (3, 16, 16)
+    raw = S.render(a.attrs[0], 16, 3, 0)
+    assert 0 <= raw.min() and raw.max() <= 1 and torch.allclose(S.normalize(raw), img)
 
 
 def test_render_differs_by_attribute():

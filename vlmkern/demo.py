@@ -59,7 +59,9 @@ def pretrain(s: Dict[str, Any], out: str, seed: int = 0):
     data = S.pairs(s["pre_n"], seed=100 + seed, image_size=s["size"], holdout=held)
     loader = torch.utils.data.DataLoader(data, batch_size=s["batch"], shuffle=True, drop_last=True,
                                          collate_fn=collate_pairs, generator=torch.Generator().manual_seed(seed))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+    # linear warm-up: without it the towers collapse to one embedding at the first steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 20))
     loss_fn = ClipLoss()
     losses = []
     for _ in range(s["pre_epochs"]):
@@ -70,6 +72,7 @@ def pretrain(s: Dict[str, Any], out: str, seed: int = 0):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             losses.append(loss.item())
     torch.save(model.state_dict(), os.path.join(out, "pretrained.pt"))
     return model, tok, {"held_out": held, "losses": losses}

@@ -73,8 +73,10 @@ def _load_image(path_or_bytes, what: str):
         raise BadSampleError(f"{what}: unreadable image ({type(exc).__name__}: {exc})") from exc
 
 
-def default_transform(size: int = 224) -> Callable:
-    """Resize (shorter side), centre-crop, to a float tensor in [0, 1] (no torchvision needed)."""
+def default_transform(size: int = 224, normalize: bool = True) -> Callable:
+    """Resize (shorter side), centre-crop, to a float tensor; CLIP-normalised unless
+    ``normalize=False`` (then in [0, 1]). No torchvision needed; for a pretrained
+    model's exact preprocessing pass open_clip's ``preprocess`` as ``transform``."""
 
     def tf(img):
         Image = _pil()
@@ -85,7 +87,12 @@ def default_transform(size: int = 224) -> Callable:
         left, top = (w - size) // 2, (h - size) // 2
         img = img.crop((left, top, left + size, top + size))
         t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3)
-        return t.permute(2, 0, 1).float() / 255.0
+        t = t.permute(2, 0, 1).float() / 255.0
+        if normalize:
+            from .synthetic import normalize as clip_normalize
+
+            t = clip_normalize(t)
+        return t
 
     return tf
 

@@ -19,6 +19,8 @@ What the tasks need:
   other noise) of earlier ones: "false negatives" for contrastive losses.
 * :func:`labelled` - classification over (shape, colour) classes with a
   long-tailed (Zipf) training distribution: head / torso / tail labels.
+Datasets return CLIP-normalised images (:func:`normalize`); :func:`render` gives [0, 1] RGB.
+
 * :func:`cir_triplets` - composed retrieval: reference image, modification
   text ("make it blue", "make it bigger", "move it to the left") and the target.
 """
@@ -44,6 +46,18 @@ POS_PHRASE = {"left": "on the left", "right": "on the right", "top": "at the top
               "centre": "in the centre"}
 TEMPLATES = ("a {size} {colour} {shape} {pos}.", "a photo of a {size} {colour} {shape} {pos}.",
              "{pos_cap}, a {size} {colour} {shape}.", "there is a {colour} {shape}, {size}, {pos}.")
+
+
+# CLIP's (OpenAI) image normalisation, as open_clip's preprocessing applies it.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def normalize(img: torch.Tensor) -> torch.Tensor:
+    """[0, 1] RGB -> CLIP-normalised input (what the models expect)."""
+    mean = torch.tensor(CLIP_MEAN, dtype=img.dtype).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=img.dtype).view(3, 1, 1)
+    return (img - mean) / std
 
 
 @dataclass(frozen=True)
@@ -121,7 +135,7 @@ class PairsDataset(torch.utils.data.Dataset):
         return self.attrs[i].caption(self.templates[i])
 
     def __getitem__(self, i):
-        img = render(self.attrs[i], self.image_size, self.seed, self.render_seeds[i])
+        img = normalize(render(self.attrs[i], self.image_size, self.seed, self.render_seeds[i]))
         cap = self.caption(i)
         return img, (self.tokenizer([cap])[0] if self.tokenizer is not None else cap), i
 
@@ -162,7 +176,7 @@ class LabelledDataset(torch.utils.data.Dataset):
         return [template.format(colour=c, shape=s) for s, c in self.classes]
 
     def __getitem__(self, i):
-        return render(self.attrs[i], self.image_size, self.seed, self.offset + i), self.labels[i], i
+        return normalize(render(self.attrs[i], self.image_size, self.seed, self.offset + i)), self.labels[i], i
 
 
 def labelled(n_train: int, n_val: int, seed: int = 0, image_size: int = 32, num_classes: int = 24,
@@ -202,7 +216,7 @@ class CIRDataset(torch.utils.data.Dataset):
         return len(self.triplets)
 
     def image(self, gi: int) -> torch.Tensor:
-        return render(self.gallery[gi], self.image_size, self.seed, 2_000_000 + gi)
+        return normalize(render(self.gallery[gi], self.image_size, self.seed, 2_000_000 + gi))
 
     def __getitem__(self, i):
         r, text, t = self.triplets[i]
