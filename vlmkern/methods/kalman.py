@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from ..eval.metrics import zero_shot_accuracy
 from .common import (RunLogger, allreduce_gradients, autocast, is_distributed, load_checkpoint, make_sampler,
-                     prompt_classification_loss, save_checkpoint, seed_everything)
+                     progress, prompt_classification_loss, save_checkpoint, seed_everything)
 
 
 @dataclass
@@ -119,7 +119,8 @@ def train_kalman(model, tokenizer, train_ds, val_ds, prompts: List[str], cfg: Ka
 
     it = batches()
     end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
-    while step < end:
+    bar = progress(range(step, end), f"{cfg.optimizer} steps")
+    for _ in bar:
         images, labels, _ = next(it)
         images, labels = images.to(device), torch.as_tensor(labels).to(device)
         model.train()
