@@ -124,7 +124,7 @@ def run_demo(out: str = "runs/demo", scale: str = "default", seed: int = 0) -> D
     ctr = S.cir_triplets(s["cir_n"], seed=500 + seed, image_size=s["size"])
     cva = S.cir_triplets(s["cir_val"], seed=600 + seed, image_size=s["size"])
     wr = {}
-    for name, gamma, rr in (("plain", 0.0, 0.0), ("WRF4CIR adversarial", 1e-2, 0.0), ("WRF4CIR random", 1e-2, 1.0)):
+    for name, gamma, rr in (("plain", 0.0, 0.0), ("WRF4CIR adversarial", 1e-3, 0.0), ("WRF4CIR random", 1e-3, 1.0)):
         cfg = WRF4CIRConfig(epochs=s["cir_epochs"], batch_size=b // 2, lr=1e-4, gamma=gamma, random_ratio=rr,
                             warmup_epochs=1 if s["cir_epochs"] > 1 else 0, seed=seed, ks=(1, 5, 10))
         _log(f"WRF4CIR experiment: {name}")
