@@ -27,7 +27,6 @@ Datasets return CLIP-normalised images (:func:`normalize`); :func:`render` gives
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 

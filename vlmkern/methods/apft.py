@@ -37,14 +37,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..eval.metrics import frequency_groups, grouped_label_retrieval
 from ..models.groups import apft_phases, clip_layer_groups, set_trainable_phase
 from .apft_schedule import APFTConfig, APFTSchedule
-from .common import (RunLogger, allreduce_gradients, autocast, load_checkpoint, make_sampler, progress,
-                     prompt_classification_loss, save_checkpoint, seed_everything)
+from .common import (RunLogger, allreduce_gradients, autocast, encode_labelled, load_checkpoint, make_sampler,
+                     progress, prompt_classification_loss, save_checkpoint, seed_everything)
 
 
 @dataclass
@@ -74,30 +73,12 @@ class APFTTrainConfig:
             raise ValueError(f"strategy must be apft, fixed, full or lora, got {self.strategy!r}")
 
 
-def _encode_classes(model, tokenizer, prompts: List[str], device) -> torch.Tensor:
-    tokens = tokenizer(prompts).to(device)
-    return F.normalize(model.encode_text(tokens), dim=-1)
-
-
 @torch.no_grad()
 def evaluate(model, tokenizer, dataset, prompts: List[str], groups, device, batch_size=128, ks=(1, 5, 10, 20),
              amp=None) -> Dict[str, Any]:
     """Validation loss and APFT's retrieval metrics per head / torso / tail."""
-    model.eval()
-    class_tokens = tokenizer(prompts).to(device)
-    feats, labels, losses, n = [], [], 0.0, 0
-    with autocast(device, amp):
-        ft = F.normalize(model.encode_text(class_tokens), dim=-1).float()
-        for images, y, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            images, y = images.to(device), y.to(device)
-            fi = F.normalize(model.encode_image(images), dim=-1).float()
-            logits = model.logit_scale.exp().float() * fi @ ft.T
-            losses += F.cross_entropy(logits, y, reduction="sum").item()
-            n += y.numel()
-            feats.append(fi.cpu())
-            labels.append(y.cpu())
-    res = grouped_label_retrieval(torch.cat(feats), torch.cat(labels), ft.cpu(), groups, ks)
-    return {"val_loss": losses / max(n, 1), "retrieval": res}
+    fi, labels, ft, val_loss = encode_labelled(model, tokenizer(prompts).to(device), dataset, device, amp, batch_size)
+    return {"val_loss": val_loss, "retrieval": grouped_label_retrieval(fi, labels, ft, groups, ks)}
 
 
 def _make_optimizer(params, lr, wd):
@@ -111,8 +92,8 @@ def train_apft(model, tokenizer, train_ds, val_ds, prompts: List[str], cfg: APFT
     seed_everything(cfg.seed)
     model.to(device)
     logger = RunLogger(run_dir, config=asdict(cfg), resume=resume, tensorboard=cfg.tensorboard)
-    train_labels = [int(train_ds[i][1]) if not hasattr(train_ds, "labels") else train_ds.labels[i]
-                    for i in range(len(train_ds))]
+    train_labels = (list(train_ds.labels) if hasattr(train_ds, "labels")
+                    else [int(train_ds[i][1]) for i in range(len(train_ds))])
     groups = frequency_groups(train_labels, num_classes=len(prompts))
     class_tokens = tokenizer(prompts).to(device)
 

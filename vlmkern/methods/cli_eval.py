@@ -81,8 +81,6 @@ def cmd_eval(args) -> int:
         tr, va, prompts = _labelled_data(o, size)
         groups = frequency_groups(tr.labels, num_classes=len(prompts))
         ev = evaluate(model, tok, va, prompts, groups, device)
-        from ..eval.metrics import zero_shot_accuracy  # noqa: F401  (same numbers as i2t hit@1)
-
         out["metrics"] = {"val_loss": ev["val_loss"], "zero_shot_top1": ev["retrieval"]["i2t"]["all"]["hit"][1],
                           "t2i_mAP10": {g: m["mAP"][10] for g, m in ev["retrieval"]["t2i"].items()},
                           "i2t_R10": {g: m["recall"][10] for g, m in ev["retrieval"]["i2t"].items()}}

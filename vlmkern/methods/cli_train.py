@@ -8,10 +8,9 @@ or webdataset shards (``--train-shards``) for TuneCLIP; class folders
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 METHODS = ("tuneclip", "apft", "wrf4cir", "kalman")
 

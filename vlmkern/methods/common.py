@@ -218,6 +218,31 @@ def prompt_classification_loss(model, images: torch.Tensor, labels: torch.Tensor
     return F.cross_entropy(model.logit_scale.exp() * fi @ ft.T, labels)
 
 
+@torch.no_grad()
+def encode_labelled(model, class_tokens: torch.Tensor, dataset, device, amp: Optional[str] = None,
+                    batch_size: int = 128):
+    """Features of a labelled set against its class prompts, for evaluation.
+
+    Returns ``(image_feats, labels, class_feats, mean_loss)`` on the CPU (features
+    L2-normalised, float32); ``mean_loss`` is :func:`prompt_classification_loss`
+    averaged over the set.
+    """
+    import torch.nn.functional as F
+
+    model.eval()
+    feats, labels, loss_sum, n = [], [], 0.0, 0
+    with autocast(device, amp):
+        ft = F.normalize(model.encode_text(class_tokens), dim=-1).float()
+        for images, y, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            images, y = images.to(device), torch.as_tensor(y).to(device)
+            fi = F.normalize(model.encode_image(images), dim=-1).float()
+            loss_sum += F.cross_entropy(model.logit_scale.exp().float() * fi @ ft.T, y, reduction="sum").item()
+            n += y.numel()
+            feats.append(fi.cpu())
+            labels.append(y.cpu())
+    return torch.cat(feats), torch.cat(labels), ft.cpu(), loss_sum / max(n, 1)
+
+
 def progress(iterable: Iterable, desc: str, total: Optional[int] = None, disable: Optional[bool] = None):
     """A tqdm bar on rank 0 (plain iteration when tqdm is missing or disabled)."""
     if disable is None:

@@ -17,12 +17,11 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..eval.metrics import zero_shot_accuracy
-from .common import (RunLogger, allreduce_gradients, autocast, is_distributed, load_checkpoint, make_sampler,
-                     progress, prompt_classification_loss, save_checkpoint, seed_everything)
+from .common import (RunLogger, allreduce_gradients, autocast, encode_labelled, is_distributed, load_checkpoint,
+                     make_sampler, progress, prompt_classification_loss, save_checkpoint, seed_everything)
 
 
 @dataclass
@@ -52,16 +51,9 @@ class KalmanTrainConfig:
             raise ValueError(f"optimizer must be 'kalman' or 'adamw', got {self.optimizer!r}")
 
 
-@torch.no_grad()
 def _accuracy(model, class_tokens, dataset, device, amp=None, batch_size=256) -> float:
-    model.eval()
-    fis, ys = [], []
-    with autocast(device, amp):
-        ft = F.normalize(model.encode_text(class_tokens), dim=-1).float().cpu()
-        for images, y, _ in DataLoader(dataset, batch_size=batch_size):
-            fis.append(F.normalize(model.encode_image(images.to(device)), dim=-1).float().cpu())
-            ys.append(torch.as_tensor(y))
-    return zero_shot_accuracy(torch.cat(fis), torch.cat(ys), ft)[1]
+    fi, labels, ft, _ = encode_labelled(model, class_tokens, dataset, device, amp, batch_size)
+    return zero_shot_accuracy(fi, labels, ft)[1]
 
 
 def train_kalman(model, tokenizer, train_ds, val_ds, prompts: List[str], cfg: KalmanTrainConfig, run_dir: str,
