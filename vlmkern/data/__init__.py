@@ -8,3 +8,14 @@ from .datasets import (  # noqa: F401
     WebDatasetTar,
     default_transform,
 )
+from . import real  # noqa: F401,E402
+from .real import (  # noqa: F401,E402
+    RealLabelledDataset,
+    RealPairsDataset,
+    SourceUnavailable,
+    caption_pairs,
+    digits_labelled,
+    fashion_labelled,
+    sources,
+    tuxpaint_labelled,
+)
