@@ -805,6 +805,7 @@ class _Item:
     kind: str                    # "stamp" | "digit" | "fashion" | "photo"
     key: int                     # row in the per-kind store (stamp list, image array, photo list)
     caption: str
+    row: int                     # the sample's row in its source (stamp list, digits, Fashion-MNIST file, photo)
     box: Tuple[float, float, float] = (0.0, 0.0, 0.0)  # photo crops only
 
 
@@ -825,6 +826,12 @@ class RealPairsDataset(torch.utils.data.Dataset):
 
     def caption(self, i: int) -> str:
         return self.items[i].caption
+
+    def source_row(self, i: int) -> Tuple[str, int]:
+        """``(source, row)``: the stamp's position in :func:`scan_stamps`, the digit's row in
+        ``load_digits``, the Fashion-MNIST row (test rows after the 60,000 training rows when
+        ``split="all"``), or the photograph's position in :data:`PHOTOS`."""
+        return self.source[i], self.items[i].row
 
     @property
     def captions(self) -> List[str]:
@@ -937,7 +944,7 @@ def caption_pairs(sources: Optional[Sequence[str]] = None, split: str = "train",
                 raise SourceUnavailable(n, f"no captioned PNG stamps under {tuxpaint_root(tuxpaint_dir)}", _HOW[n])
             rows = _cap(_split_rows(len(all_st), seed, val_frac, split, 41), limit(n), seed, 41)
             for r in rows:
-                items.append(_Item("stamp", len(stamps), all_st[r].caption))
+                items.append(_Item("stamp", len(stamps), all_st[r].caption, r))
                 stamps.append(all_st[r])
                 src.append(n)
         elif n == "sklearn-digits":
@@ -945,7 +952,7 @@ def caption_pairs(sources: Optional[Sequence[str]] = None, split: str = "train",
             rows = _cap(_split_rows(len(y), seed, val_frac, split, 42), limit(n), seed, 42)
             gray["digit"] = x[rows]
             for k, r in enumerate(rows):
-                items.append(_Item("digit", k, tmpl(DIGIT_TEMPLATES).format(name=DIGIT_CLASSES[y[r]])))
+                items.append(_Item("digit", k, tmpl(DIGIT_TEMPLATES).format(name=DIGIT_CLASSES[y[r]]), r))
                 src.append(n)
         elif n == "fashion-mnist":
             parts = {"train": ["train"], "val": ["test"], "all": ["train", "test"]}[split]
@@ -959,7 +966,7 @@ def caption_pairs(sources: Optional[Sequence[str]] = None, split: str = "train",
             gray["fashion"] = x[rows]
             for k, r in enumerate(rows):
                 items.append(_Item("fashion", k, tmpl(FASHION_TEMPLATES).format(
-                    a_name=FASHION_PHRASES[y[r]])))
+                    a_name=FASHION_PHRASES[y[r]]), r))
                 src.append(n)
         else:  # photos
             present = _photos_present(n)
@@ -970,7 +977,8 @@ def caption_pairs(sources: Optional[Sequence[str]] = None, split: str = "train",
                 for _ in range(crops_per_photo):
                     side, x0, y0 = torch.rand(3, generator=g).tolist()
                     box = (x0, y0, 0.3 + 0.5 * side)
-                    cands.append(_Item("photo", len(photos), tmpl(PHOTO_TEMPLATES).format(subject=ph.subject), box))
+                    cands.append(_Item("photo", len(photos), tmpl(PHOTO_TEMPLATES).format(subject=ph.subject),
+                                       PHOTOS.index(ph), box))
                 photos.append(ph)
             for r in _cap(list(range(len(cands))), limit(n), seed, 44):
                 items.append(cands[r])
