@@ -1,4 +1,5 @@
-"""Data formats: image-text CSV/TSV and webdataset shards, labelled images, CIR triplets."""
+"""Data formats (image-text CSV/TSV and webdataset shards, labelled images, CIR triplets), the
+synthetic world (:mod:`.synthetic`) and real images from installed packages (:mod:`.real`)."""
 
 from .datasets import (  # noqa: F401
     BadSampleError,
