@@ -432,6 +432,8 @@ def test_triton_kernels_compile_for_sm90():
     rejects (e.g. non-constexpr globals) - and they do not spill registers.
     A subset of the launch variants keeps the test short;
     ``tools/triton_sm90_check.py`` compiles all of them."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the Triton tests compile and run the kernels on it")
     pytest.importorskip("triton.backends.nvidia")
     import os
     import subprocess
