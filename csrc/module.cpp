@@ -4,7 +4,19 @@
 // files) and reached through torch.ops.vlmkern.
 #include <Python.h>
 
-static PyMethodDef kMethods[] = {{nullptr, nullptr, 0, nullptr}};
+#include "common/outputs.h"
+
+// Whether the compiled kernels currently poison their outputs
+// (VLMKERN_DEBUG_POISON_OUTPUTS, read at every call): lets tests check that
+// the switch reaches the C++ side.
+static PyObject* poison_outputs(PyObject*, PyObject*) {
+  return PyBool_FromLong(vlmkern::poison_outputs() ? 1 : 0);
+}
+
+static PyMethodDef kMethods[] = {
+    {"poison_outputs", poison_outputs, METH_NOARGS,
+     "True when VLMKERN_DEBUG_POISON_OUTPUTS makes the compiled kernels NaN-fill their outputs"},
+    {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C",
                                      "vlmkern compiled ops (see torch.ops.vlmkern)", -1, kMethods};

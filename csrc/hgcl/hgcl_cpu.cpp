@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/outputs.h"
 #include "hgcl/hgcl_math.h"
 
 namespace vlmkern::hgcl {
@@ -145,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor> hgcl_stats_cpu(const at::Tensor& img, const a
   auto [b, B, d] = check_features(op, img, txt, all_img, all_txt, offset, tau, margin);
   const Cfg c{hinge, static_cast<float>(margin), static_cast<float>(1.0 / tau)};
   auto opts = img.options().dtype(at::kFloat);
-  at::Tensor lphi1 = at::empty({b}, opts), lphi2 = at::empty({b}, opts);
+  at::Tensor lphi1 = empty_output({b}, opts), lphi2 = empty_output({b}, opts);
   if (b == 0) return {lphi1, lphi2};
   at::Tensor F = f32(img), G = f32(txt);
   at::Tensor p = F.mul(G).sum(1).contiguous();
@@ -196,7 +197,7 @@ at::Tensor hgcl_state_update_cpu(at::Tensor& log_u, const at::Tensor& index,
   TORCH_CHECK(gamma > 0.0 && gamma <= 1.0, op, ": gamma must be in (0, 1], got ", gamma);
   TORCH_CHECK(eps > 0.0, op, ": eps must be > 0, got ", eps);
   const int64_t n = index.size(0), N = log_u.size(0);
-  at::Tensor logden = at::empty({n}, log_phi.options());
+  at::Tensor logden = empty_output({n}, log_phi.options());
   auto u = log_u.accessor<float, 1>();
   auto idx = index.accessor<int64_t, 1>();
   auto ph = log_phi.accessor<float, 1>();
@@ -233,13 +234,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hgcl_grad_cpu(
   const Cfg c{hinge, static_cast<float>(margin), static_cast<float>(1.0 / tau)};
   auto fopts = img.options().dtype(at::kFloat);
   const int64_t Bcols = all_img.has_value() ? B : 0;
-  at::Tensor gF = at::zeros({b, d}, fopts), gG = at::zeros({b, d}, fopts);
+  // gF is written block by block in both paths; gG too with global columns,
+  // while the one-process path accumulates it (addmm_), as both paths do gFg, gGg.
+  at::Tensor gF = empty_output({b, d}, fopts);
+  at::Tensor gG = all_img.has_value() ? empty_output({b, d}, fopts) : at::zeros({b, d}, fopts);
   at::Tensor gFg = at::zeros({Bcols, d}, fopts), gGg = at::zeros({Bcols, d}, fopts);
   auto finish = [&]() {
     return std::make_tuple(gF.to(img.scalar_type()), gG.to(img.scalar_type()),
                            gFg.to(img.scalar_type()), gGg.to(img.scalar_type()));
   };
-  if (b == 0 || B < 2) return finish();
+  if (b == 0 || B < 2) {
+    gF.zero_();
+    gG.zero_();
+    return finish();
+  }
   const float scale = grad_out.to(at::kFloat).item<float>() / static_cast<float>(b);
   const float inv_nm1 = 1.f / static_cast<float>(B - 1);
   at::Tensor F = f32(img), G = f32(txt);
@@ -256,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hgcl_grad_cpu(
       const int64_t nb = std::min(kBlock, b - r0);
       at::Tensor Fb = F.narrow(0, r0, nb);
       at::Tensor T = at::mm(Fb, Gt).contiguous();  // s_ij = F_i . G_j
-      at::Tensor D = at::empty({nb, b}, fopts);    // dL/ds_ij (both terms)
+      at::Tensor D = empty_output({nb, b}, fopts);  // dL/ds_ij (both terms)
       const float* t = T.const_data_ptr<float>();
       float* dd = D.mutable_data_ptr<float>();
       // Text anchors j (columns): s'_ji = s_ij, term dS2_ji.
@@ -329,7 +337,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hgcl_grad_cpu(
     }
   }
   // Positive pairs: p_i = F_i . G_i, dL/dp_i = -(sum_j dS1_ij + sum_j dS2_ij).
-  at::Tensor dp = at::empty({b, 1}, fopts);
+  at::Tensor dp = empty_output({b, 1}, fopts);
   float* dpp = dp.mutable_data_ptr<float>();
   for (int64_t i = 0; i < b; ++i) dpp[i] = -(rsum[i] + csum[i]);
   gF.add_(dp.mul(G));

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from ..kernels import outputs
 from ._common import FLOAT_DTYPES
 
 OP = "hgcl"
@@ -93,10 +94,10 @@ def _stats_torch(img, txt, all_img, all_txt, offset, tau, margin, hinge, block=_
     Fg = F if all_img is None else all_img.float()
     Gg = G if all_txt is None else all_txt.float()
     b, B = F.shape[0], Fg.shape[0]
-    out1 = torch.full((b,), -math.inf, dtype=torch.float32, device=F.device)
-    out2 = torch.full((b,), -math.inf, dtype=torch.float32, device=F.device)
-    if B < 2 or b == 0:
-        return out1, out2
+    out1 = outputs.empty((b,), dtype=torch.float32, device=F.device)  # every row block writes its rows
+    out2 = outputs.empty((b,), dtype=torch.float32, device=F.device)
+    if B < 2 or b == 0:  # no negatives: log Phi = log(empty sum) = -inf
+        return out1.fill_(-math.inf), out2.fill_(-math.inf)
     p = (F * G).sum(1)
     cols = torch.arange(B, device=F.device)
     log_nm1 = math.log(B - 1)
@@ -117,14 +118,18 @@ def _grad_torch(img, txt, all_img, all_txt, logden_img, logden_txt, grad_out, of
     Gg = G if local else all_txt.float()
     b, d = F.shape
     B = Fg.shape[0]
-    gF, gG = torch.zeros_like(F), torch.zeros_like(G)
+    # gF, gG: written row block by row block; gFg, gGg: accumulated over the blocks
+    gF = outputs.empty((b, d), dtype=torch.float32, device=F.device)
+    gG = outputs.empty((b, d), dtype=torch.float32, device=F.device)
     gFg, gGg = torch.zeros_like(Fg), torch.zeros_like(Gg)
-    if B >= 2 and b > 0:
+    if B < 2 or b == 0:
+        gF.zero_(), gG.zero_()
+    else:
         scale = grad_out.reshape(()).float() / b
         p = (F * G).sum(1)
         cols = torch.arange(B, device=F.device)
         inv_nm1 = 1.0 / (B - 1)
-        dp = torch.empty(b, dtype=torch.float32, device=F.device)
+        dp = outputs.empty((b,), dtype=torch.float32, device=F.device)
         for r0 in range(0, b, block):
             r1 = min(b, r0 + block)
             own = cols[None, :] == (torch.arange(r0, r1, device=F.device) + offset)[:, None]
