@@ -1,4 +1,4 @@
-"""Command line: ``vlmkern info``, ``vlmkern demo``, ``vlmkern bench``."""
+"""Command line: ``vlmkern info``, ``vlmkern demo``, ``vlmkern fidelity``, ``vlmkern bench``, ``vlmkern train``, ``vlmkern eval``."""
 
 from __future__ import annotations
 
@@ -63,6 +63,17 @@ def cmd_demo(args) -> int:
     return _run_bench(quick=True, out=os.path.join(args.out, "bench"), device=args.device, only=None)
 
 
+def cmd_fidelity(args) -> int:
+    """Each paper's central claim on the embedded data, over several seeds (docs/FIDELITY.md)."""
+    from .fidelity import run_fidelity
+
+    cmd = "vlmkern fidelity --seeds " + " ".join(map(str, args.seeds)) + (
+        f" --scale {args.scale}" if args.scale != "default" else "")
+    run_fidelity(seeds=args.seeds, scale=args.scale, out=args.out, report=args.report or
+                 os.path.join(args.out, "FIDELITY.md"), command=cmd)
+    return 0
+
+
 def cmd_bench(args) -> int:
     return _run_bench(quick=args.quick, out=args.out, device=args.device, only=args.only)
 
@@ -81,6 +92,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     pd.add_argument("--skip-methods", action="store_true")
     pd.add_argument("--skip-bench", action="store_true")
     pd.set_defaults(fn=cmd_demo)
+    pf = sub.add_parser("fidelity", help="check each paper's central claim over several seeds (runs the demo per seed)")
+    pf.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    pf.add_argument("--scale", default="default", choices=("default", "tiny"))
+    pf.add_argument("--out", default="runs/fidelity")
+    pf.add_argument("--report", default=None, help="markdown report path (default <out>/FIDELITY.md)")
+    pf.set_defaults(fn=cmd_fidelity)
     pb = sub.add_parser("bench", help="kernel microbenchmarks (bench/run_all.py)")
     pb.add_argument("--quick", action="store_true")
     pb.add_argument("--out", default="bench/out")

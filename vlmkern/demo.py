@@ -138,6 +138,7 @@ def run_demo(out: str = "runs/demo", scale: str = "default", seed: int = 0) -> D
     tc = {}
     for name, cfg in (("CLIP loss", TuneCLIPConfig(loss="clip", osr_epochs=0)),
                       ("GCL", TuneCLIPConfig(loss="gcl", osr_epochs=0)),
+                      ("HGCL (no OSR)", TuneCLIPConfig(loss="hgcl", osr_epochs=0)),
                       ("TuneCLIP (OSR + HGCL)", TuneCLIPConfig(loss="hgcl", osr_epochs=1))):
         cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed = s["tc_epochs"], b, 1e-4, seed
         _log(f"TuneCLIP experiment: {name}")
