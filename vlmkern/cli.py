@@ -70,7 +70,7 @@ def cmd_fidelity(args) -> int:
     cmd = "vlmkern fidelity --seeds " + " ".join(map(str, args.seeds)) + (
         f" --scale {args.scale}" if args.scale != "default" else "")
     run_fidelity(seeds=args.seeds, scale=args.scale, out=args.out, report=args.report or
-                 os.path.join(args.out, "FIDELITY.md"), command=cmd)
+                 os.path.join(args.out, "FIDELITY.md"), command=cmd, reuse=args.reuse)
     return 0
 
 
@@ -97,6 +97,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     pf.add_argument("--scale", default="default", choices=("default", "tiny"))
     pf.add_argument("--out", default="runs/fidelity")
     pf.add_argument("--report", default=None, help="markdown report path (default <out>/FIDELITY.md)")
+    pf.add_argument("--reuse", action="store_true", help="read finished seeds' results.json instead of re-running")
     pf.set_defaults(fn=cmd_fidelity)
     pb = sub.add_parser("bench", help="kernel microbenchmarks (bench/run_all.py)")
     pb.add_argument("--quick", action="store_true")

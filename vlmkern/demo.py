@@ -35,7 +35,7 @@ SCALES = {
     "tiny": dict(model="vlmkern-micro-ViT", size=16, pre_n=64, pre_real=32, pre_epochs=1, tc_n=48, tc_val=24, tc_epochs=1,
                  ap_n=48, ap_val=24, ap_epochs=3, ap_classes=6, ap_head=12, ap_vpc=3, k_vpc=2, cir_n=32, cir_val=16, cir_epochs=1,
                  k_classes=6, k_shots=4, k_steps=4, k_eval=2, batch=16),
-    "default": dict(model="vlmkern-tiny-ViT", size=32, pre_n=2048, pre_real=1536, pre_epochs=6, tc_n=512, tc_val=256,
+    "default": dict(model="vlmkern-tiny-ViT", size=32, pre_n=1536, pre_real=1024, pre_epochs=6, tc_n=512, tc_val=256,
                     tc_epochs=3, ap_n=480, ap_val=144, ap_epochs=10, ap_classes=12, ap_head=160, ap_vpc=30, k_vpc=20, cir_n=192, cir_val=96,
                     cir_epochs=4, k_classes=12, k_shots=4, k_steps=40, k_eval=5, batch=64),
 }
@@ -91,7 +91,7 @@ def pretrain(s: Dict[str, Any], out: str, seed: int = 0):
         data = torch.utils.data.ConcatDataset([data, rp])
     loader = torch.utils.data.DataLoader(data, batch_size=s["batch"], shuffle=True, drop_last=True,
                                          collate_fn=collate_pairs, generator=torch.Generator().manual_seed(seed))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, foreach=True)
     # linear warm-up: without it the towers collapse to one embedding at the first steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 20))
     loss_fn = ClipLoss()
