@@ -9,10 +9,14 @@ Bench ``awp`` (harness): cases are parameter lists
     102 tensors, 149.4M elements; shapes from open_clip on the meta device);
   * ``synthetic``: 1024 tensors, sizes log-uniform in [256, 262144] elements.
 Modes: ``perturb`` (norms + save + perturb: reads w, g twice, writes backup, w:
-6 N element-bytes), ``restore`` (reads backup, writes w: 2 N), ``cycle`` (both: 8 N).
-Providers: ``loop`` (baseline: per-tensor torch ops), ``foreach`` (torch._foreach_norm,
-_foreach_copy_, _foreach_mul/_add_), ``vlmkern`` (auto backend), ``vlmkern-torch``
-(the library's PyTorch fallback).
+6 N element-bytes), ``restore`` (reads backup, writes w: 2 N), ``cycle`` (both: 8 N),
+``random`` (random-direction perturb: norms read w, perturb reads w, writes backup,
+w: 4 N; the Gaussian is generated twice and never stored).
+Providers: ``loop`` (baseline: per-tensor torch ops; in ``random`` mode torch.randn
+per tensor), ``foreach`` (torch._foreach_norm, _foreach_copy_, _foreach_mul/_add_;
+not in ``random`` mode), ``vlmkern`` (auto backend), ``vlmkern-torch`` (the
+library's PyTorch fallback; in ``random`` mode only on lists up to 50M elements:
+its generator costs ~90 ns per element on CPU).
 
 Bench ``awp_step``: plain AdamW step vs WeightPerturbation (adversarial, random) on
 a small open_clip CLIP; ``two-plain`` = two plain forward/backward + one step, the
@@ -89,6 +93,14 @@ def loop_perturb(ws, gs, bs):
         w.add_((g * s).to(w.dtype))
 
 
+def loop_random(ws, bs, gen):
+    for w, b in zip(ws, bs):
+        r = torch.randn(w.shape, generator=gen, dtype=torch.float32)
+        s = GAMMA * torch.linalg.vector_norm(w, dtype=torch.float32) / (torch.linalg.vector_norm(r) + EPS)
+        b.copy_(w)
+        w.add_((r * s).to(w.dtype))
+
+
 def loop_restore(ws, bs):
     for w, b in zip(ws, bs):
         w.copy_(b)
@@ -110,6 +122,14 @@ def foreach_restore(ws, bs):
 def make_provider(kind):
     def make(case, mode, device):
         ws, gs, bs = build(case, device)
+        if mode == "random":
+            if kind == "loop":
+                gen = torch.Generator(device=device).manual_seed(0)
+                return torch.no_grad()(lambda: loop_random(ws, bs, gen))
+            be = None if kind == "vlmkern" else "torch"
+            seed = iter(range(1 << 62))
+            return torch.no_grad()(lambda: vlmkern.awp_perturb_(ws, None, bs, gamma=GAMMA, mode="random",
+                                                                seed=next(seed), backend=be))
         if kind == "loop":
             pert, rest = (lambda: loop_perturb(ws, gs, bs)), (lambda: loop_restore(ws, bs))
         elif kind == "foreach":
@@ -137,7 +157,13 @@ def make_provider(kind):
 
 def bytes_moved(case, mode):
     nb = numel_of(case) * torch.tensor([], dtype=_DT[case["dtype"]]).element_size()
-    return {"perturb": 6 * nb, "restore": 2 * nb, "cycle": 8 * nb}[mode]
+    return {"perturb": 6 * nb, "restore": 2 * nb, "cycle": 8 * nb, "random": 4 * nb}[mode]
+
+
+def _fallback_skip(case, mode, device):
+    if mode == "random" and device.type == "cpu" and numel_of(case) > 50_000_000:
+        return "fallback generator ~90 ns/element on CPU: random mode timed on lists up to 50M elements only"
+    return None
 
 
 def make_bench(quick: bool) -> Bench:
@@ -150,24 +176,26 @@ def make_bench(quick: bool) -> Bench:
             {"list": "vitb16", "dtype": "bfloat16"},
             {"list": "vitb16", "dtype": "float16"},
             {"list": "synthetic", "n": 1024, "dtype": "float32"},
+            {"list": "synthetic", "n": 1024, "dtype": "bfloat16"},
         ]
     providers = [
         Provider("loop", make_provider("loop"), kind="baseline"),
-        Provider("foreach", make_provider("foreach"), kind="peer"),
+        Provider("foreach", make_provider("foreach"), kind="peer", modes=("perturb", "restore", "cycle")),
         Provider("vlmkern", make_provider("vlmkern"), kind="vlmkern"),
-        Provider("vlmkern-torch", make_provider("vlmkern-torch"), kind="vlmkern"),
+        Provider("vlmkern-torch", make_provider("vlmkern-torch"), kind="vlmkern", skip=_fallback_skip),
     ]
     return Bench(
         name="awp",
         cases=cases,
         providers=providers,
         baseline="loop",
-        modes=("perturb", "restore", "cycle"),
+        modes=("perturb", "restore", "cycle", "random"),
         bytes_moved=bytes_moved,
         dtype_of=lambda case: _DT[case["dtype"]],
         notes=(
             "Bytes counted per SPEC §4: perturb = norms (read w, g) + perturb (read w, g; write backup, w) = 6N element-bytes; "
-            "restore = 2N; cycle = 8N.  `% of floor` = those bytes at the measured copy bandwidth / median time."
+            "restore = 2N; cycle = 8N; random = norms (read w) + perturb (read w; write backup, w) = 4N.  "
+            "`% of floor` = those bytes at the measured copy bandwidth / median time."
         ),
     )
 

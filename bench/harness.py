@@ -64,6 +64,8 @@ class Provider:
     providers are recorded with the reason instead of a time.  ``kind`` is one
     of ``reference``, ``baseline``, ``vlmkern``, ``peer``.  ``modes`` limits the
     modes this provider supports (``None``: all of the bench's modes).
+    ``skip(case, mode, device)`` (optional) returns a reason to skip one
+    (case, mode) pair (recorded like an unavailable provider), or ``None``.
     """
 
     name: str
@@ -71,6 +73,7 @@ class Provider:
     kind: str = "vlmkern"
     available: Callable[[Case, torch.device], Tuple[bool, str]] = lambda case, dev: (True, "")
     modes: Optional[Sequence[str]] = None
+    skip: Optional[Callable[[Case, str, torch.device], Optional[str]]] = None
 
 
 @dataclass
@@ -291,6 +294,9 @@ def run(bench: Bench, device: torch.device | str, *, warmup: int = 2, repeats: i
                 if prov.modes is not None and mode not in prov.modes:
                     continue
                 ok, why = prov.available(case, device)
+                if ok and prov.skip is not None:
+                    why = prov.skip(case, mode, device) or ""
+                    ok = not why
                 if not ok:
                     rec["skipped"] = why
                     case_records.append(rec)

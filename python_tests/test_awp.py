@@ -466,3 +466,21 @@ def test_cuda_matches_cpu_kernel():
         for x, y, p0 in zip(a, b, params):
             tol = ulp(x, x.dtype) + 2e-6 * (x.double() - p0.double()).abs()
             assert ((x.double() - y.cpu().double()).abs() <= tol).all()
+
+
+def test_random_direction_same_bits_on_every_backend(impl):
+    """The random direction is one fixed sequence of fp32 operations
+    (awp_math.h): every backend draws the same bits as the fallback's generator.
+    With w = (0, ..., 0, 1) the op writes fl(s * r_k) for k < n - 1, s from the
+    returned norms."""
+    from vlmkern.ops import awp as A
+
+    dev, backend = impl
+    for n in (1, 17, 4099, 70001):
+        ws = [torch.zeros(3, device=dev), torch.zeros(n, device=dev)]
+        ws[-1][-1] = 1.0
+        norms = vlmkern.awp_perturb_(ws, None, [torch.empty_like(w) for w in ws], gamma=0.5, mode="random",
+                                     seed=77, backend=backend).cpu()
+        r = A._gaussian(A._tensor_key(77, 1), 0, n, "cpu")
+        s = torch.tensor(0.5 * float(norms[1, 0]) / (float(norms[1, 1]) + 1e-12), dtype=torch.float64).float()
+        assert torch.equal(ws[-1][:-1].cpu().view(torch.int32), (r[:-1] * s).view(torch.int32)), f"n={n}"

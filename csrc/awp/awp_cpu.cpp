@@ -1,15 +1,27 @@
 // CPU kernels of awp_perturb_ / awp_restore_ (SPEC §4).
 //
 // Every tensor is cut into blocks of kBlock elements; the blocks of the whole
-// list form one work list, so each pass is a single at::parallel_for whatever
-// the number of tensors (the CPU analogue of multi-tensor apply).
-//   norm pass    : per-block sums of w^2 and d^2 (fp32 lanes, flushed to double
-//                  every kFlush elements), then a fixed-order double reduction
-//                  per tensor -> deterministic, independent of the thread count;
-//   perturb pass : backup <- w (bit copy), w <- round(w + scale * d);
+// list form one work list, and each pass is one parallel region whose threads
+// take blocks from a shared counter (dynamic: balanced whatever the tensor
+// sizes, and when a core is busy with something else), so the number of
+// tensors costs nothing per pass (the CPU analogue of multi-tensor apply).
+//   norm pass    : per-block sums of w^2 and d^2 (16 fp32 lanes, flushed to
+//                  double every kFlush elements), then a fixed-order double
+//                  reduction per tensor -> deterministic, independent of the
+//                  thread count and of the instruction set;
+//   perturb pass : backup <- w (bit copy), w <- round(w + scale * d), one sweep;
 //   restore pass : w <- backup (bit copy).
-// Random mode regenerates the Gaussian direction in both passes; nothing is
-// stored.  Non-contiguous tensors go through contiguous copies written back.
+// Random mode regenerates the Gaussian direction (awp_math.h) in both passes;
+// nothing is stored.  Non-contiguous tensors go through contiguous copies
+// written back.
+//
+// Instruction sets (awp_cpu_simd.h): the kernels of awp_cpu_kernels.inc are
+// compiled for baseline x86-64, AVX2 + F16C and AVX-512F, and the widest one
+// the CPU has runs; VLMKERN_CPU_ISA=scalar|avx2|avx512 caps it (read at every
+// call; for tests and comparisons).  All give the same bits.
+// Lists of more than kStreamMinBytes write the backup (perturb) and the
+// weights (restore) with non-temporal stores: neither is read again soon, and
+// streaming them skips the read-for-ownership of the destination.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -17,25 +29,121 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define VLMKERN_AWP_F16C 1
-#endif
-
+#include "awp/awp_cpu_simd.h"
 #include "awp/awp_host.h"
 #include "awp/awp_math.h"
 
 namespace vlmkern::awp {
 namespace {
 
-constexpr int64_t kBlock = 1 << 15;  // elements per work item
-constexpr int kLanes = 16;           // independent fp32 accumulators (vectorisable)
-constexpr int64_t kFlush = 1024;     // elements per lane sum before flushing to double
+constexpr int64_t kBlock = 1 << 15;    // elements per work item
+constexpr int64_t kFlush = 1024;       // elements per fp32 lane sum before flushing to double
+constexpr int64_t kSerialBelow = 1 << 16;          // fewer elements: one thread
+constexpr int64_t kStreamMinBytes = int64_t{64} << 20;  // larger lists: non-temporal stores
+
+// Kernels of one instruction set over one work item; dtype index 0 = float32,
+// 1 = bfloat16, 2 = float16.
+struct KernelTable {
+  double (*sumsq[3])(const void* x, int64_t n);
+  double (*sumsq_random)(uint32_t key, int64_t begin, int64_t end);
+  void (*perturb[3])(void* w, const void* g, void* bk, int64_t n, float s, bool stream);
+  void (*perturb_random[3])(void* w, void* bk, int64_t begin, int64_t end, float s, uint32_t key,
+                            bool stream);
+  void (*copy_bytes)(void* dst, const void* src, int64_t nbytes, bool stream);
+};
+
+namespace isa_scalar {
+using V = simd::VScalar;
+#include "awp/awp_cpu_kernels.inc"
+}  // namespace isa_scalar
+
+#if VLMKERN_AWP_SIMD
+#pragma GCC push_options
+#pragma GCC target("avx2,f16c")
+namespace isa_avx2 {
+using V = simd::VAvx2;
+#include "awp/awp_cpu_kernels.inc"
+}  // namespace isa_avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,f16c")
+// GCC 12's avx512fintrin.h trips its own (un)initialised-variable warnings
+// once its intrinsics are inlined (GCC bug 105593, fixed in GCC 13).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+namespace isa_avx512 {
+using V = simd::VAvx512;
+#include "awp/awp_cpu_kernels.inc"
+}  // namespace isa_avx512
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif
+
+enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+int supported_isa() {
+#if VLMKERN_AWP_SIMD
+  static const int isa = [] {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("f16c")) return int{kScalar};
+    return __builtin_cpu_supports("avx512f") ? int{kAvx512} : int{kAvx2};
+  }();
+  return isa;
+#else
+  return kScalar;
+#endif
+}
+
+const KernelTable& kernels() {
+  static const std::vector<KernelTable> tables = [] {
+    std::vector<KernelTable> t(3);
+    isa_scalar::fill_table(t[kScalar]);
+#if VLMKERN_AWP_SIMD
+    isa_avx2::fill_table(t[kAvx2]);
+    isa_avx512::fill_table(t[kAvx512]);
+#else
+    t[kAvx2] = t[kAvx512] = t[kScalar];
+#endif
+    return t;
+  }();
+  int isa = supported_isa();
+  if (const char* env = std::getenv("VLMKERN_CPU_ISA"); env != nullptr && *env != '\0') {
+    const std::string v(env);
+    int cap;
+    if (v == "scalar" || v == "default") {
+      cap = kScalar;
+    } else if (v == "avx2") {
+      cap = kAvx2;
+    } else if (v == "avx512") {
+      cap = kAvx512;
+    } else {
+      TORCH_CHECK(false, "vlmkern.awp: VLMKERN_CPU_ISA must be scalar, avx2 or avx512, got '", v,
+                  "'");
+    }
+    isa = std::min(isa, cap);
+  }
+  return tables[isa];
+}
+
+int dtype_index(c10::ScalarType t) {
+  switch (t) {
+    case c10::kFloat: return 0;
+    case c10::kBFloat16: return 1;
+    case c10::kHalf: return 2;
+    default: TORCH_CHECK(false, "vlmkern.awp: unsupported dtype ", t);
+  }
+}
 
 struct Item {
   int32_t tensor;
@@ -53,159 +161,54 @@ std::vector<Item> make_items(const std::vector<at::Tensor>& w) {
   return items;
 }
 
-// Sum of squares of x[0..n) as float, n <= kFlush (16 fp32 lanes).
-template <typename T>
-inline float sumsq_f(const T* x, int64_t n) {
-  float acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const float v = static_cast<float>(x[i + l]);
-      acc[l] += v * v;
+// fn(j) for every item j, in one parallel region; threads take items from a
+// shared counter.  Results may depend only on j, never on the thread.
+template <typename Fn>
+void for_each_item(int64_t n_items, int64_t n_elems, bool stream, const Fn& fn) {
+  if (n_items == 0) return;
+  std::atomic<int64_t> next{0};
+  auto worker = [&](int64_t, int64_t) {
+    for (int64_t j = next.fetch_add(1, std::memory_order_relaxed); j < n_items;
+         j = next.fetch_add(1, std::memory_order_relaxed)) {
+      fn(j);
     }
-  }
-  for (; i < n; ++i) {
-    const float v = static_cast<float>(x[i]);
-    acc[0] += v * v;
-  }
-  float s = 0.f;
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
-  return s;
-}
-
-template <typename T>
-double sumsq(const T* x, int64_t n) {
-  double s = 0.0;
-  for (int64_t b = 0; b < n; b += kFlush) s += sumsq_f(x + b, std::min(kFlush, n - b));
-  return s;
-}
-
-double sumsq_random(uint32_t key, int64_t begin, int64_t end) {
-  double s = 0.0;
-  for (int64_t b = begin; b < end; b += kFlush) {
-    const int64_t e = std::min(end, b + kFlush);
-    float f = 0.f;
-    for (int64_t k = b; k < e; ++k) {
-      const float r = gaussian(key, static_cast<uint64_t>(k));
-      f += r * r;
-    }
-    s += f;
-  }
-  return s;
-}
-
-#if defined(VLMKERN_AWP_F16C)
-bool cpu_has_f16c();
-void perturb_half_f16c(c10::Half* w, const c10::Half* g, int64_t begin, int64_t end, float s);
+#if VLMKERN_AWP_SIMD
+    if (stream) _mm_sfence();  // order this thread's non-temporal stores before the join
 #endif
-
-template <typename T>
-void perturb_block(T* w, const T* g, T* backup, int64_t begin, int64_t end, float s,
-                   bool random, uint32_t key) {
-  std::memcpy(backup + begin, w + begin, sizeof(T) * (end - begin));
-#if defined(VLMKERN_AWP_F16C)
-  if constexpr (std::is_same_v<T, c10::Half>) {
-    if (!random && cpu_has_f16c()) {
-      perturb_half_f16c(w, g, begin, end, s);
-      return;
-    }
-  }
-#endif
-  if (random) {
-    for (int64_t k = begin; k < end; ++k) {
-      const float d = gaussian(key, static_cast<uint64_t>(k));
-      w[k] = static_cast<T>(perturbed(static_cast<float>(w[k]), s, d));
-    }
+  };
+  const int64_t nt = n_elems < kSerialBelow ? 1 : std::min<int64_t>(at::get_num_threads(), n_items);
+  if (nt <= 1) {
+    worker(0, 1);
   } else {
-    for (int64_t k = begin; k < end; ++k) {
-      w[k] = static_cast<T>(perturbed(static_cast<float>(w[k]), s, static_cast<float>(g[k])));
-    }
+    at::parallel_for(0, nt, 1, worker);
   }
 }
 
-// float16 on x86-64: the build targets baseline x86-64, where c10::Half
-// converts in software (~6 ns per element: compute-bound).  These F16C paths
-// are chosen at run time when the CPU has F16C; same math, same rounding (RNE
-// conversions; fp32 multiply then add, never fused) -> identical bits.
-#if defined(VLMKERN_AWP_F16C)
-bool cpu_has_f16c() {
-  static const bool ok = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
-  return ok;
+int64_t total_bytes(const std::vector<at::Tensor>& w) {
+  int64_t b = 0;
+  for (const auto& t : w) b += t.numel() * static_cast<int64_t>(t.element_size());
+  return b;
 }
 
-__attribute__((target("avx,f16c"))) double sumsq_half_f16c(const c10::Half* xh, int64_t n) {
-  const uint16_t* x = reinterpret_cast<const uint16_t*>(xh);
-  double s = 0.0;
-  for (int64_t b = 0; b < n; b += kFlush) {
-    const int64_t e = std::min(n, b + kFlush);
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    int64_t i = b;
-    for (; i + 16 <= e; i += 16) {
-      const __m256 v0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i)));
-      const __m256 v1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i + 8)));
-      a0 = _mm256_add_ps(a0, _mm256_mul_ps(v0, v0));
-      a1 = _mm256_add_ps(a1, _mm256_mul_ps(v1, v1));
-    }
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, _mm256_add_ps(a0, a1));
-    float f = 0.f;
-    for (int l = 0; l < 8; ++l) f += lanes[l];
-    for (; i < e; ++i) {
-      const float v = _cvtsh_ss(x[i]);
-      f += v * v;
-    }
-    s += f;
-  }
-  return s;
+int64_t total_elems(const std::vector<at::Tensor>& w) {
+  int64_t n = 0;
+  for (const auto& t : w) n += t.numel();
+  return n;
 }
-
-__attribute__((target("avx,f16c"))) void perturb_half_f16c(c10::Half* wh, const c10::Half* gh,
-                                                            int64_t begin, int64_t end, float s) {
-  uint16_t* w = reinterpret_cast<uint16_t*>(wh);
-  const uint16_t* g = reinterpret_cast<const uint16_t*>(gh);
-  const __m256 sv = _mm256_set1_ps(s);
-  int64_t i = begin;
-  for (; i + 8 <= end; i += 8) {
-    const __m256 wf = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i)));
-    const __m256 gf = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + i)));
-    const __m256 r = _mm256_add_ps(wf, _mm256_mul_ps(sv, gf));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(w + i), _mm256_cvtps_ph(r, _MM_FROUND_TO_NEAREST_INT));
-  }
-  for (; i < end; ++i) {
-    const float p = s * _cvtsh_ss(g[i]);
-    w[i] = _cvtss_sh(_cvtsh_ss(w[i]) + p, _MM_FROUND_TO_NEAREST_INT);
-  }
-}
-#endif
-
-template <typename T>
-double sumsq_dispatch(const T* x, int64_t n) {
-#if defined(VLMKERN_AWP_F16C)
-  if constexpr (std::is_same_v<T, c10::Half>) {
-    if (cpu_has_f16c()) return sumsq_half_f16c(x, n);
-  }
-#endif
-  return sumsq(x, n);
-}
-
-#define VLMKERN_AWP_FLOAT_SWITCH(dtype, T, ...)                            \
-  switch (dtype) {                                                         \
-    case c10::kFloat: { using T = float; __VA_ARGS__; break; }            \
-    case c10::kBFloat16: { using T = c10::BFloat16; __VA_ARGS__; break; } \
-    case c10::kHalf: { using T = c10::Half; __VA_ARGS__; break; }         \
-    default: TORCH_CHECK(false, "vlmkern.awp: unsupported dtype ", dtype); \
-  }
 
 at::Tensor awp_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList backup,
                            double gamma, double eps, double sign, int64_t mode, int64_t seed) {
   check_perturb_args(params, grads, backup, gamma, eps, sign, mode);
+  const KernelTable& K = kernels();
   const bool random = mode == kModeRandom;
   const size_t n = params.size();
   std::vector<at::Tensor> w(n), g(random ? 0 : n), bk(n);
+  std::vector<int> dt(n);
   for (size_t i = 0; i < n; ++i) {
     w[i] = params[i].contiguous();
     if (!random) g[i] = grads[i].contiguous();
     bk[i] = backup[i].is_contiguous() ? backup[i] : at::empty(w[i].sizes(), w[i].options());
+    dt[i] = dtype_index(w[i].scalar_type());
   }
   const uint64_t useed = static_cast<uint64_t>(seed);
   std::vector<uint32_t> keys(n, 0u);
@@ -214,19 +217,20 @@ at::Tensor awp_perturb_cpu(at::TensorList params, at::TensorList grads, at::Tens
   }
   const std::vector<Item> items = make_items(w);
   const int64_t ni = static_cast<int64_t>(items.size());
+  const int64_t ne = total_elems(w);
+  const bool stream = total_bytes(w) >= kStreamMinBytes;
 
   // ---- norm pass -----------------------------------------------------------
   std::vector<double> part(2 * items.size(), 0.0);
-  at::parallel_for(0, ni, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t j = lo; j < hi; ++j) {
-      const Item& it = items[j];
-      const int64_t len = it.end - it.begin;
-      VLMKERN_AWP_FLOAT_SWITCH(w[it.tensor].scalar_type(), T, {
-        part[2 * j] = sumsq_dispatch(w[it.tensor].const_data_ptr<T>() + it.begin, len);
-        part[2 * j + 1] = random ? sumsq_random(keys[it.tensor], it.begin, it.end)
-                                 : sumsq_dispatch(g[it.tensor].const_data_ptr<T>() + it.begin, len);
-      });
-    }
+  for_each_item(ni, ne, false, [&](int64_t j) {
+    const Item& it = items[j];
+    const int t = it.tensor;
+    const int64_t es = w[t].element_size();
+    const int64_t len = it.end - it.begin;
+    part[2 * j] = K.sumsq[dt[t]](static_cast<const char*>(w[t].const_data_ptr()) + it.begin * es, len);
+    part[2 * j + 1] =
+        random ? K.sumsq_random(keys[t], it.begin, it.end)
+               : K.sumsq[dt[t]](static_cast<const char*>(g[t].const_data_ptr()) + it.begin * es, len);
   });
   at::Tensor norms = at::zeros({static_cast<int64_t>(n), 2}, params.empty()
                                                               ? at::TensorOptions().dtype(c10::kFloat)
@@ -245,16 +249,18 @@ at::Tensor awp_perturb_cpu(at::TensorList params, at::TensorList grads, at::Tens
   for (size_t i = 0; i < n; ++i) scales[i] = scale(nrm[2 * i], nrm[2 * i + 1], gs, eps);
 
   // ---- perturb pass --------------------------------------------------------
-  at::parallel_for(0, ni, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t j = lo; j < hi; ++j) {
-      const Item& it = items[j];
-      const int32_t t = it.tensor;
-      VLMKERN_AWP_FLOAT_SWITCH(w[t].scalar_type(), T, {
-        perturb_block<T>(w[t].mutable_data_ptr<T>(),
-                         random ? nullptr : g[t].const_data_ptr<T>(),
-                         bk[t].mutable_data_ptr<T>(), it.begin, it.end, scales[t], random,
-                         keys[t]);
-      });
+  for_each_item(ni, ne, stream, [&](int64_t j) {
+    const Item& it = items[j];
+    const int t = it.tensor;
+    if (random) {
+      K.perturb_random[dt[t]](w[t].mutable_data_ptr(), bk[t].mutable_data_ptr(), it.begin, it.end,
+                              scales[t], keys[t], stream);
+    } else {
+      const int64_t es = w[t].element_size();
+      K.perturb[dt[t]](static_cast<char*>(w[t].mutable_data_ptr()) + it.begin * es,
+                       static_cast<const char*>(g[t].const_data_ptr()) + it.begin * es,
+                       static_cast<char*>(bk[t].mutable_data_ptr()) + it.begin * es,
+                       it.end - it.begin, scales[t], stream);
     }
   });
   for (size_t i = 0; i < n; ++i) {
@@ -266,6 +272,7 @@ at::Tensor awp_perturb_cpu(at::TensorList params, at::TensorList grads, at::Tens
 
 void awp_restore_cpu(at::TensorList params, at::TensorList backup) {
   check_restore_args(params, backup);
+  const KernelTable& K = kernels();
   const size_t n = params.size();
   std::vector<at::Tensor> w(n), bk(n);
   for (size_t i = 0; i < n; ++i) {
@@ -273,14 +280,13 @@ void awp_restore_cpu(at::TensorList params, at::TensorList backup) {
     bk[i] = backup[i].contiguous();
   }
   const std::vector<Item> items = make_items(w);
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t j = lo; j < hi; ++j) {
-      const Item& it = items[j];
-      const size_t es = w[it.tensor].element_size();
-      std::memcpy(static_cast<char*>(w[it.tensor].data_ptr()) + it.begin * es,
-                  static_cast<const char*>(bk[it.tensor].const_data_ptr()) + it.begin * es,
-                  (it.end - it.begin) * es);
-    }
+  const bool stream = total_bytes(w) >= kStreamMinBytes;
+  for_each_item(static_cast<int64_t>(items.size()), total_elems(w), stream, [&](int64_t j) {
+    const Item& it = items[j];
+    const int64_t es = w[it.tensor].element_size();
+    K.copy_bytes(static_cast<char*>(w[it.tensor].data_ptr()) + it.begin * es,
+                 static_cast<const char*>(bk[it.tensor].const_data_ptr()) + it.begin * es,
+                 (it.end - it.begin) * es, stream);
   });
   for (size_t i = 0; i < n; ++i) {
     if (!w[i].is_same(params[i])) params[i].copy_(w[i]);

@@ -20,6 +20,11 @@ product and one for the sum.  The norms are accumulated in double across
 blocks (fixed order: deterministic).  ``backup`` receives the weights bit for
 bit and :func:`awp_restore_` copies them back bit for bit.
 
+CPU kernels: compiled for baseline x86-64, AVX2 + F16C and AVX-512F; the widest
+set the CPU has runs (the same bits from each).  ``VLMKERN_CPU_ISA=scalar|avx2|avx512``
+caps it (read at every call).  Lists over 64 MiB write the backup (perturb) and
+the weights (restore) with non-temporal stores.
+
 Limits: squares are taken in fp32, so a tensor with elements above ~1.8e19 has
 an infinite norm; an infinite ``||d||`` gives ``scale = 0`` (no perturbation), a
 NaN/inf direction gives NaN weights until the restore.  ``eps = 0`` with an
@@ -95,15 +100,94 @@ def _tensor_key(seed: int, index: int) -> int:
     return _mix32_int(s32 ^ _mix32_int(index * 0x9E3779B9 + 1))
 
 
+def _f32(hex_literal: str) -> float:
+    return float.fromhex(hex_literal)  # exactly representable in fp32 (see awp_math.h)
+
+
+# the constants of awp_math.h (gconst), bit for bit
+_L3, _L5, _L7, _L9 = _f32("0x1.555556p-2"), _f32("0x1.99999ap-3"), _f32("0x1.24924ap-3"), _f32("0x1.c71c72p-4")
+_LN2_HI, _LN2_LO = _f32("0x1.62e4p-1"), _f32("0x1.7f7d1cp-20")
+_SQRT2_BITS = 0x3FB504F3
+_C2, _C4, _C6, _C8, _C10 = (_f32("-0x1p-1"), _f32("0x1.555556p-5"), _f32("-0x1.6c16c2p-10"),
+                            _f32("0x1.a01a02p-16"), _f32("-0x1.27e4fcp-22"))
+_S3, _S5, _S7, _S9 = _f32("-0x1.555556p-3"), _f32("0x1.111112p-7"), _f32("-0x1.a01a02p-13"), _f32("0x1.71de3ap-19")
+_TWO_PI_2M24 = _f32("0x1.921fb6p-22")
+
+
+def _bits_f32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> its bits as non-negative int64."""
+    return x.view(torch.int32).to(torch.int64) & _M32
+
+
+def _f32_from_bits(b: torch.Tensor) -> torch.Tensor:
+    """non-negative int64 < 2^32 -> the fp32 with those bits."""
+    return torch.where(b >= 2**31, b - 2**32, b).to(torch.int32).view(torch.float32)
+
+
+def _gauss_log(ja: torch.Tensor) -> torch.Tensor:
+    """ln(ja 2^-24), ja int64 in [1, 2^24]: awp_math.h gauss_log, the same fp32 operations
+    (each torch op on fp32 tensors rounds once; none is fused)."""
+    b = _bits_f32(ja.to(torch.float32))
+    mb = (b & 0x7FFFFF) | 0x3F800000
+    adj = ((_SQRT2_BITS - mb) & _M32) >> 31
+    mb = mb - (adj << 23)
+    e = ((b >> 23) + adj - 151).to(torch.float32)
+    m = _f32_from_bits(mb)
+    f = m + (-1.0)
+    s = f / (m + 1.0)
+    s2 = s + s
+    t = s * s
+    q = t * _L9 + _L7
+    q = q * t + _L5
+    q = q * t + _L3
+    lnm = s2 + s2 * (t * q)
+    return e * _LN2_HI + (lnm + e * _LN2_LO)
+
+
+def _gauss_cos(jc: torch.Tensor) -> torch.Tensor:
+    """cos(2 pi jc 2^-24), jc int64 in [0, 2^24): awp_math.h gauss_cos."""
+    q = (jc + 0x200000) >> 22
+    x = (jc - (q << 22)).to(torch.float32) * _TWO_PI_2M24
+    z = x * x
+    pc = z * _C10 + _C8
+    pc = pc * z + _C6
+    pc = pc * z + _C4
+    pc = pc * z + _C2
+    c = z * pc + 1.0
+    ps = z * _S9 + _S7
+    ps = ps * z + _S5
+    ps = ps * z + _S3
+    s = x + x * (z * ps)
+    v = torch.where((q & 1) == 1, s, c)
+    return torch.where(((q + 1) & 2) != 0, -v, v)
+
+
+def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded fp32 square root of x >= 0 (IEEE sqrt, as the kernels use).
+
+    ``torch.sqrt`` is not correctly rounded on every backend (on CPU with MKL,
+    torch 2.14, 17% of fp32 results are off by an ulp, and float64 ones too), so
+    take a candidate and fix it with an exact test: the midpoints between fp32
+    neighbours have 25 bits, their squares are exact in float64."""
+    y = torch.sqrt(x.double()).to(torch.float32)
+    up = torch.nextafter(y, torch.full_like(y, math.inf))
+    dn = torch.nextafter(y, torch.zeros_like(y))
+    xd, yd = x.double(), y.double()
+    m_hi = (yd + up.double()) * 0.5
+    m_lo = (yd + dn.double()) * 0.5
+    y = torch.where(xd > m_hi * m_hi, up, y)
+    return torch.where(xd < m_lo * m_lo, dn, y)
+
+
 def _gaussian(key: int, begin: int, end: int, device) -> torch.Tensor:
-    """fp32 standard normals for flat elements [begin, end) of a tensor (awp_math.h)."""
+    """fp32 standard normals for flat elements [begin, end) of a tensor: the
+    operations of awp_math.h ``gaussian``, so the same bits as the compiled kernels."""
     k = torch.arange(begin, end, dtype=torch.int64, device=device)
     k2 = (2 * k) & _M32
     a = _mix32_t(k2 ^ key)
     c = _mix32_t((k2 + 1) ^ key)
-    u1 = ((a >> 8) + 1).to(torch.float32) * 2.0**-24
-    u2 = (c >> 8).to(torch.float32) * 2.0**-24
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+    ln_u1 = _gauss_log((a >> 8) + 1)
+    return _sqrt_rn(ln_u1 * -2.0) * _gauss_cos(c >> 8)
 
 
 def _random_sumsq(key: int, numel: int, device) -> torch.Tensor:
@@ -222,9 +306,10 @@ def awp_perturb_(
 
     with ``d_l = grads[l]`` (``mode="adversarial"``) or ``d_l = r_l``, a standard
     Gaussian drawn inside the kernel from ``(seed, l, element index)``
-    (``mode="random"``: counter-based, nothing stored, the same numbers on every
-    backend up to fp32 rounding of log/cos; see
-    :func:`vlmkern.reference.awp_random_direction`).
+    (``mode="random"``: counter-based, nothing stored, the same fp32 bits on every
+    backend and CPU instruction set: ``ln`` and ``cos`` are evaluated by one fixed
+    sequence of IEEE fp32 operations, see ``csrc/awp/awp_math.h``; within 6e-7 of
+    the float64 definition :func:`vlmkern.reference.awp_random_direction`).
 
     Args:
         params: weights (float32 / bfloat16 / float16, any mix), updated in place.
