@@ -42,6 +42,9 @@ def test_bench(benchmark, bench, case, mode, prov):
     ok, why = prov.available(case, DEVICE)
     if not ok:
         pytest.skip(why)
+    why = prov.skip(case, mode, DEVICE) if prov.skip is not None else None
+    if why:
+        pytest.skip(why)
     fn = prov.make(case, mode, DEVICE)
     benchmark.group = f"{bench.name}-{mode}"
     benchmark(fn)
