@@ -32,11 +32,13 @@ import torch.nn.functional as F
 
 SCALES = {
     # name: pretrain pairs/epochs, tuneclip pairs/epochs, apft n/epochs, cir triplets/epochs, kalman shots/steps
-    "tiny": dict(model="vlmkern-micro-ViT", size=16, pre_n=64, pre_real=32, pre_epochs=1, tc_n=48, tc_val=24, tc_epochs=1,
-                 ap_n=48, ap_val=24, ap_epochs=3, ap_classes=6, ap_head=12, ap_vpc=3, k_vpc=2, cir_n=32, cir_val=16, cir_epochs=1,
+    "tiny": dict(model="vlmkern-micro-ViT", size=16, pre_n=64, pre_real=32, pre_epochs=1, tc_n=48, tc_val=24,
+                 tc_epochs=1, ap_n=48, ap_val=24, ap_epochs=3, ap_classes=6, ap_head=12, ap_vpc=3, k_vpc=2,
+                 cir_n=32, cir_val=16, cir_epochs=1,
                  k_classes=6, k_shots=4, k_steps=4, k_eval=2, batch=16),
     "default": dict(model="vlmkern-tiny-ViT", size=32, pre_n=1536, pre_real=1024, pre_epochs=6, tc_n=512, tc_val=256,
-                    tc_epochs=3, ap_n=480, ap_val=144, ap_epochs=10, ap_classes=12, ap_head=160, ap_vpc=30, k_vpc=20, cir_n=192, cir_val=96,
+                    tc_epochs=3, ap_n=480, ap_val=144, ap_epochs=10, ap_classes=12, ap_head=160, ap_vpc=30,
+                    k_vpc=20, cir_n=192, cir_val=96,
                     cir_epochs=4, k_classes=12, k_shots=4, k_steps=40, k_eval=5, batch=64),
 }
 
@@ -63,10 +65,10 @@ def labelled_source(sources) -> str:
     return "synthetic"
 
 
-def pretrain(s: Dict[str, Any], out: str, seed: int = 0):
+def pretrain(s: Dict[str, Any], out: str, seed: int = 0, sources=None):
     """Brief contrastive pretraining (CLIP loss, AdamW) on part of the synthetic
     world plus real captioned images (Fashion-MNIST's training file, Tux Paint
-    stamps, photo crops) when they are installed."""
+    stamps, photo crops) from ``sources`` (default: :func:`real_sources`)."""
     from open_clip.loss import ClipLoss
 
     from .data import synthetic as S
@@ -77,7 +79,7 @@ def pretrain(s: Dict[str, Any], out: str, seed: int = 0):
     model, _, tok = create_clip(s["model"])
     held = [("circle", "red"), ("square", "blue"), ("triangle", "green")]
     data = S.pairs(s["pre_n"], seed=100 + seed, image_size=s["size"], holdout=held)
-    sources = real_sources()
+    sources = real_sources() if sources is None else sources
     # scikit-learn's digits have no separate test file: when they are the labelled
     # fallback, keep them out of pretraining so that validation digits stay unseen
     pre_sources = [n for n in sources if not (n == "sklearn-digits" and labelled_source(sources) == n)]
@@ -125,7 +127,8 @@ def run_demo(out: str = "runs/demo", scale: str = "default", seed: int = 0) -> D
     t0 = time.time()
     _log(f"pretraining {s['model']} on the synthetic world ({s['pre_n']} pairs) and real captioned images "
          f"(up to {s['pre_real']}) x {s['pre_epochs']} epochs")
-    base, tok, pre = pretrain(s, out, seed)
+    sources = real_sources()
+    base, tok, pre = pretrain(s, out, seed, sources)
     results: Dict[str, Any] = {"scale": scale, "seed": seed, "model": s["model"], "pretrain": pre}
 
     def fresh():
@@ -145,7 +148,7 @@ def run_demo(out: str = "runs/demo", scale: str = "default", seed: int = 0) -> D
         tc[name] = train_tuneclip(fresh(), tok, tr, va, cfg, os.path.join(out, "tuneclip", _slug(name)))
     results["tuneclip"] = tc
     # --- APFT --------------------------------------------------------------
-    lsrc = labelled_source(real_sources())
+    lsrc = labelled_source(sources)
     results["labelled_source"] = lsrc
     if lsrc == "synthetic":
         atr, ava = S.labelled(s["ap_n"], s["ap_val"], seed=400 + seed, image_size=s["size"],

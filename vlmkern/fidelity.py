@@ -54,6 +54,17 @@ def _kalman_iters(r: Dict[str, Any]) -> float:
 
 Claim = Dict[str, Any]
 
+
+def _paired(task: str, method: str, baseline: str, *path) -> Callable[[Dict[str, Any]], float]:
+    """``r[task][method][path...] - r[task][baseline][path...]`` for a demo result ``r``."""
+    def get(res):
+        for key in path:
+            res = res[key]
+        return res
+
+    return lambda r: get(r[task][method]) - get(r[task][baseline])
+
+
 CLAIMS: List[Claim] = [
     dict(paper="TuneCLIP (Fig. 2)", claim="OSR removes the early drop of fine-tuning",
          metric="mean R (I2T+T2I R@1/5/10) after the first fine-tuning epoch minus before, HGCL with OSR minus "
@@ -62,34 +73,28 @@ CLAIMS: List[Claim] = [
              r["tuneclip"]["HGCL (no OSR)"]), sign=+1, pct=True),
     dict(paper="TuneCLIP (Table 3)", claim="HGCL keeps retrieval above GCL when false negatives are present",
          metric="final mean R on validation pairs, HGCL (no OSR) minus GCL; training pairs hold 30% near-duplicates",
-         value=lambda r: r["tuneclip"]["HGCL (no OSR)"]["final"]["mean_R"] - r["tuneclip"]["GCL"]["final"]["mean_R"],
-         sign=+1, pct=True),
+         value=_paired("tuneclip", "HGCL (no OSR)", "GCL", "final", "mean_R"), sign=+1, pct=True),
     dict(paper="TuneCLIP", claim="TuneCLIP (OSR + HGCL) beats CLIP-loss fine-tuning",
          metric="final mean R, TuneCLIP minus CLIP loss",
-         value=lambda r: r["tuneclip"]["TuneCLIP (OSR + HGCL)"]["final"]["mean_R"]
-         - r["tuneclip"]["CLIP loss"]["final"]["mean_R"], sign=+1, pct=True),
+         value=_paired("tuneclip", "TuneCLIP (OSR + HGCL)", "CLIP loss", "final", "mean_R"), sign=+1, pct=True),
     dict(paper="APFT", claim="APFT lifts tail-label recall over full fine-tuning",
          metric="tail-label I2T Recall@10, APFT minus full fine-tuning",
-         value=lambda r: r["apft"]["apft"]["final"]["retrieval"]["i2t"]["tail"]["recall"][10]
-         - r["apft"]["full"]["final"]["retrieval"]["i2t"]["tail"]["recall"][10], sign=+1, pct=True),
+         value=_paired("apft", "apft", "full", "final", "retrieval", "i2t", "tail", "recall", 10), sign=+1, pct=True),
     dict(paper="APFT", claim="APFT lifts tail-label retrieval over full fine-tuning (T2I)",
          metric="tail-label T2I mAP@10, APFT minus full fine-tuning",
-         value=lambda r: r["apft"]["apft"]["final"]["retrieval"]["t2i"]["tail"]["mAP"][10]
-         - r["apft"]["full"]["final"]["retrieval"]["t2i"]["tail"]["mAP"][10], sign=+1, pct=True),
+         value=_paired("apft", "apft", "full", "final", "retrieval", "t2i", "tail", "mAP", 10), sign=+1, pct=True),
     dict(paper="WRF4CIR", claim="weight perturbation narrows the train/validation gap",
          metric="train R@5 - val R@5 at the end, adversarial perturbation minus plain (negative = narrower)",
-         value=lambda r: r["wrf4cir"]["WRF4CIR adversarial"]["final"]["gap_R5"]
-         - r["wrf4cir"]["plain"]["final"]["gap_R5"], sign=-1, pct=True),
+         value=_paired("wrf4cir", "WRF4CIR adversarial", "plain", "final", "gap_R5"), sign=-1, pct=True),
     dict(paper="WRF4CIR", claim="weight perturbation improves validation recall",
          metric="val R@5, adversarial perturbation minus plain",
-         value=lambda r: r["wrf4cir"]["WRF4CIR adversarial"]["final"]["val_R5"]
-         - r["wrf4cir"]["plain"]["final"]["val_R5"], sign=+1, pct=True),
+         value=_paired("wrf4cir", "WRF4CIR adversarial", "plain", "final", "val_R5"), sign=+1, pct=True),
     dict(paper="Kalman / LoKO", claim="the Kalman optimizer needs fewer iterations than AdamW",
          metric="iterations AdamW needs minus iterations Kalman needs to reach 95% of AdamW's best val accuracy",
          value=_kalman_iters, sign=+1, pct=False),
     dict(paper="Kalman / LoKO", claim="the Kalman optimizer reaches at least AdamW's accuracy",
          metric="final val accuracy, Kalman minus AdamW",
-         value=lambda r: r["kalman"]["kalman"]["final_acc"] - r["kalman"]["adamw"]["final_acc"], sign=+1, pct=True),
+         value=_paired("kalman", "kalman", "adamw", "final_acc"), sign=+1, pct=True),
 ]
 
 
