@@ -70,14 +70,14 @@ def test_fidelity_report_from_runs(tiny_run, tmp_path):
     r2["seed"] = 1
     # a second "seed" where APFT's tail recall is 10 points higher than in the first
     tail = r2["apft"]["apft"]["final"]["retrieval"]["i2t"]["tail"]["recall"]
-    tail[10] = tail[10] + 0.1
+    tail[1] = tail[1] + 0.1
     rows = evaluate_claims([r, r2])
     assert len(rows) == len(CLAIMS)
     by = {x["claim"]: x for x in rows}
     apft = by["APFT lifts tail-label recall over full fine-tuning"]
     assert math.isclose(apft["values"][1] - apft["values"][0], 0.1, abs_tol=1e-9)
-    direct = (r["apft"]["apft"]["final"]["retrieval"]["i2t"]["tail"]["recall"][10]
-              - r["apft"]["full"]["final"]["retrieval"]["i2t"]["tail"]["recall"][10])
+    direct = (r["apft"]["apft"]["final"]["retrieval"]["i2t"]["tail"]["recall"][1]
+              - r["apft"]["full"]["final"]["retrieval"]["i2t"]["tail"]["recall"][1])
     assert math.isclose(apft["values"][0], direct)
     gap = by["weight perturbation narrows the train/validation gap"]
     assert gap["values"][0] == pytest.approx(r["wrf4cir"]["WRF4CIR adversarial"]["final"]["gap_R5"]
