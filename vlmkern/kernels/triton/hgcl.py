@@ -333,10 +333,13 @@ def _config(d: int, gpu: bool, dtype: torch.dtype = torch.bfloat16) -> dict:
     spills* (``tools/triton_sm90_check.py`` compiles them here, no GPU needed):
     the owned block holds an fp32 ``[BLOCK_O, ND * BLOCK_DO]`` accumulator.
 
-    * bf16 / fp16, d <= 512: 64 (bf16) or 32 (fp16, whose rescaled dS needs a
-      temporary tile) owned rows x up to 4 x 128 columns;
+    * bf16 / fp16, d <= 512: 64 (bf16, Hopper wgmma) or 32 (fp16, whose
+      rescaled dS needs a temporary tile) owned rows x up to 4 x 128 columns;
+      bf16 loops over 32-row tiles of the looped set, fp16 over 64 (triton 3.6,
+      the GPU machine's version, spills 16 bytes with bf16 and 64);
     * bf16 / fp16, d > 512: 32 owned rows x up to 3 x 256 columns (one program
-      group for d <= 768; wider features split over groups);
+      group for d <= 768; wider features split over groups), looped tiles of
+      32 (bf16) or 16 rows (fp16: 32 spills 8 bytes under triton 3.6);
     * fp32 (IEEE fp32 ``tl.dot`` on FMA units, whose operand layouts cost far
       more registers than MMA ones; several accumulator chunks spill badly):
       16 owned rows x one chunk of up to 512 columns.
@@ -352,10 +355,12 @@ def _config(d: int, gpu: bool, dtype: torch.dtype = torch.bfloat16) -> dict:
         grad = dict(BLOCK_O=16, BLOCK_L=32, BLOCK_K=32, BLOCK_DO=_pow2(d, 16, 512), ND=1, num_warps=8)
     elif d <= 512:
         bdo = _pow2(d, 16, 128)
-        grad = dict(BLOCK_O=64 if dtype == torch.bfloat16 else 32, BLOCK_L=64, BLOCK_K=64, BLOCK_DO=bdo,
+        bf16 = dtype == torch.bfloat16
+        grad = dict(BLOCK_O=64 if bf16 else 32, BLOCK_L=32 if bf16 else 64, BLOCK_K=64, BLOCK_DO=bdo,
                     ND=triton.cdiv(d, bdo), num_warps=8)
     else:
-        grad = dict(BLOCK_O=32, BLOCK_L=32, BLOCK_K=64, BLOCK_DO=256, ND=min(3, triton.cdiv(d, 256)), num_warps=8)
+        grad = dict(BLOCK_O=32, BLOCK_L=32 if dtype == torch.bfloat16 else 16, BLOCK_K=64, BLOCK_DO=256,
+                    ND=min(3, triton.cdiv(d, 256)), num_warps=8)
     return dict(lse=lse, grad=grad)
 
 
