@@ -14,6 +14,13 @@ pointers, sizes divisible by 16), and reads the resource usage of the cubin
                                       [--variants local-rows,...] [--arch 90] [--strict]
 
 ``--strict`` exits non-zero when a variant spills.  Timing still needs a GPU.
+Uses Triton internals (``ASTSource``, ``GPUTarget``, the ``attrs`` format,
+``kernel.asm`` / ``metadata``) that are the same in triton 3.6 (the GPU
+machine's version) and 3.8; register counts differ between the two versions
+(bench/RESULTS_hgcl.md).  To check another version without touching the venv:
+
+    pip install --no-deps --target /tmp/tri36 triton==3.6.0
+    PYTHONPATH=/tmp/tri36 python tools/triton_sm90_check.py --strict
 """
 
 from __future__ import annotations
@@ -56,8 +63,16 @@ def _attrs(fn, sig):
 def _compile(fn, sig, const, num_warps, arch):
     for k in const:
         sig[k] = "constexpr"
-    src = ASTSource(fn, sig, const, attrs=_attrs(fn, sig))
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
+    attrs = _attrs(fn, sig)
+    src = ASTSource(fn, sig, const, attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
+    # The attrs format is internal to Triton: a version that reads it differently
+    # would silently compile without the launch's alignment hints.
+    hints = kernel.asm["ttir"].count("tt.divisibility = 16")
+    if hints != len(attrs):
+        raise RuntimeError(f"triton {triton.__version__}: {hints} of {len(attrs)} divisibility hints reached "
+                           f"the TTIR of {fn.__name__}; the ASTSource attrs format has changed")
+    return kernel
 
 
 def resources(kernel) -> dict:
