@@ -88,6 +88,57 @@ def test_fidelity_report_from_runs(tiny_run, tmp_path):
     write_report(rows, [r, r2], str(path), "vlmkern fidelity --seeds 0 1 --scale tiny", 1.0)
     text = path.read_text()
     assert "vlmkern fidelity --seeds 0 1 --scale tiny" in text
-    assert sum(line.startswith("|") for line in text.splitlines()) == len(CLAIMS) + 2  # header, rule, rows
+    assert sum(line.startswith("|") and line.rstrip().endswith("** |") for line in text.splitlines()) == len(CLAIMS)
+    # the step sizes every run used are listed, with where they came from
+    assert "| kalman | kalman | p0 " in text and "| tuneclip | GCL | lr " in text
     for x in rows:
         assert x["verdict"] in text
+
+
+def test_demo_report_lists_settings(tiny_run):
+    tmp_path, r = tiny_run
+    assert r["hparams"]["_source"] in ("default", "tuned")
+    report = (tmp_path / "report.md").read_text()
+    for task in ("tuneclip", "apft", "wrf4cir", "kalman"):
+        for name, hp in r["hparams"][task].items():
+            assert set(hp) <= {"lr", "gamma", "p0"}
+    assert "| WRF4CIR | WRF4CIR adversarial | lr " in report and ", gamma " in report
+
+
+def test_load_hparams_tuned_and_default(tmp_path):
+    from vlmkern.demo import DEFAULT_HPARAMS, load_hparams
+
+    missing = load_hparams("default", path=str(tmp_path / "none.json"))
+    assert missing["_source"] == "default" and missing["kalman"] == DEFAULT_HPARAMS["kalman"]
+    f = tmp_path / "tuned.json"
+    f.write_text(json.dumps({"default": {"seed": 100, "command": "vlmkern fidelity --tune",
+                                         "chosen": {"kalman": {"kalman": {"p0": 0.3}}}}}))
+    hp = load_hparams("default", path=str(f))
+    assert hp["_source"] == "tuned" and hp["_tuning"]["seed"] == 100
+    assert hp["kalman"]["kalman"] == {"p0": 0.3}
+    assert hp["kalman"]["adamw"] == DEFAULT_HPARAMS["kalman"]["adamw"]  # not tuned: the default
+    assert load_hparams("tiny", path=str(f))["_source"] == "default"  # tuned for another scale only
+
+
+def test_tune_picks_best_grid_point(tmp_path, monkeypatch):
+    """Tuning trains each grid point once on its own seed, keeps the best by the task's selection
+    score, writes it for the scale, and a partial re-tune keeps the other tasks' choices."""
+    from vlmkern import demo, fidelity
+
+    monkeypatch.setattr(demo, "TUNING_GRIDS", {"kalman": {"adamw": {"lr": [1e-4, 3e-3]},
+                                                          "kalman": {"p0": [0.01, 0.3]}},
+                                               "tuneclip": {"GCL": {"lr": [1e-4]}}})
+    path = tmp_path / "tuned.json"
+    entry = fidelity.tune(scale="tiny", seed=7, out=str(tmp_path / "t"), path=str(path), tasks=["kalman"])
+    trials = {(t["run"], tuple(t["hparams"].values())): t["score"] for t in entry["trials"]}
+    assert len(trials) == 4 and all(0.0 <= v <= 1.0 for v in trials.values())
+    for run, key in (("adamw", "lr"), ("kalman", "p0")):
+        best = max((v, -i) for i, ((r, _), v) in enumerate(trials.items()) if r == run)
+        chosen = entry["chosen"]["kalman"][run][key]
+        assert trials[(run, (chosen,))] == best[0]
+    assert "tuneclip" not in entry["chosen"]
+    saved = json.loads(path.read_text())["tiny"]
+    assert saved["seed"] == 7 and saved["chosen"] == entry["chosen"]
+    entry2 = fidelity.tune(scale="tiny", seed=7, out=str(tmp_path / "t2"), path=str(path), tasks=["tuneclip"])
+    assert entry2["chosen"]["kalman"] == entry["chosen"]["kalman"] and entry2["chosen"]["tuneclip"]["GCL"]["lr"] == 1e-4
+    assert demo.load_hparams("tiny", path=str(path))["kalman"]["kalman"] == entry["chosen"]["kalman"]["kalman"]

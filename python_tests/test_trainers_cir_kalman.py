@@ -36,6 +36,35 @@ def test_wrf4cir_runs_and_logs_gap(tmp_path, gamma, random_ratio, combiner):
     assert all("val_R1" in r for r in read_metrics(str(tmp_path)))
 
 
+def test_evaluate_cir_equal_gallery_for_the_gap():
+    """Training recall for the gap uses as many queries and gallery images as validation has:
+    the first n triplets' own images, then other gallery images; the indices are remapped so
+    that recall equals a direct computation on that sub-gallery."""
+    from vlmkern.eval.metrics import cir_recall
+    from vlmkern.methods.wrf4cir import CIRModel, evaluate_cir
+    from vlmkern.models.cir import SumCombiner
+
+    m, tok = _clip()
+    model = CIRModel(m, SumCombiner())
+    tr = S.cir_triplets(40, seed=3, image_size=16)
+    n, size = 10, 24
+    used = list(dict.fromkeys(j for t in tr.triplets[:n] for j in (t[0], t[2])))
+    gal = used + [j for j in range(len(tr.gallery)) if j not in set(used)][:size - len(used)]
+    assert len(gal) == size < len(tr.gallery)
+    got = evaluate_cir(model, tok, tr, "cpu", ks=(1, 5, 10), max_triplets=n, gallery_size=size)
+    with torch.no_grad():
+        model.eval()
+        g = model.target(torch.stack([tr.image(j) for j in gal]))
+        q = model.query(torch.stack([tr[i][0] for i in range(n)]), tok([tr[i][1] for i in range(n)]))
+    pos = {j: k for k, j in enumerate(gal)}
+    want = cir_recall(q, g, torch.tensor([pos[t[2]] for t in tr.triplets[:n]]), ks=(1, 5, 10),
+                      exclude_index=torch.tensor([pos[t[0]] for t in tr.triplets[:n]]))
+    assert got == pytest.approx(want)
+    # a bigger gallery can only push the targets down: recall on the whole gallery is not higher
+    whole = evaluate_cir(model, tok, tr, "cpu", ks=(1, 5, 10), max_triplets=n)
+    assert all(whole[k] <= got[k] + 1e-12 for k in (1, 5, 10))
+
+
 def test_wrf4cir_gamma_zero_equals_plain_adamw(tmp_path):
     """gamma = 0: the wrapper takes exactly the base optimizer's steps."""
     from vlmkern.methods.wrf4cir import WRF4CIRConfig, train_wrf4cir

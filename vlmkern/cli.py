@@ -65,10 +65,19 @@ def cmd_demo(args) -> int:
 
 def cmd_fidelity(args) -> int:
     """Each paper's central claim on the embedded data, over several seeds (docs/FIDELITY.md)."""
-    from .fidelity import run_fidelity
+    from .fidelity import run_fidelity, tune
 
-    cmd = "vlmkern fidelity --seeds " + " ".join(map(str, args.seeds)) + (
-        f" --scale {args.scale}" if args.scale != "default" else "")
+    scale_flag = f" --scale {args.scale}" if args.scale != "default" else ""
+    if args.tune:
+        tcmd = f"vlmkern fidelity --tune --tune-seed {args.tune_seed}{scale_flag}" + (
+            " --tune-tasks " + " ".join(args.tune_tasks) if args.tune_tasks else "")
+        if args.tune_seed in args.seeds:
+            raise SystemExit(f"--tune-seed {args.tune_seed} is one of --seeds: tune on a seed the report does not use")
+        tune(scale=args.scale, seed=args.tune_seed, out=os.path.join(args.out, f"tune_seed{args.tune_seed}"),
+             command=tcmd, tasks=args.tune_tasks)
+    if not args.seeds:
+        return 0
+    cmd = "vlmkern fidelity --seeds " + " ".join(map(str, args.seeds)) + scale_flag
     run_fidelity(seeds=args.seeds, scale=args.scale, out=args.out, report=args.report or
                  os.path.join(args.out, "FIDELITY.md"), command=cmd, reuse=args.reuse)
     return 0
@@ -93,7 +102,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     pd.add_argument("--skip-bench", action="store_true")
     pd.set_defaults(fn=cmd_demo)
     pf = sub.add_parser("fidelity", help="check each paper's central claim over several seeds (runs the demo per seed)")
-    pf.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    pf.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2],
+                    help="seeds of the report (none: only --tune)")
+    pf.add_argument("--tune", action="store_true",
+                    help="first pick every run's step sizes on --tune-seed (writes vlmkern/tuned_hparams.json)")
+    pf.add_argument("--tune-seed", type=int, default=100)
+    pf.add_argument("--tune-tasks", nargs="*", default=None, choices=("tuneclip", "apft", "wrf4cir", "kalman"),
+                    help="re-tune only these tasks (the others keep their tuned values)")
     pf.add_argument("--scale", default="default", choices=("default", "tiny"))
     pf.add_argument("--out", default="runs/fidelity")
     pf.add_argument("--report", default=None, help="markdown report path (default <out>/FIDELITY.md)")

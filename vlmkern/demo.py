@@ -39,7 +39,7 @@ SCALES = {
     "default": dict(model="vlmkern-tiny-ViT", size=32, pre_n=1536, pre_real=1024, pre_epochs=6, tc_n=512, tc_val=256,
                     tc_epochs=3, ap_n=480, ap_val=144, ap_epochs=10, ap_classes=12, ap_head=160, ap_vpc=30,
                     k_vpc=20, cir_n=192, cir_val=96,
-                    cir_epochs=4, k_classes=12, k_shots=4, k_steps=40, k_eval=5, batch=64),
+                    cir_epochs=4, k_classes=12, k_shots=4, k_steps=40, k_eval=1, batch=64),
 }
 
 
@@ -113,86 +113,139 @@ def pretrain(s: Dict[str, Any], out: str, seed: int = 0, sources=None):
                         "real_sources": pre_sources}
 
 
-def run_demo(out: str = "runs/demo", scale: str = "default", seed: int = 0) -> Dict[str, Any]:
+# Each run's step size (and WRF4CIR's perturbation size). DEFAULT_HPARAMS are the
+# hand-set values; ``vlmkern fidelity --tune`` picks each run's values from
+# TUNING_GRIDS on a separate tuning seed (never one the report uses) and writes
+# them to vlmkern/tuned_hparams.json, which the demo reads for that scale.
+DEFAULT_HPARAMS: Dict[str, Dict[str, Dict[str, float]]] = {
+    "tuneclip": {"CLIP loss": {"lr": 1e-4}, "GCL": {"lr": 1e-4}, "HGCL (no OSR)": {"lr": 1e-4},
+                 "TuneCLIP (OSR + HGCL)": {"lr": 1e-4}},
+    "apft": {"full": {"lr": 3e-4}, "lora": {"lr": 1e-3}, "apft": {"lr": 3e-4}},
+    "wrf4cir": {"plain": {"lr": 1e-4}, "WRF4CIR adversarial": {"lr": 1e-4, "gamma": 1e-3},
+                "WRF4CIR random": {"lr": 1e-4, "gamma": 1e-3}},
+    "kalman": {"adamw": {"lr": 1e-3}, "kalman": {"p0": 0.1}},
+}
+_LR = [3e-5, 1e-4, 3e-4, 1e-3]
+_GAMMA = [1e-3, 5e-3, 2e-2]
+TUNING_GRIDS: Dict[str, Dict[str, Dict[str, list]]] = {
+    "tuneclip": {name: {"lr": _LR} for name in DEFAULT_HPARAMS["tuneclip"]},
+    "apft": {"full": {"lr": _LR}, "lora": {"lr": [1e-4, 3e-4, 1e-3, 3e-3]}, "apft": {"lr": _LR}},
+    "wrf4cir": {"plain": {"lr": _LR}, "WRF4CIR adversarial": {"lr": _LR, "gamma": _GAMMA},
+                "WRF4CIR random": {"lr": _LR, "gamma": _GAMMA}},
+    "kalman": {"adamw": {"lr": [1e-4, 3e-4, 1e-3, 3e-3]}, "kalman": {"p0": [0.01, 0.03, 0.1, 0.3]}},
+}
+TUNED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned_hparams.json")
+
+
+def load_hparams(scale: str, path: str | None = None) -> Dict[str, Any]:
+    """Per-run hyperparameters for ``scale``: the tuned ones where ``path`` (default
+    vlmkern/tuned_hparams.json) has them, else :data:`DEFAULT_HPARAMS`. The result carries
+    ``"_source"`` (``"tuned"`` or ``"default"``) and, when tuned, ``"_tuning"`` (seed, command)."""
+    hp = copy.deepcopy(DEFAULT_HPARAMS)
+    path = TUNED_PATH if path is None else path
+    info: Dict[str, Any] = {"_source": "default"}
+    if os.path.exists(path):
+        with open(path) as f:
+            tuned = json.load(f).get(scale)
+        if tuned:
+            for task, runs in tuned["chosen"].items():
+                for name, values in runs.items():
+                    hp.setdefault(task, {}).setdefault(name, {}).update(values)
+            info = {"_source": "tuned", "_tuning": {k: tuned[k] for k in ("seed", "command", "date") if k in tuned}}
+    hp.update(info)
+    return hp
+
+
+def prepare(scale: str, seed: int, out: str) -> Dict[str, Any]:
+    """Pretrain the seed's tiny CLIP and build every task's data (the shared start of all runs)."""
     from .data import synthetic as S
+
+    s = SCALES[scale]
+    os.makedirs(out, exist_ok=True)
+    _log(f"pretraining {s['model']} on the synthetic world ({s['pre_n']} pairs) and real captioned images "
+         f"(up to {s['pre_real']}) x {s['pre_epochs']} epochs")
+    sources = real_sources()
+    base, tok, pre = pretrain(s, out, seed, sources)
+    ctx: Dict[str, Any] = {"s": s, "scale": scale, "seed": seed, "base": base, "tok": tok, "pretrain": pre}
+    ctx["tc"] = (S.pairs(s["tc_n"], seed=200 + seed, image_size=s["size"], dup_frac=0.3),
+                 S.pairs(s["tc_val"], seed=300 + seed, image_size=s["size"]))
+    lsrc = labelled_source(sources)
+    ctx["labelled_source"] = lsrc
+    if lsrc == "synthetic":
+        ctx["ap"] = S.labelled(s["ap_n"], s["ap_val"], seed=400 + seed, image_size=s["size"],
+                               num_classes=s["ap_classes"])
+        ctx["k"] = S.labelled(s["k_classes"] * s["k_shots"], s["k_classes"] * 6, seed=700 + seed,
+                              image_size=s["size"], num_classes=s["k_classes"], zipf=0.0)
+    else:
+        from .data import real
+
+        # long-tailed training labels (Zipf, head = ap_head images), balanced validation
+        ctx["ap"] = real.labelled(lsrc, seed=400 + seed, image_size=s["size"], long_tail=True,
+                                  train_per_class=s["ap_head"], val_per_class=s["ap_vpc"])
+        ctx["k"] = real.labelled(lsrc, seed=700 + seed, image_size=s["size"], shots=s["k_shots"],
+                                 val_per_class=s["k_vpc"])
+    ctx["cir"] = (S.cir_triplets(s["cir_n"], seed=500 + seed, image_size=s["size"]),
+                  S.cir_triplets(s["cir_val"], seed=600 + seed, image_size=s["size"]))
+    return ctx
+
+
+def run_one(ctx: Dict[str, Any], task: str, name: str, hp: Dict[str, float], out: str) -> Dict[str, Any]:
+    """One fine-tuning run (``task`` / ``name`` as in :data:`DEFAULT_HPARAMS`) from a fresh copy of the
+    pretrained model, with the step sizes ``hp``; returns the trainer's result."""
     from .methods.apft import APFTTrainConfig, train_apft
     from .methods.apft_schedule import APFTConfig
     from .methods.kalman import KalmanTrainConfig, train_kalman
     from .methods.tuneclip import TuneCLIPConfig, train_tuneclip
     from .methods.wrf4cir import WRF4CIRConfig, train_wrf4cir
 
-    s = SCALES[scale]
-    os.makedirs(out, exist_ok=True)
+    s, seed, tok, b = ctx["s"], ctx["seed"], ctx["tok"], ctx["s"]["batch"]
+    model = copy.deepcopy(ctx["base"])
+    run_dir = os.path.join(out, task, _slug(name))
+    if task == "tuneclip":
+        loss, osr = {"CLIP loss": ("clip", 0), "GCL": ("gcl", 0), "HGCL (no OSR)": ("hgcl", 0),
+                     "TuneCLIP (OSR + HGCL)": ("hgcl", 1)}[name]
+        cfg = TuneCLIPConfig(loss=loss, osr_epochs=osr, epochs=s["tc_epochs"], batch_size=b, lr=hp["lr"], seed=seed)
+        return train_tuneclip(model, tok, *ctx["tc"], cfg, run_dir)
+    if task == "apft":
+        atr, ava = ctx["ap"]
+        cfg = APFTTrainConfig(strategy=name, max_epochs=s["ap_epochs"], batch_size=b // 2, lr=hp["lr"],
+                              schedule=APFTConfig(window=3, patience=4, min_epochs=4), seed=seed, eval_ks=(1, 5, 10))
+        return train_apft(model, tok, atr, ava, atr.prompts(), cfg, run_dir)
+    if task == "wrf4cir":
+        rr = {"plain": 0.0, "WRF4CIR adversarial": 0.0, "WRF4CIR random": 1.0}[name]
+        cfg = WRF4CIRConfig(epochs=s["cir_epochs"], batch_size=b // 2, lr=hp["lr"], gamma=hp.get("gamma", 0.0),
+                            random_ratio=rr, warmup_epochs=1 if s["cir_epochs"] > 1 else 0, seed=seed, ks=(1, 5, 10))
+        return train_wrf4cir(model, tok, *ctx["cir"], cfg, run_dir)
+    if task == "kalman":
+        ktr, kva = ctx["k"]
+        cfg = KalmanTrainConfig(optimizer=name, steps=s["k_steps"], batch_size=min(b, len(ktr)),
+                                eval_every=s["k_eval"], seed=seed, p0=hp.get("p0", 0.1), lr=hp.get("lr", 1e-3))
+        return train_kalman(model, tok, ktr, kva, ktr.prompts(), cfg, run_dir)
+    raise ValueError(f"unknown task {task!r}")
+
+
+_TASK_TITLE = {"tuneclip": "TuneCLIP", "apft": "APFT", "wrf4cir": "WRF4CIR", "kalman": "Kalman"}
+
+
+def run_demo(out: str = "runs/demo", scale: str = "default", seed: int = 0,
+             hparams: Dict[str, Any] | None = None) -> Dict[str, Any]:
+    """Pretrain, then every method and baseline (step sizes from ``hparams``, default
+    :func:`load_hparams`); writes ``<out>/results.json``, ``report.md`` and the plots."""
     os.environ.setdefault("VLMKERN_NO_PROGRESS", "1")
     t0 = time.time()
-    _log(f"pretraining {s['model']} on the synthetic world ({s['pre_n']} pairs) and real captioned images "
-         f"(up to {s['pre_real']}) x {s['pre_epochs']} epochs")
-    sources = real_sources()
-    base, tok, pre = pretrain(s, out, seed, sources)
-    results: Dict[str, Any] = {"scale": scale, "seed": seed, "model": s["model"], "pretrain": pre}
-
-    def fresh():
-        return copy.deepcopy(base)
-
-    b = s["batch"]
-    # --- TuneCLIP ----------------------------------------------------------
-    tr = S.pairs(s["tc_n"], seed=200 + seed, image_size=s["size"], dup_frac=0.3)
-    va = S.pairs(s["tc_val"], seed=300 + seed, image_size=s["size"])
-    tc = {}
-    for name, cfg in (("CLIP loss", TuneCLIPConfig(loss="clip", osr_epochs=0)),
-                      ("GCL", TuneCLIPConfig(loss="gcl", osr_epochs=0)),
-                      ("HGCL (no OSR)", TuneCLIPConfig(loss="hgcl", osr_epochs=0)),
-                      ("TuneCLIP (OSR + HGCL)", TuneCLIPConfig(loss="hgcl", osr_epochs=1))):
-        cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed = s["tc_epochs"], b, 1e-4, seed
-        _log(f"TuneCLIP experiment: {name}")
-        tc[name] = train_tuneclip(fresh(), tok, tr, va, cfg, os.path.join(out, "tuneclip", _slug(name)))
-    results["tuneclip"] = tc
-    # --- APFT --------------------------------------------------------------
-    lsrc = labelled_source(sources)
-    results["labelled_source"] = lsrc
-    if lsrc == "synthetic":
-        atr, ava = S.labelled(s["ap_n"], s["ap_val"], seed=400 + seed, image_size=s["size"],
-                              num_classes=s["ap_classes"])
-    else:
-        from .data import real
-
-        # long-tailed training labels (Zipf, head = ap_head images), balanced validation
-        atr, ava = real.labelled(lsrc, seed=400 + seed, image_size=s["size"], long_tail=True,
-                                 train_per_class=s["ap_head"], val_per_class=s["ap_vpc"])
+    hp = load_hparams(scale) if hparams is None else hparams
+    ctx = prepare(scale, seed, out)
+    s = ctx["s"]
+    results: Dict[str, Any] = {"scale": scale, "seed": seed, "model": s["model"], "pretrain": ctx["pretrain"],
+                               "labelled_source": ctx["labelled_source"],
+                               "hparams": {k: v for k, v in hp.items()}}
+    atr = ctx["ap"][0]
     results["apft_train_counts"] = [atr.labels.count(k) for k in range(len(atr.prompts()))]
-    ap = {}
-    sched = APFTConfig(window=3, patience=4, min_epochs=4)
-    for strategy in ("full", "lora", "apft"):
-        cfg = APFTTrainConfig(strategy=strategy, max_epochs=s["ap_epochs"], batch_size=b // 2,
-                              lr=3e-4 if strategy != "lora" else 1e-3, schedule=copy.deepcopy(sched), seed=seed,
-                              eval_ks=(1, 5, 10))
-        _log(f"APFT experiment: {strategy}")
-        ap[strategy] = train_apft(fresh(), tok, atr, ava, atr.prompts(), cfg, os.path.join(out, "apft", strategy))
-    results["apft"] = ap
-    # --- WRF4CIR -----------------------------------------------------------
-    ctr = S.cir_triplets(s["cir_n"], seed=500 + seed, image_size=s["size"])
-    cva = S.cir_triplets(s["cir_val"], seed=600 + seed, image_size=s["size"])
-    wr = {}
-    for name, gamma, rr in (("plain", 0.0, 0.0), ("WRF4CIR adversarial", 1e-3, 0.0), ("WRF4CIR random", 1e-3, 1.0)):
-        cfg = WRF4CIRConfig(epochs=s["cir_epochs"], batch_size=b // 2, lr=1e-4, gamma=gamma, random_ratio=rr,
-                            warmup_epochs=1 if s["cir_epochs"] > 1 else 0, seed=seed, ks=(1, 5, 10))
-        _log(f"WRF4CIR experiment: {name}")
-        wr[name] = train_wrf4cir(fresh(), tok, ctr, cva, cfg, os.path.join(out, "wrf4cir", _slug(name)))
-    results["wrf4cir"] = wr
-    # --- Kalman ------------------------------------------------------------
-    if lsrc == "synthetic":
-        ktr, kva = S.labelled(s["k_classes"] * s["k_shots"], s["k_classes"] * 6, seed=700 + seed,
-                              image_size=s["size"], num_classes=s["k_classes"], zipf=0.0)
-    else:
-        ktr, kva = real.labelled(lsrc, seed=700 + seed, image_size=s["size"], shots=s["k_shots"],
-                                 val_per_class=s["k_vpc"])
-    ka = {}
-    for opt in ("adamw", "kalman"):
-        cfg = KalmanTrainConfig(optimizer=opt, steps=s["k_steps"], batch_size=min(b, len(ktr)),
-                                eval_every=s["k_eval"], seed=seed, p0=0.1, lr=1e-3)
-        _log(f"Kalman experiment: LoRA + {opt}")
-        ka[opt] = train_kalman(fresh(), tok, ktr, kva, ktr.prompts(), cfg, os.path.join(out, "kalman", opt))
-    results["kalman"] = ka
+    for task in ("tuneclip", "apft", "wrf4cir", "kalman"):
+        results[task] = {}
+        for name in DEFAULT_HPARAMS[task]:
+            _log(f"{_TASK_TITLE[task]} experiment: {name} ({_hp_text(hp[task][name])})")
+            results[task][name] = run_one(ctx, task, name, hp[task][name], out)
     results["seconds"] = time.time() - t0
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=_json_default)
@@ -200,6 +253,10 @@ def run_demo(out: str = "runs/demo", scale: str = "default", seed: int = 0) -> D
     write_report(results, out, plots)
     _log(f"done in {results['seconds']:.0f} s: {os.path.join(out, 'report.md')}")
     return results
+
+
+def _hp_text(hp: Dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in hp.items())
 
 
 def _slug(name: str) -> str:
@@ -219,21 +276,28 @@ def _fmt(x, pct=True):
 
 
 def summary_rows(r: Dict[str, Any]):
+    hp = r.get("hparams", {})
+
+    def setting(task, name):
+        return _hp_text(hp.get(task, {}).get(name, {}))
+
     rows = []
     for name, res in r["tuneclip"].items():
         first = res["history"][0]
-        rows.append(("TuneCLIP", name, "mean R@1/5/10 (I2T+T2I), val pairs", _fmt(first["mean_R"]),
-                     _fmt(res["final"]["mean_R"])))
+        rows.append(("TuneCLIP", name, setting("tuneclip", name), "mean R@1/5/10 (I2T+T2I), val pairs",
+                     _fmt(first["mean_R"]), _fmt(res["final"]["mean_R"])))
     for name, res in r["apft"].items():
         t2i = res["final"]["retrieval"]["t2i"]
-        rows.append(("APFT", name, "T2I mAP@10 all / tail",
+        rows.append(("APFT", name, setting("apft", name), "T2I mAP@10 all / tail",
                      "", f"{_fmt(t2i['all']['mAP'][10])} / {_fmt(t2i['tail']['mAP'][10])}"))
     for name, res in r["wrf4cir"].items():
         f = res["final"]
-        rows.append(("WRF4CIR", name, "val R@5 (train-val gap)", "", f"{_fmt(f['val_R5'])} ({_fmt(f['gap_R5'])})"))
+        rows.append(("WRF4CIR", name, setting("wrf4cir", name), "val R@5 (train-val gap)", "",
+                     f"{_fmt(f['val_R5'])} ({_fmt(f['gap_R5'])})"))
     for name, res in r["kalman"].items():
         c = res["curve"]
-        rows.append(("Kalman", f"LoRA + {name}", "val accuracy", _fmt(c[0]["val_acc"]), _fmt(c[-1]["val_acc"])))
+        rows.append(("Kalman", f"LoRA + {name}", setting("kalman", name), "val accuracy", _fmt(c[0]["val_acc"]),
+                     _fmt(c[-1]["val_acc"])))
     return rows
 
 
@@ -330,8 +394,10 @@ def write_report(r: Dict[str, Any], out: str, plots: Dict[str, str]) -> None:
         f"(few-shot) on `{r.get('labelled_source', 'synthetic')}`; WRF4CIR on synthetic composed-retrieval triplets "
         "(docs/DATA.md).",
         "",
-        "| method | run | metric | before | after |",
-        "|---|---|---|---:|---:|",
+        _hparams_sentence(r.get("hparams", {})),
+        "",
+        "| method | run | setting | metric | before | after |",
+        "|---|---|---|---|---:|---:|",
     ]
     for row in summary_rows(r):
         lines.append("| " + " | ".join(row) + " |")
@@ -346,4 +412,14 @@ def write_report(r: Dict[str, Any], out: str, plots: Dict[str, str]) -> None:
         lines.append(f"![{name}]({name})")
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    print("\n".join(lines[:10 + len(summary_rows(r))]))
+    print("\n".join(lines[:12 + len(summary_rows(r))]))
+
+
+def _hparams_sentence(hp: Dict[str, Any]) -> str:
+    if hp.get("_source") == "tuned":
+        t = hp.get("_tuning", {})
+        return (f"Step sizes (column *setting*) were chosen per run from a grid on tuning seed {t.get('seed')} "
+                f"(`{t.get('command', 'vlmkern fidelity --tune')}`), a seed whose pretraining and data this "
+                "report does not use (vlmkern/tuned_hparams.json).")
+    return ("Step sizes (column *setting*) are the hand-set defaults (vlmkern.demo.DEFAULT_HPARAMS); "
+            "`vlmkern fidelity --tune` picks them per run on a separate seed.")

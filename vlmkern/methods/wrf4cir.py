@@ -73,24 +73,50 @@ class CIRModel(torch.nn.Module):
         return F.normalize(self.clip.encode_image(images), dim=-1)
 
 
+def _triplet_indices(dataset, i: int):
+    """(reference, target) gallery indices of triplet ``i``, without decoding its images where the dataset can."""
+    t = dataset.triplets[i] if hasattr(dataset, "triplets") else None
+    if t is not None and isinstance(t[0], int) and isinstance(t[2], int):  # synthetic: gallery indices
+        return t[0], t[2]
+    item = dataset[i]
+    return int(item[3]), int(item[4])
+
+
 @torch.no_grad()
 def evaluate_cir(model: CIRModel, tokenizer, dataset, device, ks=(1, 5, 10, 50), amp=None,
-                 max_triplets: Optional[int] = None, batch_size: int = 128) -> Dict[int, float]:
-    """Recall@K of the target among the whole gallery (the reference excluded)."""
+                 max_triplets: Optional[int] = None, batch_size: int = 128,
+                 gallery_size: Optional[int] = None) -> Dict[int, float]:
+    """Recall@K of the target among the gallery (the reference excluded).
+
+    By default the queries are all triplets and the gallery is the dataset's whole gallery.
+    ``max_triplets`` takes the first ``max_triplets`` queries only; ``gallery_size`` then
+    ranks them against a gallery of that many images: the images those triplets use, then
+    the dataset's other images in order. Recall falls as the gallery grows, so a train/val
+    gap is only meaningful with equal galleries: the trainer measures training recall on
+    as many triplets and gallery images as the validation set has.
+    """
     model.eval()
+    n = len(dataset) if max_triplets is None else min(max_triplets, len(dataset))
+    gal_index = list(range(len(dataset.gallery)))
+    if gallery_size is not None:
+        used = list(dict.fromkeys(j for i in range(n) for j in _triplet_indices(dataset, i)))
+        seen = set(used)
+        rest = [j for j in gal_index if j not in seen]
+        gal_index = used + rest[:max(gallery_size - len(used), 0)]
+    remap = torch.full((len(dataset.gallery),), -1, dtype=torch.long)
+    remap[torch.tensor(gal_index, dtype=torch.long)] = torch.arange(len(gal_index))
     gal = []
     with autocast(device, amp):
-        for s in range(0, len(dataset.gallery), batch_size):
-            imgs = torch.stack([dataset.image(i) for i in range(s, min(s + batch_size, len(dataset.gallery)))])
+        for s in range(0, len(gal_index), batch_size):
+            imgs = torch.stack([dataset.image(i) for i in gal_index[s:s + batch_size]])
             gal.append(model.target(imgs.to(device)).float().cpu())
-        n = len(dataset) if max_triplets is None else min(max_triplets, len(dataset))
         qs, tg, rf = [], [], []
         for s in range(0, n, batch_size):
             batch = [dataset[i] for i in range(s, min(s + batch_size, n))]
             ref, text, _, ri, ti = collate_triplets(batch)
             qs.append(model.query(ref.to(device), tokenizer(text).to(device)).float().cpu())
-            tg.append(ti)
-            rf.append(ri)
+            tg.append(remap[ti])
+            rf.append(remap[ri])
     return cir_recall(torch.cat(qs), torch.cat(gal), torch.cat(tg), ks=ks, exclude_index=torch.cat(rf))
 
 
@@ -153,7 +179,8 @@ def train_wrf4cir(clip, tokenizer, train_ds, val_ds, cfg: WRF4CIRConfig, run_dir
             step += 1
             run_loss += float(loss.detach())
             count += 1
-        tr = evaluate_cir(model, tokenizer, train_ds, device, cfg.ks, cfg.amp, max_triplets=len(val_ds))
+        tr = evaluate_cir(model, tokenizer, train_ds, device, cfg.ks, cfg.amp, max_triplets=len(val_ds),
+                          gallery_size=len(val_ds.gallery))
         va = evaluate_cir(model, tokenizer, val_ds, device, cfg.ks, cfg.amp)
         rec = {"epoch": epoch + 1, "train_loss": run_loss / max(count, 1),
                **{f"train_R{k}": v for k, v in tr.items()}, **{f"val_R{k}": v for k, v in va.items()},
