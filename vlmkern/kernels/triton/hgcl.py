@@ -335,8 +335,8 @@ def _config(d: int, gpu: bool, dtype: torch.dtype = torch.bfloat16) -> dict:
 
     * bf16 / fp16, d <= 512: 64 (bf16, Hopper wgmma) or 32 (fp16, whose
       rescaled dS needs a temporary tile) owned rows x up to 4 x 128 columns;
-      bf16 loops over 32-row tiles of the looped set, fp16 over 64 (triton 3.6,
-      the GPU machine's version, spills 16 bytes with bf16 and 64);
+      looped tiles of 32 rows (bf16; with 64, triton 3.6 - the GPU machine's
+      version - spills 16 bytes) or 64 (fp16);
     * bf16 / fp16, d > 512: 32 owned rows x up to 3 x 256 columns (one program
       group for d <= 768; wider features split over groups), looped tiles of
       32 (bf16) or 16 rows (fp16: 32 spills 8 bytes under triton 3.6);
