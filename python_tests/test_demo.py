@@ -139,6 +139,8 @@ def test_tune_picks_best_grid_point(tmp_path, monkeypatch):
     assert "tuneclip" not in entry["chosen"]
     saved = json.loads(path.read_text())["tiny"]
     assert saved["seed"] == 7 and saved["chosen"] == entry["chosen"]
-    entry2 = fidelity.tune(scale="tiny", seed=7, out=str(tmp_path / "t2"), path=str(path), tasks=["tuneclip"])
+    entry2 = fidelity.tune(scale="tiny", seed=7, out=str(tmp_path / "t2"), path=str(path), tasks=["tuneclip"],
+                           command="retune tuneclip")
+    assert entry2["command"].endswith("; then retune tuneclip")  # a partial re-tune says so
     assert entry2["chosen"]["kalman"] == entry["chosen"]["kalman"] and entry2["chosen"]["tuneclip"]["GCL"]["lr"] == 1e-4
     assert demo.load_hparams("tiny", path=str(path))["kalman"]["kalman"] == entry["chosen"]["kalman"]["kalman"]

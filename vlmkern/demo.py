@@ -210,7 +210,7 @@ def run_one(ctx: Dict[str, Any], task: str, name: str, hp: Dict[str, float], out
     if task == "apft":
         atr, ava = ctx["ap"]
         cfg = APFTTrainConfig(strategy=name, max_epochs=s["ap_epochs"], batch_size=b // 2, lr=hp["lr"],
-                              schedule=APFTConfig(window=3, patience=4, min_epochs=4), seed=seed, eval_ks=(1, 5, 10))
+                              schedule=APFTConfig(window=3, patience=5, min_epochs=10), seed=seed, eval_ks=(1, 5, 10))
         return train_apft(model, tok, atr, ava, atr.prompts(), cfg, run_dir)
     if task == "wrf4cir":
         rr = {"plain": 0.0, "WRF4CIR adversarial": 0.0, "WRF4CIR random": 1.0}[name]

@@ -274,6 +274,8 @@ def tune(scale: str = "default", seed: int = 100, out: str = "runs/tune", path: 
         old = table[scale]
         entry["chosen"] = {**old.get("chosen", {}), **chosen}
         entry["trials"] = [t for t in old.get("trials", []) if t["task"] not in chosen] + trials
+        entry["command"] = f"{old.get('command', '?')}; then {command}"
+        entry["seconds"] += old.get("seconds", 0)
     table[scale] = entry
     with open(path, "w") as f:
         json.dump(table, f, indent=1)
