@@ -36,9 +36,9 @@ SCALES = {
                  tc_epochs=1, ap_n=48, ap_val=24, ap_epochs=3, ap_classes=6, ap_head=12, ap_vpc=3, k_vpc=2,
                  cir_n=32, cir_val=16, cir_epochs=1,
                  k_classes=6, k_shots=4, k_steps=4, k_eval=2, batch=16),
-    "default": dict(model="vlmkern-tiny-ViT", size=32, pre_n=1536, pre_real=1024, pre_epochs=6, tc_n=512, tc_val=256,
-                    tc_epochs=5, ap_n=480, ap_val=144, ap_epochs=20, ap_classes=12, ap_head=160, ap_vpc=30,
-                    k_vpc=50, cir_n=192, cir_val=96,
+    "default": dict(model="vlmkern-tiny-ViT", size=32, pre_n=1536, pre_real=1024, pre_epochs=6, tc_n=512, tc_val=512,
+                    tc_epochs=5, ap_n=480, ap_val=144, ap_epochs=20, ap_classes=12, ap_head=160, ap_vpc=100,
+                    k_vpc=50, cir_n=192, cir_val=192,
                     cir_epochs=4, k_classes=12, k_shots=16, k_steps=60, k_eval=1, batch=64),
 }
 
