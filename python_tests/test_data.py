@@ -120,6 +120,7 @@ def test_cir_fashioniq_and_cirr_layouts(tmp_path):
     assert len(ds) == 1 and len(ds.bad) == 2
     ref, text, tgt, ri, ti = ds[0]
     assert text == "is blue and has sleeves" and ds.gallery[ri] == "a" and ds.gallery[ti] == "b"
+    assert ds.gallery_indices(0) == (ri, ti)  # the same indices without decoding the images
     assert ds.subsets() is None
     assert torch.equal(ds.image(ti), ds.image("b"))  # by gallery index or by name
 

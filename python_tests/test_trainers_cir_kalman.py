@@ -51,6 +51,7 @@ def test_evaluate_cir_equal_gallery_for_the_gap():
     used = list(dict.fromkeys(j for t in tr.triplets[:n] for j in (t[0], t[2])))
     gal = used + [j for j in range(len(tr.gallery)) if j not in set(used)][:size - len(used)]
     assert len(gal) == size < len(tr.gallery)
+    assert all(tr.gallery_indices(i) == (tr[i][3], tr[i][4]) for i in range(n))
     got = evaluate_cir(model, tok, tr, "cpu", ks=(1, 5, 10), max_triplets=n, gallery_size=size)
     with torch.no_grad():
         model.eval()

@@ -220,7 +220,7 @@ def run_one(ctx: Dict[str, Any], task: str, name: str, hp: Dict[str, float], out
     if task == "kalman":
         ktr, kva = ctx["k"]
         cfg = KalmanTrainConfig(optimizer=name, steps=s["k_steps"], batch_size=min(b, len(ktr)),
-                                eval_every=s["k_eval"], seed=seed, p0=hp.get("p0", 0.1), lr=hp.get("lr", 1e-3))
+                                eval_every=s["k_eval"], seed=seed, **hp)
         return train_kalman(model, tok, ktr, kva, ktr.prompts(), cfg, run_dir)
     raise ValueError(f"unknown task {task!r}")
 
@@ -239,7 +239,7 @@ def run_demo(out: str = "runs/demo", scale: str = "default", seed: int = 0,
     s = ctx["s"]
     results: Dict[str, Any] = {"scale": scale, "seed": seed, "model": s["model"], "pretrain": ctx["pretrain"],
                                "labelled_source": ctx["labelled_source"],
-                               "hparams": {k: v for k, v in hp.items()}}
+                               "hparams": dict(hp)}
     atr = ctx["ap"][0]
     results["apft_train_counts"] = [atr.labels.count(k) for k in range(len(atr.prompts()))]
     for task in ("tuneclip", "apft", "wrf4cir", "kalman"):

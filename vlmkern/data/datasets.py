@@ -441,7 +441,12 @@ class CIRTriplets(_ReportsBadSamples):
 
     def __getitem__(self, i: int):
         ref, text, tgt, _ = self.triplets[i]
-        return self.image(ref), text, self.image(tgt), self.gallery_index[ref], self.gallery_index[tgt]
+        return self.image(ref), text, self.image(tgt), *self.gallery_indices(i)
+
+    def gallery_indices(self, i: int) -> Tuple[int, int]:
+        """(reference, target) gallery indices of triplet ``i``, without decoding the images."""
+        ref, _, tgt, _ = self.triplets[i]
+        return self.gallery_index[ref], self.gallery_index[tgt]
 
     def subsets(self) -> Optional[torch.Tensor]:
         """CIRR candidate sets as gallery indices [num_triplets, S] (None for FashionIQ)."""

@@ -221,6 +221,11 @@ class CIRDataset(torch.utils.data.Dataset):
         r, text, t = self.triplets[i]
         return self.image(r), text, self.image(t), r, t
 
+    def gallery_indices(self, i: int) -> Tuple[int, int]:
+        """(reference, target) gallery indices of triplet ``i``, without rendering them."""
+        r, _, t = self.triplets[i]
+        return r, t
+
 
 def _modify(a: Attrs, g: torch.Generator) -> Tuple[Attrs, str]:
     kind = int(torch.randint(3, (1,), generator=g))

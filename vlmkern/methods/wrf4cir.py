@@ -74,10 +74,10 @@ class CIRModel(torch.nn.Module):
 
 
 def _triplet_indices(dataset, i: int):
-    """(reference, target) gallery indices of triplet ``i``, without decoding its images where the dataset can."""
-    t = dataset.triplets[i] if hasattr(dataset, "triplets") else None
-    if t is not None and isinstance(t[0], int) and isinstance(t[2], int):  # synthetic: gallery indices
-        return t[0], t[2]
+    """(reference, target) gallery indices of triplet ``i``: the dataset's ``gallery_indices``
+    (no image decoded) where it has one, else read from the item."""
+    if hasattr(dataset, "gallery_indices"):
+        return dataset.gallery_indices(i)
     item = dataset[i]
     return int(item[3]), int(item[4])
 
