@@ -1,7 +1,7 @@
 """AWP weight perturbation (SPEC §4): fused vlmkern ops vs torch._foreach vs a per-tensor loop,
 and the wall-clock overhead of a full WeightPerturbation training step.
 
-    python bench/awp.py [--quick] [--device cpu|cuda] [--out bench/out]
+    python bench/awp.py [--quick | --targets] [--device cpu|cuda] [--out bench/out]
     python bench/awp.py --step [--quick]        # training-step overhead on a small CLIP
 
 Bench ``awp`` (harness): cases are parameter lists
@@ -166,9 +166,9 @@ def _fallback_skip(case, mode, device):
     return None
 
 
-def make_bench(quick: bool) -> Bench:
+def make_bench(quick: bool, targets: bool = False) -> Bench:
     """AWP perturb / restore over CLIP ViT-B/16 and a synthetic list."""
-    if quick:
+    if quick and not targets:
         cases = [{"list": "vitb16-small", "dtype": "float32"}, {"list": "synthetic", "n": 256, "dtype": "bfloat16"}]
     else:
         cases = [
@@ -192,6 +192,8 @@ def make_bench(quick: bool) -> Bench:
         modes=("perturb", "restore", "cycle", "random"),
         bytes_moved=bytes_moved,
         dtype_of=lambda case: _DT[case["dtype"]],
+        count_launches=True,
+        time_budget_s=20.0 if targets else None,
         notes=(
             "Bytes counted per SPEC §4: perturb = norms (read w, g) + perturb (read w, g; write backup, w) = 6N element-bytes; "
             "restore = 2N; cycle = 8N; random = norms (read w) + perturb (read w; write backup, w) = 4N.  "
@@ -255,7 +257,7 @@ def make_step_provider(kind):
     return make
 
 
-def make_step_bench(quick: bool) -> Bench:
+def make_step_bench(quick: bool, targets: bool = False) -> Bench:
     """Wall-clock of a WeightPerturbation step vs a plain step on a small CLIP."""
     return Bench(
         name="awp_step",

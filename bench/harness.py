@@ -84,7 +84,12 @@ class Bench:
     traffic and arithmetic of the op (for the hardware-floor fraction);
     ``dtype_of(case)`` picks the dtype of the matmul ceiling.  ``max_case``
     (optional) returns False for cases too large for a device (e.g. 256k only
-    on GPU).
+    on GPU).  ``time_budget_s`` (optional) caps the timed calls of one
+    (case, provider, mode): the repeats shrink (to no fewer than 3) when the
+    warm-up calls say ``repeats`` would take longer (e.g. B = 256k on a GPU).
+    ``count_launches``: on CUDA, also record the device operations (kernels,
+    memsets, copies) one call of each ``vlmkern`` provider issues, from
+    ``torch.profiler``.
     """
 
     name: str
@@ -97,6 +102,8 @@ class Bench:
     dtype_of: Callable[[Case], torch.dtype] = lambda case: torch.float32
     case_ok: Callable[[Case, torch.device], Tuple[bool, str]] = lambda case, dev: (True, "")
     notes: str = ""
+    time_budget_s: Optional[float] = None
+    count_launches: bool = False
 
 
 # ---------------------------------------------------------------------------
@@ -110,10 +117,26 @@ def _sync(device: torch.device) -> None:
 
 
 def time_callable(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int,
-                  min_time_s: float = 0.0) -> List[float]:
-    """Seconds per call for ``repeats`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
+                  min_time_s: float = 0.0, budget_s: Optional[float] = None) -> List[float]:
+    """Seconds per call for ``repeats`` calls after ``warmup`` calls.
+
+    ``budget_s``: the second warm-up call (the first when there is only one;
+    the first may include compilation) is timed, and the repeats shrink (to no
+    fewer than 3) and the remaining warm-ups are dropped when they would take
+    longer than ``budget_s``."""
+    for i in range(warmup):
+        if budget_s is None or (i == 0 and warmup > 1):
+            fn()
+            continue
+        _sync(device)
+        t0 = time.perf_counter()
         fn()
+        _sync(device)
+        per_call = time.perf_counter() - t0
+        repeats = max(3, min(repeats, int(budget_s / max(per_call, 1e-9))))
+        if per_call * (warmup - 1 - i + repeats) > budget_s:
+            break
+        budget_s = None  # decided: the remaining warm-ups run untimed
     _sync(device)
     times: List[float] = []
     if device.type == "cuda":
@@ -200,6 +223,28 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> Optional[int]:
     if before is None or peak is None:
         return None
     return max(0, (peak - before) * 1024)
+
+
+def count_device_ops(fn: Callable[[], Any], device: torch.device) -> Optional[Dict[str, Any]]:
+    """Device operations (kernels, memsets, copies) one call of ``fn`` issues on
+    CUDA, from ``torch.profiler``: ``{"total": n, "names": {name: count}}``;
+    ``None`` on other devices or when the profiler is unavailable."""
+    if device.type != "cuda":
+        return None
+    try:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError:  # pragma: no cover
+        return None
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        _sync(device)
+    names: Dict[str, int] = {}
+    for ev in prof.events():
+        if getattr(ev, "device_type", None) == DeviceType.CUDA:
+            names[ev.name] = names.get(ev.name, 0) + 1
+    return {"total": sum(names.values()), "names": names}
 
 
 # ---------------------------------------------------------------------------
@@ -303,13 +348,19 @@ def run(bench: Bench, device: torch.device | str, *, warmup: int = 2, repeats: i
                     continue
                 try:
                     fn = prov.make(case, mode, device)
-                    times = time_callable(fn, device, warmup=warmup, repeats=repeats)
+                    times = time_callable(fn, device, warmup=max(warmup, 1) if bench.time_budget_s else warmup,
+                                          repeats=repeats, budget_s=bench.time_budget_s)
                     rec["median_s"] = statistics.median(times)
                     qs = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
                     rec["p20_s"], rec["p80_s"] = qs[0], qs[-1]
                     rec["repeats"] = len(times)
                     if measure_memory:
                         rec["peak_mem_bytes"] = peak_memory(fn, device)
+                    if bench.count_launches and prov.kind == "vlmkern":
+                        ops = count_device_ops(fn, device)
+                        if ops is not None:
+                            rec["device_ops"] = ops["total"]
+                            rec["device_op_names"] = ops["names"]
                     del fn
                 except torch.cuda.OutOfMemoryError as exc:  # pragma: no cover - GPU only
                     rec["skipped"] = f"out of memory: {str(exc).splitlines()[0]}"
@@ -392,12 +443,17 @@ def markdown(result: Dict[str, Any]) -> str:
         + "; ".join(f"{k}: copy {v['copy_bytes_per_s'] / 1e9:.1f} GB/s, matmul ({v['matmul_dtype']}) "
                     f"{v['matmul_flops_per_s'] / 1e12:.3f} TFLOP/s" for k, v in result["ceilings"].items()),
         "",
-        "| case | mode | provider | median ms | vs baseline | peak extra mem | mem vs baseline | TFLOP/s | GB/s | % of floor |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    ops = any("device_ops" in r for r in result["records"])
+    lines += [
+        "| case | mode | provider | median ms | vs baseline | peak extra mem | mem vs baseline | TFLOP/s | GB/s | % of floor |"
+        + (" device ops |" if ops else ""),
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if ops else ""),
     ]
     for r in result["records"]:
         if "median_s" not in r:
-            lines.append(f"| {_fmt_case(r['case'])} | {r['mode']} | {r['provider']} | skipped: {r.get('skipped')} | | | | | | |")
+            lines.append(f"| {_fmt_case(r['case'])} | {r['mode']} | {r['provider']} | skipped: {r.get('skipped')} | | | | | | |"
+                         + (" |" if ops else ""))
             continue
         sp = r.get("speedup_vs_baseline")
         mr = r.get("mem_ratio_vs_baseline")
@@ -408,7 +464,12 @@ def markdown(result: Dict[str, Any]) -> str:
             f"| {_fmt_case(r['case'])} | {r['mode']} | {r['provider']} | {r['median_s'] * 1e3:.3f} | "
             f"{(f'{sp:.2f}x' if sp else '')} | {_fmt_bytes(r.get('peak_mem_bytes'))} | "
             f"{(f'{mr * 100:.1f}%' if mr is not None else '')} | {(f'{tf:.3f}' if tf else '')} | "
-            f"{(f'{gb:.1f}' if gb else '')} | {(f'{ff * 100:.1f}%' if ff else '')} |")
+            f"{(f'{gb:.1f}' if gb else '')} | {(f'{ff * 100:.1f}%' if ff else '')} |"
+            + (f" {r.get('device_ops', '')} |" if ops else ""))
+    cut = sorted({r["repeats"] for r in result["records"] if r.get("repeats", result["repeats"]) < result["repeats"]})
+    if cut:
+        lines += ["", f"Some rows are medians of fewer calls ({', '.join(map(str, cut))}): the benchmark's time "
+                      "budget per row cut them (the JSON's `repeats` has each row's count)."]
     if result.get("notes"):
         lines += ["", result["notes"]]
     return "\n".join(lines) + "\n"
@@ -419,12 +480,14 @@ def main(make_bench: Callable[[bool], Bench], argv: Optional[Sequence[str]] = No
     p = argparse.ArgumentParser(description=(make_bench.__doc__ or "").strip().splitlines()[0] if make_bench.__doc__ else None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small cases and few repeats (CI / demo)")
+    p.add_argument("--targets", action="store_true",
+                   help="only the cases the issues' speed / memory targets name (bench/targets.py judges them)")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--out", default="bench/out", help="folder for <bench>_<device>.json and .md")
     p.add_argument("--no-memory", action="store_true")
     args = p.parse_args(argv)
-    bench = make_bench(args.quick)
+    bench = make_bench(args.quick, targets=True) if args.targets else make_bench(args.quick)
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 10)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     res = run(bench, args.device, warmup=warmup, repeats=repeats, quick=args.quick, out_dir=args.out,

@@ -7,12 +7,21 @@ Providers:
   state, and autograd through ``exp(z - logden)`` (the same estimator).
 * ``vlmkern-<backend>``: :func:`vlmkern.hgcl_loss` on each live backend
   (``cpu``, ``torch`` on CPU; ``triton``, ``torch`` on GPU).
+* ``vlmkern-triton-clip`` (and ``vlmkern-cpu-clip`` in ``--targets``): the same
+  op as GCL with ``gamma = 1`` and no hinge - the plain CLIP loss, the same
+  math as the two peers below, for the per-pair comparison with Inf-CL.
 * ``open_clip-ClipLoss``: open_clip's CLIP loss, the GCL ``gamma = 1`` special
   case (plain loss, no state, no hinge).
-* ``inf-cl`` (GPU, when ``inf_cl`` is importable): Inf-CL's tiled CLIP loss, both
-  directions.
+* ``inf-cl`` (GPU, when ``inf_cl`` is importable; ``bench/gpu_check.sh`` carries
+  the ``inf-cl`` wheel): Inf-CL's tiled CLIP loss (``cal_inf_loss``), both
+  directions.  Inf-CL casts the features to fp32 before its kernels (its dots
+  are fp32 / TF32, not bf16) and runs three sweeps per direction (lse, dq, dk:
+  10 B^2 d, 20 B^2 d for the two directions, against 12 B^2 d here).
 
-``python bench/hgcl.py [--quick] [--device cpu|cuda] [--out bench/out]``.
+``python bench/hgcl.py [--quick | --targets] [--device cpu|cuda] [--out bench/out]``.
+``--targets``: only the sizes issue 3's targets name (CPU: B = 8192, d = 512;
+GPU: B = 16k at d = 512 / 768, 64k and 256k at d = 512), at most ~30 s of timed
+calls per row; ``bench/targets.py`` judges the results.
 Cases: B in {1k, 4k, 16k, 64k} (+256k on GPU) x d in {512, 768}, HGCL (margin
 0.1), tau 0.05, gamma 0.9; bf16 on GPU, fp32 on CPU.  On the CPU only
 B in {1024, 4096, 8192} at d = 512 run (B = 8192 is the CPU target size);
@@ -109,16 +118,20 @@ def make_eager(case, mode, device):
     return _full(lambda: eager_hgcl(img, txt, index, lu1, lu2), img, txt)
 
 
-def make_vlmkern(backend):
+def make_vlmkern(backend, clip: bool = False):
+    """:func:`vlmkern.hgcl_loss` on ``backend``; ``clip``: GCL with gamma = 1 and no
+    hinge, i.e. the plain CLIP loss (the same math as ClipLoss / Inf-CL)."""
+    gamma, margin = (1.0, None) if clip else (GAMMA, MARGIN)
+
     def make(case, mode, device):
         img, txt, index, lu1, lu2 = _inputs(case, device)
-        return _full(lambda: hgcl_loss(img, txt, index, lu1, lu2, tau=TAU, gamma=GAMMA, margin=MARGIN,
+        return _full(lambda: hgcl_loss(img, txt, index, lu1, lu2, tau=TAU, gamma=gamma, margin=margin,
                                        backend=backend, validate=False), img, txt)
 
     def available(case, device):
         return backends.availability("hgcl", backend, device)
 
-    return Provider(f"vlmkern-{backend}", make, kind="vlmkern", available=available)
+    return Provider(f"vlmkern-{backend}" + ("-clip" if clip else ""), make, kind="vlmkern", available=available)
 
 
 def make_clip(case, mode, device):
@@ -165,19 +178,49 @@ def infcl_available(case, device):
     return True, ""
 
 
-def make_bench(quick: bool) -> Bench:
+# The sizes issue 3's targets name: CPU B = 8192, d = 512 (time and memory vs
+# eager); GPU B = 16k, d = 512, bf16 (2x eager, 1% of its memory), Inf-CL's
+# per-pair throughput (16k / 64k / 256k), B = 262144 on one GPU.
+TARGET_CASES = {"cpu": [(8192, 512)], "cuda": [(16384, 512), (16384, 768), (65536, 512), (262144, 512)]}
+TARGET_PROVIDERS = {"cpu": ("eager", "vlmkern-cpu", "vlmkern-cpu-clip", "open_clip-ClipLoss"),
+                    "cuda": ("eager", "vlmkern-triton", "vlmkern-triton-clip", "vlmkern-torch", "open_clip-ClipLoss",
+                             "inf-cl")}
+
+
+def _target_skip(name):
+    """Targets mode: time only the providers a target compares (per device)."""
+    def skip(case, mode, device):
+        if name not in TARGET_PROVIDERS[device.type]:
+            return "not compared by a target"
+        if name == "vlmkern-torch" and case["B"] > 16384:
+            return "the PyTorch fallback is timed at 16k only"
+        if name.endswith("-clip") and case["B"] > 65536:
+            return "the plain-CLIP variant is timed up to 64k (time budget)"
+        return None
+
+    return skip
+
+
+def make_bench(quick: bool, targets: bool = False) -> Bench:
     """HGCL fwd+bwd: eager materialised vs vlmkern backends vs ClipLoss / Inf-CL."""
     env = os.environ.get("VLMKERN_BENCH_HGCL_B")
-    if env:
+    if targets:
+        cases = [dict(B=B, d=d) for dev in ("cpu", "cuda") for B, d in TARGET_CASES[dev]]
+    elif env:
         sizes = [int(x) for x in env.split(",")]
         dims = [512]
     elif quick:
         sizes, dims = [1024, 4096], [512]
     else:
         sizes, dims = [1024, 4096, 8192, 16384, 65536, 262144], [512, 768]
-    cases = [dict(B=B, d=d) for B in sizes for d in dims]
+    if not targets:
+        cases = [dict(B=B, d=d) for B in sizes for d in dims]
 
     def case_ok(case, device):
+        if targets:
+            if (case["B"], case["d"]) not in TARGET_CASES[device.type]:
+                return False, f"not a {device.type} target size"
+            return True, ""
         if device.type == "cpu" and not env and (case["B"] not in CPU_SIZES or case["d"] != 512):
             return False, "CPU run limited to B in {1024, 4096, 8192}, d = 512 (minutes, 2 cores)"
         if device.type == "cuda" and case["B"] == 8192:
@@ -189,7 +232,9 @@ def make_bench(quick: bool) -> Bench:
     providers = [
         Provider("eager", make_eager, kind="baseline", available=_materialised_ok),
         make_vlmkern("cpu"),
+        make_vlmkern("cpu", clip=True),
         make_vlmkern("triton"),
+        make_vlmkern("triton", clip=True),
         make_vlmkern("torch"),
         Provider("open_clip-ClipLoss", make_clip, kind="peer", available=clip_available),
         Provider("inf-cl", make_infcl, kind="peer", available=infcl_available),
@@ -198,6 +243,11 @@ def make_bench(quick: bool) -> Bench:
     if only:
         keep = set(only.split(","))
         providers = [p for p in providers if p.name in keep or p.kind == "baseline"]
+    elif targets:
+        for p in providers:
+            p.skip = _target_skip(p.name)
+    else:  # the "-clip" variants only where the Inf-CL comparison needs them
+        providers = [p for p in providers if p.name != "vlmkern-cpu-clip"]
     return Bench(
         name="hgcl",
         cases=cases,
@@ -210,6 +260,7 @@ def make_bench(quick: bool) -> Bench:
         bytes_moved=lambda case, mode: 4.0 * case["B"] * case["d"] * 4,
         dtype_of=lambda case: torch.bfloat16 if torch.cuda.is_available() else torch.float32,
         case_ok=case_ok,
+        time_budget_s=30.0 if targets else None,
         notes=("HGCL, margin 0.1, tau 0.05, gamma 0.9, visited state.  `full` = forward + backward of the features.  "
                "TFLOP/s and % of floor use the Triton kernels' count, 12 B^2 d (2 lse sweeps of 2 B^2 d, "
                "2 gradient sweeps of 4 B^2 d), for every provider; eager and ClipLoss do ~6 B^2 d "

@@ -1,6 +1,10 @@
 """Benchmark of the fused diagonal Kalman step (SPEC §3).
 
-    python bench/kalman.py [--quick] [--skip-100m] [--device cpu|cuda] [--out bench/out]
+    python bench/kalman.py [--quick | --targets] [--skip-100m] [--device cpu|cuda] [--out bench/out]
+
+``--targets``: only the 10M and 100M cases (issue 4's targets; ``bench/targets.py``
+judges them).  On CUDA every row also counts the device operations one step
+issues (``torch.profiler``): the fused step should issue one per pass.
 
 ``--skip-100m`` (or ``VLMKERN_BENCH_SKIP_100M=1``, e.g. under ``bench/run_all.py``)
 leaves out the 100M case, which on a small CPU takes a few minutes (the
@@ -245,10 +249,12 @@ def _case_ok(case, device):
     return True, ""
 
 
-def make_bench(quick: bool) -> Bench:
+def make_bench(quick: bool, targets: bool = False) -> Bench:
     """Fused diagonal Kalman step vs foreach, per-tensor loop and fused AdamW."""
     _check_foreach_matches_fused()
-    if quick:
+    if targets:  # issue 4: >= 2x foreach at 10M (CPU); >= 80% copy bandwidth at >= 10M, vs fused AdamW (GPU)
+        cases = [{"list": "prefix", "n": n} for n in (10_000_000, 100_000_000)]
+    elif quick:
         cases = [{"list": "lora-r8", "n": 2_211_840}, {"list": "prefix", "n": 1_000_000}]
     else:
         cases = [{"list": "lora-r8", "n": 2_211_840}] + [{"list": "prefix", "n": n} for n in (1_000_000, 10_000_000, 100_000_000)]
@@ -269,6 +275,8 @@ def make_bench(quick: bool) -> Bench:
         modes=("full",),
         bytes_moved=lambda case, mode: BYTES_PER_ELEMENT * case["n"],
         case_ok=_case_ok,
+        count_launches=True,
+        time_budget_s=20.0 if targets else None,
         notes=("One in-place optimizer step per call, fp32.  Bytes = 28 per element (Kalman and AdamW alike).  "
                f"AdamW peer: torch.optim.AdamW({_adamw_kind(torch.device('cpu'))}=True) on CPU."),
     )

@@ -1,8 +1,10 @@
 """Run every op benchmark (bench/<op>.py exposing ``make_bench(quick)``).
 
-    python bench/run_all.py [--quick] [--device cpu|cuda] [--out bench/out] [--only hgcl kalman]
+    python bench/run_all.py [--quick | --targets] [--device cpu|cuda] [--out bench/out] [--only hgcl kalman]
 
 Writes <out>/<bench>_<device>.json/.md for each, and <out>/SUMMARY_<device>.md.
+``--targets`` runs only the cases the issues' targets name and then judges them
+(bench/targets.py: <out>/TARGETS_<device>.md).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--targets", action="store_true", help="the target cases only, then bench/targets.py")
     p.add_argument("--out", default="bench/out")
     p.add_argument("--only", nargs="*", default=None)
     args = p.parse_args(argv)
@@ -43,9 +46,10 @@ def main(argv=None) -> int:
                 print(f"[run_all] bench/{name}.py does not exist yet: skipped", flush=True)
                 continue
             raise
-        print(f"[run_all] {name} on {args.device}{' (quick)' if args.quick else ''}", flush=True)
+        print(f"[run_all] {name} on {args.device}{' (quick)' if args.quick else ''}"
+              f"{' (targets)' if args.targets else ''}", flush=True)
         try:
-            bench = mod.make_bench(args.quick)
+            bench = mod.make_bench(args.quick, targets=True) if args.targets else mod.make_bench(args.quick)
             res = run(bench, args.device, warmup=1 if args.quick else 3, repeats=3 if args.quick else 10,
                       quick=args.quick, out_dir=args.out)
             summary.append(markdown(res))
@@ -57,6 +61,10 @@ def main(argv=None) -> int:
         f.write("\n\n".join(summary))
     print("\n\n".join(summary))
     print(f"[run_all] wrote {path}")
+    if args.targets:
+        from bench import targets
+
+        targets.write(args.out, torch.device(args.device).type)
     if failed:
         print(f"[run_all] FAILED: {', '.join(failed)}", file=sys.stderr)
         return 1

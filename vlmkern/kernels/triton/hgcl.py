@@ -309,6 +309,20 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
 
 
+def _wrap(kernel):
+    """``wrap_triton(kernel)``, except for the interpreter's kernels: under
+    ``TRITON_INTERPRET=1`` ``@triton.jit`` makes an ``InterpretedFunction``,
+    which newer torch passes through unchanged and torch <= 2.11 (the GPU
+    machine's version) rejects; it is launched directly (eager only)."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover - every supported triton has it
+        InterpretedFunction = ()
+    if isinstance(kernel, InterpretedFunction):
+        return kernel
+    return wrap_triton(kernel)
+
+
 def _precision(dtype: torch.dtype, interpret: bool) -> dict:
     """Operand handling for ``tl.dot`` (see the module docstring)."""
     if dtype == torch.float32:
@@ -396,7 +410,7 @@ def _launch_lse(X, Y, p, out, off_o, tau, margin, hinge):
     nw = cfg.pop("num_warps")
     log_nm1 = math.log(NL - 1) if NL > 1 else 0.0
     grid = (triton.cdiv(NO, cfg["BLOCK_O"]),)
-    wrap_triton(_lse_kernel)[grid](
+    _wrap(_lse_kernel)[grid](
         X, Y, p, out, NO, NL, D, off_o, 1.0 / tau, margin, log_nm1,
         HINGE=hinge, IEEE=_precision(X.dtype, _interpret())["IEEE"], num_warps=nw, **cfg,
     )
@@ -438,7 +452,7 @@ def _launch_grad(X, Y, *, p, ld_own, ld_loop, scale, out, osum=None, prev=None, 
     nw = cfg.pop("num_warps")
     grid = (triton.cdiv(NO, cfg["BLOCK_O"]), _d_groups(D, cfg))
     unused = p  # placeholder pointer for arguments a constexpr branch never touches
-    wrap_triton(_grad_kernel)[grid](
+    _wrap(_grad_kernel)[grid](
         X, Y, p,
         unused if ld_own is None else ld_own,
         unused if ld_loop is None else ld_loop,
