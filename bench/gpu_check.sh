@@ -6,11 +6,11 @@
 #   OUT=/some/dir bash bench/gpu_check.sh [--full-tests] [--full-bench]
 #                                         [--tests-only] [--bench-only] [--no-build]
 #
-# Default run (no flags): at most BUDGET=450 s (7.5 min) of stages, so give the
-# device call timeout_s >= 520 (600 with a --full-* flag).  Expected well under
-# that: build < 1 min (48 s with 2 jobs on the CPU dev box), device tests 1-3 min
-# (~250 Triton compilations at ~0.35 s each there, under triton 3.6), quick
-# benchmarks ~1 min.
+# Default run (no flags): at most BUDGET=540 s (9 min) of stages, so give the
+# device call timeout_s = 600.  Expected under that: build < 1 min (48 s with
+# 2 jobs on the CPU dev box), device tests 1-3 min (~250 Triton compilations at
+# ~0.35 s each there, under triton 3.6; capped at 200 s), then the target
+# benchmarks (capped at 170 + 60 + 80 s) and their verdicts.
 #   env     nvidia-smi, python / torch / triton / numpy versions   logs/env.txt
 #   build   tools/build_inplace.sh: CUDA on, sm_90 only, 16 jobs   logs/build.txt
 #   info    python -m vlmkern info (what got compiled in)           logs/info.txt
@@ -21,15 +21,20 @@
 #           a GPU is present - and the build checks of test_foundation.py; ~190
 #           tests, ~250 Triton compilations, in 4 pytest-xdist workers when xdist
 #           is installed); no -x, so one failure hides nothing
-#   bench   bench/run_all.py --device cuda --quick, one process per benchmark,
-#           hgcl first (its Triton kernels have never run on a GPU)  logs/bench_<name>.txt,
-#                                                                     bench/, SUMMARY_cuda.md
+#   bench   bench/run_all.py --device cuda --targets, one process per   logs/bench_<name>.txt,
+#           benchmark, hgcl first (its Triton kernels have never run     bench/, SUMMARY_cuda.md
+#           on a GPU): only the sizes the issues' targets name (HGCL
+#           B = 16k / 64k / 256k with eager, ClipLoss and Inf-CL; Kalman
+#           10M / 100M vs foreach and fused AdamW, with device-op counts;
+#           AWP on ViT-B/16's list), at most ~30 s of timed calls per row
+#   targets bench/targets.py: every target met / missed / not measured  TARGETS_cuda.md
 # Later calls (a fresh machine each time: each call builds again, ~1 min):
 #   --full-tests   the whole test suite (no -k) instead of the device subset
-#   --full-bench   the benchmarks at full size instead of --quick (hgcl goes up to
-#                  B = 256k: it may need a call of its own, BENCHES=hgcl)
+#   --full-bench   every benchmark case at full size instead of the target sizes
+#                  (hgcl: 1k..256k x d 512/768: give it a call of its own, BENCHES=hgcl)
+#   --quick        the small CI-sized cases instead of the target sizes
 #   --tests-only, --bench-only, --no-build (use the vlmkern._C already importable)
-#   (--quick is accepted and is the default.)  With a --full-* flag BUDGET is 560 s;
+#   With a --full-* flag BUDGET is 560 s;
 #   give each its own call: --full-tests --tests-only, then --full-bench --bench-only.
 #
 # Every stage runs under `timeout` (SIGINT first, so pytest still prints its
@@ -38,34 +43,36 @@
 # later ones.  Each stage prints its elapsed seconds and exit status (124 = timed
 # out) and appends them to $OUT/stages.txt.  At the end logs/ and bench/ are
 # packed into $OUT/results.tar.gz and removed (the device tool returns at most
-# 8 files; KEEP_LOGS=1 keeps them), leaving results.tar.gz, stages.txt and
-# SUMMARY_cuda.md.  Exit status: 0 when every stage passed.
+# 8 files; KEEP_LOGS=1 keeps them), leaving results.tar.gz, stages.txt,
+# SUMMARY_cuda.md and TARGETS_cuda.md.  Exit status: 0 when every stage passed.
 #
 # Environment (all optional): PYTHON, OUT, BUDGET, BUILD_TIMEOUT (240),
-# TESTS_TIMEOUT (300; 480 with --full-tests), TEST_K (the -k expression),
+# TESTS_TIMEOUT (200; 480 with --full-tests), TEST_K (the -k expression),
 # TEST_WORKERS (4: pytest-xdist workers when it is installed, 0 = one process),
 # TEST_TIMEOUT_EACH (150 s per test, when pytest-timeout is installed),
-# BENCHES ("hgcl kalman awp"), BENCH_TIMEOUT (60 per benchmark; 300 with
-# --full-bench), BENCH_DEVICE (cuda), VLMKERN_CUDA_ARCHS (90), JOBS (16), KEEP_LOGS.
+# BENCHES ("hgcl kalman awp"), BENCH_TIMEOUT (per benchmark: hgcl 170, kalman 60,
+# awp 80 at the target sizes; 60 with --quick; 300 with --full-bench), BENCH_DEVICE (cuda), VLMKERN_CUDA_ARCHS (90), JOBS (16), KEEP_LOGS.
 #
 # Meant for a GPU machine without network: pure-Python dependencies missing
 # there travel as wheels in .whl/ (carry it) and are installed with --no-index.
-# The lent H200's image lacks open_clip_torch and ftfy: without them
-# test_backend_clip_loss_identity[triton] fails (ImportError) and, with
-# --full-tests, 7 test modules fail to collect (reported; the rest still run).
-# Fetch them here (pure Python) with
+# The lent H200's image lacks open_clip_torch, ftfy and inf-cl: without them
+# test_backend_clip_loss_identity[triton] fails (ImportError), the ClipLoss and
+# Inf-CL benchmark rows are skipped (so the Inf-CL target is "not measured") and,
+# with --full-tests, 7 test modules fail to collect (reported; the rest still
+# run).  Fetch them here (pure Python, ~1.6 MB) with
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#     --implementation cp --platform manylinux2014_x86_64 -d .whl open_clip_torch ftfy wcwidth
+#     --implementation cp --platform manylinux2014_x86_64 -d .whl \
+#     open_clip_torch==3.3.0 ftfy wcwidth inf-cl==1.2.1
 #
 # Checked on a CPU-only machine with: OUT=/tmp/o PYTHON=.venv/bin/python BENCH_DEVICE=cpu \
 #   BENCHES=kalman bash bench/gpu_check.sh --no-build   (Triton under the interpreter)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
-DO_BUILD=1; DO_TESTS=1; DO_BENCH=1; FULL_TESTS=0; FULL_BENCH=0
+DO_BUILD=1; DO_TESTS=1; DO_BENCH=1; FULL_TESTS=0; FULL_BENCH=0; QUICK_BENCH=0
 for a in "$@"; do
   case "$a" in
-    --quick) ;;
+    --quick) QUICK_BENCH=1 ;;
     --full-tests) FULL_TESTS=1 ;;
     --full-bench) FULL_BENCH=1 ;;
     --tests-only) DO_BENCH=0 ;;
@@ -77,12 +84,22 @@ for a in "$@"; do
 done
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT/logs"
-rm -f "$OUT/stages.txt" "$OUT"/SUMMARY_*.md "$OUT/results.tar.gz"
-if [ $((FULL_TESTS + FULL_BENCH)) -gt 0 ]; then BUDGET="${BUDGET:-560}"; else BUDGET="${BUDGET:-450}"; fi
+rm -f "$OUT/stages.txt" "$OUT"/SUMMARY_*.md "$OUT"/TARGETS_*.md "$OUT/results.tar.gz"
+if [ $((FULL_TESTS + FULL_BENCH)) -gt 0 ]; then BUDGET="${BUDGET:-560}"; else BUDGET="${BUDGET:-540}"; fi
 DEADLINE=$((T0 + BUDGET))
 BUILD_TIMEOUT="${BUILD_TIMEOUT:-240}"
-if [ "$FULL_TESTS" = 1 ]; then TESTS_TIMEOUT="${TESTS_TIMEOUT:-480}"; else TESTS_TIMEOUT="${TESTS_TIMEOUT:-300}"; fi
-if [ "$FULL_BENCH" = 1 ]; then BENCH_TIMEOUT="${BENCH_TIMEOUT:-300}"; QUICK=""; else BENCH_TIMEOUT="${BENCH_TIMEOUT:-60}"; QUICK="--quick"; fi
+if [ "$FULL_TESTS" = 1 ]; then TESTS_TIMEOUT="${TESTS_TIMEOUT:-480}"; else TESTS_TIMEOUT="${TESTS_TIMEOUT:-200}"; fi
+if [ "$FULL_BENCH" = 1 ]; then PROFILE=""; elif [ "$QUICK_BENCH" = 1 ]; then PROFILE="--quick"; else PROFILE="--targets"; fi
+bench_cap() {  # the timeout of one benchmark's stage
+  if [ -n "${BENCH_TIMEOUT:-}" ]; then echo "$BENCH_TIMEOUT"; return; fi
+  case "$PROFILE:$1" in
+    :*) echo 300 ;;
+    --quick:*) echo 60 ;;
+    --targets:hgcl) echo 170 ;;
+    --targets:awp) echo 80 ;;
+    *) echo 60 ;;
+  esac
+}
 TEST_K="${TEST_K:-cuda or triton or foundation}"
 BENCHES="${BENCHES:-hgcl kalman awp}"
 BENCH_DEVICE="${BENCH_DEVICE:-cuda}"
@@ -125,7 +142,7 @@ pack() {
   echo "== total: $(($(date +%s) - T0)) s"
   local what=(logs)
   [ -d "$OUT/bench" ] && what+=(bench)
-  for f in "$OUT/stages.txt" "$OUT"/SUMMARY_*.md; do [ -f "$f" ] && what+=("${f##*/}"); done
+  for f in "$OUT/stages.txt" "$OUT"/SUMMARY_*.md "$OUT"/TARGETS_*.md; do [ -f "$f" ] && what+=("${f##*/}"); done
   # The device tool returns at most 8 files: pack everything into one archive.
   if tar -czf "$OUT/results.tar.gz" -C "$OUT" "${what[@]}"; then
     [ -n "${KEEP_LOGS:-}" ] || rm -rf "$OUT/logs" "$OUT/bench"
@@ -175,7 +192,7 @@ if [ "$DO_TESTS" = 1 ]; then
     targs+=(--timeout="${TEST_TIMEOUT_EACH:-150}")
   fi
   nb=0; for b in $BENCHES; do nb=$((nb + 1)); done
-  run_stage tests "$TESTS_TIMEOUT" $((DO_BENCH * nb * 20)) "$OUT/logs/tests.txt" "$PY" -m pytest "${targs[@]}"
+  run_stage tests "$TESTS_TIMEOUT" $((DO_BENCH * nb * 40)) "$OUT/logs/tests.txt" "$PY" -m pytest "${targs[@]}"
   grep -E "^(FAILED|ERROR) " "$OUT/logs/tests.txt" | sort -u | head -40
   tail -3 "$OUT/logs/tests.txt"
 fi
@@ -187,8 +204,8 @@ if [ "$DO_BENCH" = 1 ]; then
   for b in $BENCHES; do
     rest=$((rest - 1))
     rm -f "$OUT/bench/SUMMARY_$dev_type.md"
-    run_stage "bench-$b" "$BENCH_TIMEOUT" $((rest * 20)) "$OUT/logs/bench_$b.txt" \
-      "$PY" bench/run_all.py --device "$BENCH_DEVICE" $QUICK --only "$b" --out "$OUT/bench"
+    run_stage "bench-$b" "$(bench_cap "$b")" $((rest * 30 + 10)) "$OUT/logs/bench_$b.txt" \
+      "$PY" bench/run_all.py --device "$BENCH_DEVICE" $PROFILE --only "$b" --out "$OUT/bench"
     if [ -s "$OUT/bench/SUMMARY_$dev_type.md" ]; then
       { cat "$OUT/bench/SUMMARY_$dev_type.md"; echo; echo; } >>"$OUT/SUMMARY_$dev_type.md"
     else
@@ -196,6 +213,11 @@ if [ "$DO_BENCH" = 1 ]; then
     fi
   done
   [ -f "$OUT/SUMMARY_$dev_type.md" ] && cat "$OUT/SUMMARY_$dev_type.md"
+  if [ "$PROFILE" = "--targets" ]; then  # verdicts from whatever the stages above measured
+    run_stage targets 30 0 "$OUT/logs/targets.txt" \
+      "$PY" bench/targets.py --results "$OUT/bench" --device "$dev_type"
+    cp "$OUT/bench/TARGETS_$dev_type.md" "$OUT/" 2>/dev/null && cat "$OUT/TARGETS_$dev_type.md"
+  fi
 fi
 
 echo "== stages (elapsed, exit status)"

@@ -387,6 +387,14 @@ def run(bench: Bench, device: torch.device | str, *, warmup: int = 2, repeats: i
                     bm, rm = base.get("peak_mem_bytes"), r.get("peak_mem_bytes")
                     r["mem_ratio_vs_baseline"] = (rm / bm) if (bm and rm is not None) else None
             records.extend(case_records)
+        _write_result(bench, device, ceilings, warmup, repeats, records, out_dir, complete=False)
+    return _write_result(bench, device, ceilings, warmup, repeats, records, out_dir, complete=True)
+
+
+def _write_result(bench: Bench, device: torch.device, ceilings, warmup: int, repeats: int,
+                  records: List[Dict[str, Any]], out_dir: Optional[str], complete: bool) -> Dict[str, Any]:
+    """The result dict; written to ``out_dir`` after every case (``complete`` =
+    False until the last), so a run stopped by a timeout keeps what it measured."""
     result = {
         "bench": bench.name,
         "baseline": bench.baseline,
@@ -397,6 +405,7 @@ def run(bench: Bench, device: torch.device | str, *, warmup: int = 2, repeats: i
         "repeats": repeats,
         "notes": bench.notes,
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "complete": complete,
         "records": records,
     }
     if out_dir:
@@ -470,6 +479,8 @@ def markdown(result: Dict[str, Any]) -> str:
     if cut:
         lines += ["", f"Some rows are medians of fewer calls ({', '.join(map(str, cut))}): the benchmark's time "
                       "budget per row cut them (the JSON's `repeats` has each row's count)."]
+    if result.get("complete") is False:
+        lines += ["", "**Incomplete**: the run stopped (or is still running) before its last case."]
     if result.get("notes"):
         lines += ["", result["notes"]]
     return "\n".join(lines) + "\n"

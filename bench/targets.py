@@ -147,7 +147,8 @@ def _machine(res: Optional[Dict[str, Any]]) -> str:
     if res is None:
         return "missing"
     m = res.get("machine", {})
-    return f"{m.get('gpu') or m.get('cpu_model') or m.get('processor')}, torch {m.get('torch')}"
+    return (f"{m.get('gpu') or m.get('cpu_model') or m.get('processor')}, torch {m.get('torch')}"
+            + (", **incomplete run**" if res.get("complete") is False else ""))
 
 
 def judge(results: str, device: str) -> Judge:

@@ -696,3 +696,35 @@ def test_info_reports_hgcl():
     # no CUDA kernels: CUDA tensors take Triton, and the registry says why
     ok, why = vlmkern.backends.availability("hgcl", "cuda", "cuda")
     assert not ok and "no compiled cuda kernel" in why
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Inf-CL's kernels run on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_cuda_plain_clip_matches_infcl(dtype):
+    """The peer of the GPU benchmark computes the same thing: vlmkern's GCL with
+    gamma = 1, no hinge and eps = 1/(B-1) is 2 tau x (CLIP loss - log(B-1)) and
+    its gradients 2 tau x the CLIP loss's (the ClipLoss identity above); Inf-CL's
+    ``cal_inf_loss`` in both directions gives that CLIP loss.  Inf-CL casts the
+    features to fp32 and its dots may use TF32, hence the loose tolerance.
+    (``bench/gpu_check.sh`` carries the inf-cl wheel; skipped without it.)  Checked
+    on the CPU once, with Inf-CL 1.2.1 under TRITON_INTERPRET=1 (its TF32
+    rounding asm removed, asserts off): fp32 gradients agree to 2e-7, bf16 to 3e-3."""
+    inf_cl = pytest.importorskip("inf_cl")
+    require_backend("hgcl", "triton", "cuda")
+    # d: a multiple of Inf-CL's head_dim (256).  b: a multiple of its 64-row blocks - its backward
+    # reads lse / dlse past the end unmasked, and padding rows then give 0 * inf = NaN in dk (seen
+    # under the interpreter, where such reads return stale memory).
+    b, d, tau = 768, 512, 0.05
+    img = feats(b, d).to("cuda", dtype)
+    txt = feats(b, d).to("cuda", dtype)
+    a, t = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    loss = hgcl_loss(a, t, torch.arange(b, device="cuda"), state(b, device="cuda"), state(b, device="cuda"),
+                     tau=tau, gamma=1.0, margin=None, eps=1.0 / (b - 1), backend="triton")
+    loss.backward()
+    ai, at = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    cl = 0.5 * (inf_cl.cal_inf_loss(ai, at, scale=1.0 / tau) + inf_cl.cal_inf_loss(at, ai, scale=1.0 / tau))
+    cl.backward()
+    tol = 5e-3 if dtype == torch.float32 else 3e-2
+    assert abs(loss.item() - 2 * tau * (cl.item() - math.log(b - 1))) < tol * 2 * tau * max(1.0, abs(cl.item()))
+    assert rel_err(a.grad.float(), 2 * tau * ai.grad.float()) < tol
+    assert rel_err(t.grad.float(), 2 * tau * at.grad.float()) < tol
