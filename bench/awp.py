@@ -60,13 +60,14 @@ _SHAPES = {}
 
 
 def shapes_of(case):
-    key = case["list"]
+    name = case["list"]
+    key = (name, case.get("n", 1024)) if name == "synthetic" else name
     if key not in _SHAPES:
-        if key == "vitb16":
+        if name == "vitb16":
             _SHAPES[key] = vitb16_shapes()
-        elif key == "vitb16-small":  # quick mode: the same structure, widths / 4
+        elif name == "vitb16-small":  # quick mode: the same structure, widths / 4
             _SHAPES[key] = [tuple(max(1, s // 4) for s in sh) for sh in vitb16_shapes()]
-        else:
+        else:  # synthetic lists of different lengths must not share one cache entry
             _SHAPES[key] = synthetic_shapes(case.get("n", 1024))
     return _SHAPES[key]
 

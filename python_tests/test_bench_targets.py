@@ -171,3 +171,21 @@ def test_target_profiles_cover_the_cpu_targets(name):
     else:
         assert {(c["list"], c["dtype"]) for c in cases} >= {("vitb16", "float32"), ("synthetic", "bfloat16")}
         assert bench.count_launches
+
+
+def test_ab_interleaves_providers_of_one_case(capsys):
+    from bench import ab
+
+    med = ab.ab("awp", {"list": "synthetic", "n": 8, "dtype": "float32"}, "restore", ["loop", "vlmkern"],
+                rounds=3, warmup=1)
+    assert set(med) == {"loop", "vlmkern"} and all(v > 0 for v in med.values())
+    assert "loop/this" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown provider"):
+        ab.ab("awp", {"list": "synthetic", "n": 8, "dtype": "float32"}, "restore", ["nope"], rounds=1)
+
+
+def test_awp_synthetic_lists_of_different_lengths_do_not_share_shapes():
+    from bench import awp
+
+    assert len(awp.shapes_of({"list": "synthetic", "n": 8})) == 8
+    assert len(awp.shapes_of({"list": "synthetic", "n": 12})) == 12
