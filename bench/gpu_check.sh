@@ -33,6 +33,12 @@
 #   --full-bench   every benchmark case at full size instead of the target sizes
 #                  (hgcl: 1k..256k x d 512/768: give it a call of its own, BENCHES=hgcl)
 #   --quick        the small CI-sized cases instead of the target sizes
+#   --tune         before the benchmarks, tools/hgcl_tune.py times launch configurations
+#                  of the Triton HGCL kernels (B = 16k, d 512 / 768, bf16; at most
+#                  TUNE_TIMEOUT = 240 s) and installs the winners as
+#                  vlmkern/kernels/triton/hgcl_tuned.json, so the benchmarks after it use
+#                  them; the file comes back as $OUT/hgcl_tuned.json - commit it to keep it.
+#                  Second call of a session: --tune --bench-only
 #   --tests-only, --bench-only, --no-build (use the vlmkern._C already importable)
 #   With a --full-* flag BUDGET is 560 s;
 #   give each its own call: --full-tests --tests-only, then --full-bench --bench-only.
@@ -50,7 +56,7 @@
 # TESTS_TIMEOUT (200; 480 with --full-tests), TEST_K (the -k expression),
 # TEST_WORKERS (4: pytest-xdist workers when it is installed, 0 = one process),
 # TEST_TIMEOUT_EACH (150 s per test, when pytest-timeout is installed),
-# BENCHES ("hgcl kalman awp"), BENCH_TIMEOUT (per benchmark: hgcl 170, kalman 60,
+# BENCHES ("hgcl kalman awp"; "hgcl" with --tune), TUNE_TIMEOUT (240), BENCH_TIMEOUT (per benchmark: hgcl 170, kalman 60,
 # awp 80 at the target sizes; 60 with --quick; 300 with --full-bench), BENCH_DEVICE (cuda), VLMKERN_CUDA_ARCHS (90), JOBS (16), KEEP_LOGS.
 #
 # Meant for a GPU machine without network: pure-Python dependencies missing
@@ -69,7 +75,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
-DO_BUILD=1; DO_TESTS=1; DO_BENCH=1; FULL_TESTS=0; FULL_BENCH=0; QUICK_BENCH=0
+DO_BUILD=1; DO_TESTS=1; DO_BENCH=1; DO_TUNE=0; FULL_TESTS=0; FULL_BENCH=0; QUICK_BENCH=0
 for a in "$@"; do
   case "$a" in
     --quick) QUICK_BENCH=1 ;;
@@ -78,13 +84,14 @@ for a in "$@"; do
     --tests-only) DO_BENCH=0 ;;
     --bench-only) DO_TESTS=0 ;;
     --no-build) DO_BUILD=0 ;;
+    --tune) DO_TUNE=1 ;;
     -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $a (see --help)"; exit 2 ;;
   esac
 done
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT/logs"
-rm -f "$OUT/stages.txt" "$OUT"/SUMMARY_*.md "$OUT"/TARGETS_*.md "$OUT/results.tar.gz"
+rm -f "$OUT/stages.txt" "$OUT"/SUMMARY_*.md "$OUT"/TARGETS_*.md "$OUT/results.tar.gz" "$OUT/hgcl_tuned.json"
 if [ $((FULL_TESTS + FULL_BENCH)) -gt 0 ]; then BUDGET="${BUDGET:-560}"; else BUDGET="${BUDGET:-540}"; fi
 DEADLINE=$((T0 + BUDGET))
 BUILD_TIMEOUT="${BUILD_TIMEOUT:-240}"
@@ -101,7 +108,7 @@ bench_cap() {  # the timeout of one benchmark's stage
   esac
 }
 TEST_K="${TEST_K:-cuda or triton or foundation}"
-BENCHES="${BENCHES:-hgcl kalman awp}"
+if [ "$DO_TUNE" = 1 ]; then BENCHES="${BENCHES:-hgcl}"; else BENCHES="${BENCHES:-hgcl kalman awp}"; fi  # tuning changes HGCL only
 BENCH_DEVICE="${BENCH_DEVICE:-cuda}"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # the real compiler on a GPU; conftest sets it again where there is none
@@ -195,6 +202,17 @@ if [ "$DO_TESTS" = 1 ]; then
   run_stage tests "$TESTS_TIMEOUT" $((DO_BENCH * nb * 40)) "$OUT/logs/tests.txt" "$PY" -m pytest "${targs[@]}"
   grep -E "^(FAILED|ERROR) " "$OUT/logs/tests.txt" | sort -u | head -40
   tail -3 "$OUT/logs/tests.txt"
+fi
+
+# ---- tuning -------------------------------------------------------------------
+if [ "$DO_TUNE" = 1 ]; then
+  tcap="${TUNE_TIMEOUT:-240}"
+  if run_stage tune "$tcap" $((DO_BENCH * 150)) "$OUT/logs/tune.txt" \
+      "$PY" tools/hgcl_tune.py --B 16384 --d 512 768 --dtype bfloat16 --budget-s $((tcap - 30)) \
+      --out "$OUT/hgcl_tuned.json"; then
+    cp "$OUT/hgcl_tuned.json" vlmkern/kernels/triton/hgcl_tuned.json  # the benchmarks below use it
+  fi
+  grep -E "best|budget" "$OUT/logs/tune.txt"
 fi
 
 # ---- benchmarks ---------------------------------------------------------------

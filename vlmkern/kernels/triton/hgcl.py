@@ -338,8 +338,89 @@ def _pow2(x: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(x), 1))))
 
 
+CONFIG_ENV = "VLMKERN_HGCL_TRITON_CONFIG"
+TUNED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hgcl_tuned.json")
+_KEYS = {"lse": {"BLOCK_O", "BLOCK_L", "BLOCK_K", "num_warps", "num_stages"},
+         "grad": {"BLOCK_O", "BLOCK_L", "BLOCK_K", "BLOCK_DO", "ND", "num_warps", "num_stages"}}
+
+
+def _check_overrides(over: dict, origin: str) -> dict:
+    """Validate ``{"lse": {...}, "grad": {...}}`` launch overrides; errors name ``origin``."""
+    if not isinstance(over, dict) or not set(over) <= set(_KEYS):
+        raise ValueError(f"{origin}: expected a JSON object with keys among {sorted(_KEYS)}, got {over!r}")
+    for kind, cfg in over.items():
+        if not isinstance(cfg, dict) or not set(cfg) <= _KEYS[kind]:
+            raise ValueError(f"{origin}: {kind!r} takes keys among {sorted(_KEYS[kind])}, got {cfg!r}")
+        for k, v in cfg.items():
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{origin}: {kind}.{k} must be a positive integer, got {v!r}")
+            if k.startswith("BLOCK_") and (v & (v - 1) or v < 16):
+                raise ValueError(f"{origin}: {kind}.{k} must be a power of two >= 16, got {v}")
+            if k == "num_warps" and v not in (1, 2, 4, 8, 16):
+                raise ValueError(f"{origin}: {kind}.num_warps must be 1, 2, 4, 8 or 16, got {v}")
+            if k == "ND" and v > MAX_ND:
+                raise ValueError(f"{origin}: grad.ND must be at most {MAX_ND}, got {v}")
+    return over
+
+
+def _tuned(d: int, dtype: torch.dtype) -> dict:
+    """The entry of ``hgcl_tuned.json`` (written by ``tools/hgcl_tune.py`` on a
+    GPU) for this dtype and ``d``, if the file exists and was tuned on this GPU's
+    architecture (or no GPU is visible: the sm_90 compile check)."""
+    table = _tuned_table()
+    if not table:
+        return {}
+    arch = table.get("arch")
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        if arch != f"sm_{major}{minor}":
+            return {}
+    return table.get("entries", {}).get(f"{str(dtype).replace('torch.', '')}:{d}", {})
+
+
+_TUNED_CACHE: dict = {}
+
+
+def _tuned_table() -> dict:
+    if "table" not in _TUNED_CACHE:
+        table = {}
+        if os.path.exists(TUNED_PATH):
+            import json
+
+            with open(TUNED_PATH) as f:
+                table = json.load(f)
+            for key, entry in table.get("entries", {}).items():
+                _check_overrides(entry, f"{TUNED_PATH} [{key}]")
+        _TUNED_CACHE["table"] = table
+    return _TUNED_CACHE["table"]
+
+
 def _config(d: int, gpu: bool, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Block sizes: ``{"lse": {...}, "grad": {...}}``.
+    """Launch configuration ``{"lse": {...}, "grad": {...}}``: the defaults of
+    :func:`_default_config`; on the GPU updated by the tuned table
+    (``hgcl_tuned.json``, when present); then by the JSON in the environment
+    variable ``VLMKERN_HGCL_TRITON_CONFIG`` (any device, e.g.
+    ``'{"grad": {"BLOCK_L": 64, "num_stages": 2}}'``; ``tools/hgcl_tune.py``
+    uses it to time candidates)."""
+    cfg = _default_config(d, gpu, dtype)
+    layers = [_tuned(d, dtype)] if gpu else []
+    env = os.environ.get(CONFIG_ENV, "").strip()
+    if env:
+        import json
+
+        try:
+            over = json.loads(env)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{CONFIG_ENV} is not valid JSON ({exc}): {env!r}") from None
+        layers.append(_check_overrides(over, CONFIG_ENV))
+    for over in layers:
+        for kind, part in over.items():
+            cfg[kind] = {**cfg[kind], **part}
+    return cfg
+
+
+def _default_config(d: int, gpu: bool, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Default block sizes: ``{"lse": {...}, "grad": {...}}``.
 
     The interpreter (CPU tensors) prefers few, large numpy blocks.  The GPU
     numbers are untuned defaults (no GPU was available), chosen so that
@@ -408,11 +489,12 @@ def _launch_lse(X, Y, p, out, off_o, tau, margin, hinge):
     NL = Y.shape[0]
     cfg = dict(_config(D, X.device.type == "cuda" and not _interpret(), X.dtype)["lse"])
     nw = cfg.pop("num_warps")
+    opts = {"num_stages": cfg.pop("num_stages")} if "num_stages" in cfg else {}
     log_nm1 = math.log(NL - 1) if NL > 1 else 0.0
     grid = (triton.cdiv(NO, cfg["BLOCK_O"]),)
     _wrap(_lse_kernel)[grid](
         X, Y, p, out, NO, NL, D, off_o, 1.0 / tau, margin, log_nm1,
-        HINGE=hinge, IEEE=_precision(X.dtype, _interpret())["IEEE"], num_warps=nw, **cfg,
+        HINGE=hinge, IEEE=_precision(X.dtype, _interpret())["IEEE"], num_warps=nw, **opts, **cfg,
     )
 
 
@@ -450,6 +532,7 @@ def _launch_grad(X, Y, *, p, ld_own, ld_loop, scale, out, osum=None, prev=None, 
     interp = _interpret()
     cfg = dict(_config(D, X.device.type == "cuda" and not interp, X.dtype)["grad"])
     nw = cfg.pop("num_warps")
+    opts = {"num_stages": cfg.pop("num_stages")} if "num_stages" in cfg else {}
     grid = (triton.cdiv(NO, cfg["BLOCK_O"]), _d_groups(D, cfg))
     unused = p  # placeholder pointer for arguments a constexpr branch never touches
     _wrap(_grad_kernel)[grid](
@@ -463,7 +546,7 @@ def _launch_grad(X, Y, *, p, ld_own, ld_loop, scale, out, osum=None, prev=None, 
         unused if other is None else other,
         NO, NL, D, off_o, off_l, 1.0 / tau, margin, 1.0 / (n_cols - 1),
         HINGE=hinge, OWN=ld_own is not None, LOOP=ld_loop is not None, STORE_OSUM=osum is not None,
-        POS=prev is not None, num_warps=nw, **_precision(X.dtype, interp), **cfg,
+        POS=prev is not None, num_warps=nw, **opts, **_precision(X.dtype, interp), **cfg,
     )
 
 
