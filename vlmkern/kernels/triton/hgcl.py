@@ -70,10 +70,15 @@ fp32.  Under ``TRITON_INTERPRET=1`` bf16 operands are upcast (triton 3.8's
 interpreter multiplies bf16 operands as raw integers) and the ``dS`` tile is
 rounded through bf16 to keep the GPU path's rounding.
 
-Block sizes for the GPU are untuned defaults (:func:`_config`): no GPU was
-available when they were written; ``tools/triton_sm90_check.py`` compiles every
-launch variant for sm_90 on a CPU-only machine and shows that none spills
-registers (timing still needs a GPU).  The ops ``vlmkern::hgcl_stats_triton`` and
+Block sizes for the GPU are untuned defaults (:func:`_default_config`): no GPU
+was available when they were written; ``tools/triton_sm90_check.py`` compiles
+every launch variant for sm_90 on a CPU-only machine and shows that none spills
+registers (timing still needs a GPU).  :func:`_config` layers on top of them the
+table ``hgcl_tuned.json`` beside this file (written on a GPU by
+``tools/hgcl_tune.py``, which times candidates and keeps the fastest correct
+one; applied only on GPUs of the architecture it was tuned on) and the
+environment variable ``VLMKERN_HGCL_TRITON_CONFIG`` (JSON, e.g.
+``{"grad": {"BLOCK_L": 64, "num_stages": 2}}``).  The ops ``vlmkern::hgcl_stats_triton`` and
 ``vlmkern::hgcl_grad_triton`` are registered with ``torch.library.triton_op`` so
 they trace into ``torch.compile`` graphs.  This module imports without a GPU; on
 CPU tensors it runs only under ``TRITON_INTERPRET=1``.  Outputs are allocated
