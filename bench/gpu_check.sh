@@ -38,7 +38,10 @@
 #                  TUNE_TIMEOUT = 240 s) and installs the winners as
 #                  vlmkern/kernels/triton/hgcl_tuned.json, so the benchmarks after it use
 #                  them; the file comes back as $OUT/hgcl_tuned.json - commit it to keep it.
-#                  Second call of a session: --tune --bench-only
+#                  Second call of a session: --tune --bench-only.  With a 15-minute device
+#                  budget, issue it at once after the first call (the machine stays warm
+#                  30 s, keeping the build): BUDGET=200 TUNE_TIMEOUT=120 bash
+#                  bench/gpu_check.sh --no-build --tune --bench-only, timeout_s 230
 #   --tests-only, --bench-only, --no-build (use the vlmkern._C already importable)
 #   With a --full-* flag BUDGET is 560 s;
 #   give each its own call: --full-tests --tests-only, then --full-bench --bench-only.
