@@ -210,7 +210,8 @@ fi
 # ---- tuning -------------------------------------------------------------------
 if [ "$DO_TUNE" = 1 ]; then
   tcap="${TUNE_TIMEOUT:-240}"
-  if run_stage tune "$tcap" $((DO_BENCH * 150)) "$OUT/logs/tune.txt" \
+  treserve=$((BUDGET >= 400 ? 150 : 60))  # kept for the benchmarks after the tuning
+  if run_stage tune "$tcap" $((DO_BENCH * treserve)) "$OUT/logs/tune.txt" \
       "$PY" tools/hgcl_tune.py --B 16384 --d 512 768 --dtype bfloat16 --budget-s $((tcap - 30)) \
       --out "$OUT/hgcl_tuned.json"; then
     cp "$OUT/hgcl_tuned.json" vlmkern/kernels/triton/hgcl_tuned.json  # the benchmarks below use it
