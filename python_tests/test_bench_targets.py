@@ -189,3 +189,16 @@ def test_awp_synthetic_lists_of_different_lengths_do_not_share_shapes():
 
     assert len(awp.shapes_of({"list": "synthetic", "n": 8})) == 8
     assert len(awp.shapes_of({"list": "synthetic", "n": 12})) == 12
+
+
+def test_cli_bench_passes_targets_to_run_all(monkeypatch):
+    import subprocess
+
+    from vlmkern import cli
+
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd, cwd=None: calls.append(cmd) or 0)
+    assert cli.main(["bench", "--targets", "--only", "kalman", "--device", "cpu", "--out", "/tmp/x"]) == 0
+    (cmd,) = calls
+    assert cmd[1].endswith(os.path.join("bench", "run_all.py"))
+    assert "--targets" in cmd and "--quick" not in cmd and cmd[cmd.index("--only") + 1] == "kalman"

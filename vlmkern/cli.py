@@ -25,7 +25,7 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _run_bench(quick: bool, out: str, device: Optional[str], only: Optional[List[str]]) -> int:
+def _run_bench(quick: bool, out: str, device: Optional[str], only: Optional[List[str]], targets: bool = False) -> int:
     root = _repo_root()
     if root is None:
         print("vlmkern: the benchmarks live in the source tree (bench/); run from a checkout", file=sys.stderr)
@@ -33,6 +33,8 @@ def _run_bench(quick: bool, out: str, device: Optional[str], only: Optional[List
     cmd = [sys.executable, os.path.join(root, "bench", "run_all.py"), "--out", out]
     if quick:
         cmd.append("--quick")
+    if targets:
+        cmd.append("--targets")
     if device:
         cmd += ["--device", device]
     if only:
@@ -84,7 +86,7 @@ def cmd_fidelity(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    return _run_bench(quick=args.quick, out=args.out, device=args.device, only=args.only)
+    return _run_bench(quick=args.quick, out=args.out, device=args.device, only=args.only, targets=args.targets)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -116,6 +118,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     pf.set_defaults(fn=cmd_fidelity)
     pb = sub.add_parser("bench", help="kernel microbenchmarks (bench/run_all.py)")
     pb.add_argument("--quick", action="store_true")
+    pb.add_argument("--targets", action="store_true",
+                    help="only the sizes the issues' targets name, then bench/targets.py (TARGETS_<device>.md)")
     pb.add_argument("--out", default="bench/out")
     pb.add_argument("--device", default=None)
     pb.add_argument("--only", nargs="*", default=None)
