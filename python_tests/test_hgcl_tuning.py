@@ -107,3 +107,19 @@ def test_triton_tune_script_smoke_run(tmp_path):
     assert len(cands) == 16 and cands[0] == K._default_config(512, True, torch.bfloat16)["grad"]
     assert all(c["BLOCK_O"] * c["ND"] * c["BLOCK_DO"] <= 128 * 32 * c["num_warps"] for c in cands[1:])
     assert len({json.dumps(c, sort_keys=True) for c in cands}) == 16
+
+
+def test_triton_config_source_shown_by_info(tuned_file, monkeypatch):
+    import vlmkern
+
+    assert "untuned defaults" in vlmkern.info()["hgcl_triton_config"]
+    tuned_file.write_text(json.dumps({"arch": "sm_90", "date": "2027-01-01",
+                                      "entries": {"bfloat16:512": {"lse": {"BLOCK_L": 128}}}}))
+    monkeypatch.setattr(K, "_TUNED_CACHE", {})
+    monkeypatch.setenv(K.CONFIG_ENV, '{"grad": {"BLOCK_L": 16}}')
+    text = vlmkern.info(as_text=True)
+    assert "tuned table hgcl_tuned.json for sm_90 (bfloat16:512; 2027-01-01)" in text
+    assert K.CONFIG_ENV in text
+    tuned_file.write_text(json.dumps({"arch": "sm_90", "entries": {"bfloat16:512": {"lse": {"BLOCK_L": 3}}}}))
+    monkeypatch.setattr(K, "_TUNED_CACHE", {})
+    assert "INVALID" in vlmkern.info()["hgcl_triton_config"]  # reported, not raised

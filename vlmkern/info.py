@@ -58,6 +58,7 @@ def info(as_text: bool = False) -> Dict[str, Any] | str:
         },
         "backends": backends.table(),
     }
+    d["hgcl_triton_config"] = _hgcl_triton_config()
     if not as_text:
         return d
     lines = [
@@ -74,6 +75,7 @@ def info(as_text: bool = False) -> Dict[str, Any] | str:
         f"devices: cpu ({d['devices']['cpu']['threads']} threads)"
         + (f", cuda: {', '.join(d['devices']['cuda'])}" if d["devices"]["cuda"] else ", no CUDA device"),
         f"TRITON_INTERPRET: {d['triton_interpret']}",
+        f"HGCL Triton launch configuration: {d['hgcl_triton_config']}",
         "",
         "backends (live, or why not):",
     ]
@@ -83,3 +85,28 @@ def info(as_text: bool = False) -> Dict[str, Any] | str:
             for b in backends.BACKENDS:
                 lines.append(f"      {b:7s} {row[b]}")
     return "\n".join(lines)
+
+
+def _hgcl_triton_config() -> str:
+    """Where the HGCL Triton kernels' GPU block sizes come from (defaults, the
+    tuned table, the environment override)."""
+    import os
+
+    try:
+        from .kernels.triton import hgcl as K
+    except Exception as exc:  # triton missing or broken
+        return f"n/a (triton kernels not importable: {type(exc).__name__})"
+    parts = []
+    try:
+        table = K._tuned_table()
+    except Exception as exc:  # a malformed table: say so here instead of failing
+        table = {}
+        parts.append(f"tuned table INVALID ({exc})")
+    if table:
+        parts.append(f"tuned table {os.path.basename(K.TUNED_PATH)} for {table.get('arch', '?')} "
+                     f"({', '.join(sorted(table.get('entries', {}))) or 'no entries'}; {table.get('date', 'undated')})")
+    elif not parts:
+        parts.append("untuned defaults (no hgcl_tuned.json)")
+    if os.environ.get(K.CONFIG_ENV, "").strip():
+        parts.append(f"{K.CONFIG_ENV}={os.environ[K.CONFIG_ENV].strip()}")
+    return "; ".join(parts)
