@@ -498,7 +498,7 @@ def main(make_bench: Callable[[bool], Bench], argv: Optional[Sequence[str]] = No
     p.add_argument("--out", default="bench/out", help="folder for <bench>_<device>.json and .md")
     p.add_argument("--no-memory", action="store_true")
     args = p.parse_args(argv)
-    bench = make_bench(args.quick, targets=True) if args.targets else make_bench(args.quick)
+    bench = make_bench(args.quick, targets=args.targets)
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 10)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     res = run(bench, args.device, warmup=warmup, repeats=repeats, quick=args.quick, out_dir=args.out,

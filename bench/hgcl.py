@@ -206,14 +206,13 @@ def make_bench(quick: bool, targets: bool = False) -> Bench:
     env = os.environ.get("VLMKERN_BENCH_HGCL_B")
     if targets:
         cases = [dict(B=B, d=d) for dev in ("cpu", "cuda") for B, d in TARGET_CASES[dev]]
-    elif env:
-        sizes = [int(x) for x in env.split(",")]
-        dims = [512]
-    elif quick:
-        sizes, dims = [1024, 4096], [512]
     else:
-        sizes, dims = [1024, 4096, 8192, 16384, 65536, 262144], [512, 768]
-    if not targets:
+        if env:
+            sizes, dims = [int(x) for x in env.split(",")], [512]
+        elif quick:
+            sizes, dims = [1024, 4096], [512]
+        else:
+            sizes, dims = [1024, 4096, 8192, 16384, 65536, 262144], [512, 768]
         cases = [dict(B=B, d=d) for B in sizes for d in dims]
 
     def case_ok(case, device):

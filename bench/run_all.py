@@ -49,7 +49,7 @@ def main(argv=None) -> int:
         print(f"[run_all] {name} on {args.device}{' (quick)' if args.quick else ''}"
               f"{' (targets)' if args.targets else ''}", flush=True)
         try:
-            bench = mod.make_bench(args.quick, targets=True) if args.targets else mod.make_bench(args.quick)
+            bench = mod.make_bench(args.quick, targets=args.targets)
             res = run(bench, args.device, warmup=1 if args.quick else 3, repeats=3 if args.quick else 10,
                       quick=args.quick, out_dir=args.out)
             summary.append(markdown(res))

@@ -186,10 +186,9 @@ def judge(results: str, device: str) -> Judge:
                 j.ratio(3, "(same, vlmkern's plain CLIP loss: GCL gamma = 1)", _case_str(c), hg,
                         "vlmkern-triton-clip", "inf-cl", at_least=1 / 1.25, **c)
     if gpu and hg is not None:
+        peak = next(iter(hg.get("ceilings", {}).values()), {}).get("matmul_flops_per_s")
         for r in hg["records"]:
             if r["provider"] in ("vlmkern-triton", "vlmkern-triton-clip") and _timed(r) and r.get("achieved_tflops"):
-                ceil = next(iter(hg["ceilings"].values()), {}) if hg.get("ceilings") else {}
-                peak = ceil.get("matmul_flops_per_s")
                 j.add(3, "achieved TFLOP/s (12 B^2 d count) vs measured matmul peak", _case_str(r["case"]),
                       REPORTED, f"{r['achieved_tflops']:.3g} TFLOP/s = {r['floor_fraction'] * 100:.0f}% of "
                       f"{(peak or 0) / 1e12:.3g} TFLOP/s ({r['provider']})", "report")

@@ -13,7 +13,7 @@ that nothing spills registers.  For each ``d`` this script
    family at a time - compiles, checks the outputs against the reference
    (relative error 1e-4 for the statistics, 2e-2 for bf16 / fp16 gradients,
    whose dS operand is rounded per tile; 1e-4 in fp32) and times it (median of
-   CUDA-event timings after warm-up; a candidate that fails to compile, e.g. out
+   ``bench.harness.time_callable``'s CUDA-event timings after a warm-up call; a candidate that fails to compile, e.g. out
    of shared memory, is recorded as failed);
 3. keeps the fastest correct candidate of each family.
 
@@ -87,33 +87,11 @@ def _rel(a, b) -> float:
     return (a[fin] - b[fin]).norm().item() / den if den > 0 else (a[fin] - b[fin]).norm().item()
 
 
-def _time(fn, gpu: bool, reps: int) -> float:
-    import torch
-
-    fn()
-    if gpu:
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(reps):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            ts.append(s.elapsed_time(e) / 1e3)
-        return statistics.median(ts)
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def tune(B: int, dims, dtype: str, gpu: bool, budget_s: float, max_configs: int, reps: int, log=print) -> dict:
     import torch
     import torch.nn.functional as Fn
 
+    from bench.harness import time_callable
     from vlmkern.kernels.triton import hgcl as K
 
     dt = getattr(torch, dtype)
@@ -153,7 +131,8 @@ def tune(B: int, dims, dtype: str, gpu: bool, budget_s: float, max_configs: int,
                         if not err <= tol:
                             rec["failed"] = f"wrong result: relative error {err:.2e} > {tol:g}"
                         else:
-                            rec["median_s"] = _time(fn, gpu, reps)
+                            rec["median_s"] = statistics.median(time_callable(fn, torch.device(dev), warmup=1,
+                                                                              repeats=reps))
                     except Exception as exc:  # compilation (shared memory, registers) or launch failure
                         rec["failed"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
                     finally:

@@ -60,12 +60,11 @@ def _attrs(fn, sig):
             if v.startswith("*") or k in ("D", "NO", "NL")}
 
 
-def _compile(fn, sig, const, num_warps, arch, num_stages=None):
+def _compile(fn, sig, const, opts, arch):
     for k in const:
         sig[k] = "constexpr"
     attrs = _attrs(fn, sig)
     src = ASTSource(fn, sig, const, attrs=attrs)
-    opts = dict(num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}))
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
     # The attrs format is internal to Triton: a version that reads it differently
     # would silently compile without the launch's alignment hints.
@@ -91,28 +90,24 @@ def resources(kernel) -> dict:
 
 
 def compile_lse(dtype: str, d: int, arch: int = 90):
-    cfg = dict(K._config(d, True, DTYPES[dtype])["lse"])
-    nw = cfg.pop("num_warps")
-    ns = cfg.pop("num_stages", None)
+    cfg, opts = K._launch_options(K._config(d, True, DTYPES[dtype])["lse"])
     p = "*" + dtype
     sig = {"X": p, "Y": p, "P": "*fp32", "OUT": "*fp32", "NO": "i32", "NL": "i32", "D": "i32", "off_o": "i32",
            "inv_tau": "fp32", "margin": "fp32", "log_nm1": "fp32"}
     const = dict(HINGE=True, IEEE=K._precision(DTYPES[dtype], False)["IEEE"], **cfg)
-    return _compile(K._lse_kernel, sig, const, nw, arch, ns), cfg
+    return _compile(K._lse_kernel, sig, const, opts, arch), cfg
 
 
 def compile_grad(dtype: str, d: int, variant: str, arch: int = 90):
     own, loop, store, pos = GRAD_VARIANTS[variant]
-    cfg = dict(K._config(d, True, DTYPES[dtype])["grad"])
-    nw = cfg.pop("num_warps")
-    ns = cfg.pop("num_stages", None)
+    cfg, opts = K._launch_options(K._config(d, True, DTYPES[dtype])["grad"])
     p = "*" + dtype
     sig = {"X": p, "Y": p, "P": "*fp32", "LD_O": "*fp32", "LD_L": "*fp32", "SCALE": "*fp32", "OUT": "*fp32",
            "OSUM": "*fp32", "PREV": "*fp32", "PARTNER": p, "OTHER": "*fp32", "NO": "i32", "NL": "i32", "D": "i32",
            "off_o": "i32", "off_l": "i32", "inv_tau": "fp32", "margin": "fp32", "inv_nm1": "fp32"}
     const = dict(HINGE=True, OWN=own, LOOP=loop, STORE_OSUM=store, POS=pos,
                  **K._precision(DTYPES[dtype], False), **cfg)
-    return _compile(K._grad_kernel, sig, const, nw, arch, ns), cfg
+    return _compile(K._grad_kernel, sig, const, opts, arch), cfg
 
 
 def main(argv=None) -> int:

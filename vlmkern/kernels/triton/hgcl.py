@@ -424,6 +424,16 @@ def _config(d: int, gpu: bool, dtype: torch.dtype = torch.bfloat16) -> dict:
     return cfg
 
 
+def _launch_options(cfg: dict) -> Tuple[dict, dict]:
+    """Split one kernel family's configuration into its constexpr block sizes
+    and the launch options (``num_warps``, ``num_stages`` when set)."""
+    consts = dict(cfg)
+    opts = {"num_warps": consts.pop("num_warps")}
+    if "num_stages" in consts:
+        opts["num_stages"] = consts.pop("num_stages")
+    return consts, opts
+
+
 def _default_config(d: int, gpu: bool, dtype: torch.dtype = torch.bfloat16) -> dict:
     """Default block sizes: ``{"lse": {...}, "grad": {...}}``.
 
@@ -492,14 +502,12 @@ def _columns(img, txt, all_img, all_txt):
 def _launch_lse(X, Y, p, out, off_o, tau, margin, hinge):
     NO, D = X.shape
     NL = Y.shape[0]
-    cfg = dict(_config(D, X.device.type == "cuda" and not _interpret(), X.dtype)["lse"])
-    nw = cfg.pop("num_warps")
-    opts = {"num_stages": cfg.pop("num_stages")} if "num_stages" in cfg else {}
+    cfg, opts = _launch_options(_config(D, X.device.type == "cuda" and not _interpret(), X.dtype)["lse"])
     log_nm1 = math.log(NL - 1) if NL > 1 else 0.0
     grid = (triton.cdiv(NO, cfg["BLOCK_O"]),)
     _wrap(_lse_kernel)[grid](
         X, Y, p, out, NO, NL, D, off_o, 1.0 / tau, margin, log_nm1,
-        HINGE=hinge, IEEE=_precision(X.dtype, _interpret())["IEEE"], num_warps=nw, **opts, **cfg,
+        HINGE=hinge, IEEE=_precision(X.dtype, _interpret())["IEEE"], **opts, **cfg,
     )
 
 
@@ -535,9 +543,7 @@ def _launch_grad(X, Y, *, p, ld_own, ld_loop, scale, out, osum=None, prev=None, 
     NO, D = X.shape
     NL = Y.shape[0]
     interp = _interpret()
-    cfg = dict(_config(D, X.device.type == "cuda" and not interp, X.dtype)["grad"])
-    nw = cfg.pop("num_warps")
-    opts = {"num_stages": cfg.pop("num_stages")} if "num_stages" in cfg else {}
+    cfg, opts = _launch_options(_config(D, X.device.type == "cuda" and not interp, X.dtype)["grad"])
     grid = (triton.cdiv(NO, cfg["BLOCK_O"]), _d_groups(D, cfg))
     unused = p  # placeholder pointer for arguments a constexpr branch never touches
     _wrap(_grad_kernel)[grid](
@@ -551,7 +557,7 @@ def _launch_grad(X, Y, *, p, ld_own, ld_loop, scale, out, osum=None, prev=None, 
         unused if other is None else other,
         NO, NL, D, off_o, off_l, 1.0 / tau, margin, 1.0 / (n_cols - 1),
         HINGE=hinge, OWN=ld_own is not None, LOOP=ld_loop is not None, STORE_OSUM=osum is not None,
-        POS=prev is not None, num_warps=nw, **opts, **_precision(X.dtype, interp), **cfg,
+        POS=prev is not None, **opts, **_precision(X.dtype, interp), **cfg,
     )
 
 
