@@ -81,3 +81,32 @@ def pytest_report_header(config):
         f"(error: {_C_loader.error()}), CUDA kernels compiled in={backends.compiled_cuda()}, "
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}, devices={DEVICES}"
     ]
+
+
+# ---------------------------------------------------------------------------
+# The CUDA kernels on the CPU emulator (python_tests/cuda_emu.py)
+# ---------------------------------------------------------------------------
+
+CUDA_EMU = "cuda-emu"  # a backend id in the op tests' parametrisations
+
+
+def use_cuda_emu(monkeypatch):
+    """Route ``torch.ops.vlmkern`` to the emulated CUDA kernels for one test.
+
+    The public wrappers (``vlmkern.kalman_step_``, ``vlmkern.awp_perturb_``, ...)
+    look the compiled op up in ``torch.ops.vlmkern`` at every call, so with this
+    patch ``backend="cpu"`` on CPU tensors runs the real CUDA kernel sources and
+    their host code (csrc/*/*_cuda.{cu,cpp}) on the emulator.  Returns the
+    emulator's ops (``launch_count``, ``set_schedule_seed``, ...).  A failed
+    build fails the test in CI and skips it elsewhere (with the compiler's
+    message)."""
+    import cuda_emu
+
+    try:
+        ops = cuda_emu.load()
+    except Exception as exc:  # compiler missing, non-Linux, ...
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"CUDA emulator unavailable: {str(exc).splitlines()[-1][:300]}")
+    monkeypatch.setattr(torch.ops, "vlmkern", ops)
+    return ops

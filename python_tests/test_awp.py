@@ -10,19 +10,24 @@ import torch
 import vlmkern
 from vlmkern import reference as R
 
-from conftest import DTYPES, require_backend
+from conftest import CUDA_EMU, DTYPES, require_backend, use_cuda_emu
 
-IMPLS = [("cpu", "cpu"), ("cpu", "torch"), ("cuda", "cuda"), ("cuda", "torch")]
+# (device, backend); ("cpu", CUDA_EMU) runs the CUDA kernels on the CPU emulator.
+IMPLS = [("cpu", "cpu"), ("cpu", "torch"), ("cpu", CUDA_EMU), ("cuda", "cuda"), ("cuda", "torch")]
 
 _MANT = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
 _MIN_SUB = {torch.float32: 2.0**-149, torch.bfloat16: 2.0**-133, torch.float16: 2.0**-24}
 
 
 @pytest.fixture(params=IMPLS, ids=lambda p: f"{p[0]}-{p[1]}")
-def impl(request):
+def impl(request, monkeypatch):
     dev, backend = request.param
     if dev == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
+    if backend == CUDA_EMU:
+        require_backend("awp", "cpu", "cpu")
+        use_cuda_emu(monkeypatch)
+        backend = "cpu"
     require_backend("awp", backend, dev)
     return dev, backend
 

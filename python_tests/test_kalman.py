@@ -16,14 +16,16 @@ import torch
 import vlmkern
 from vlmkern import reference as ref
 
-from conftest import TOL, rel_err, require_backend
+from conftest import CUDA_EMU, TOL, rel_err, require_backend, use_cuda_emu
 
 HAS_CUDA = torch.cuda.is_available()
 
-# (backend, device) pairs; CUDA ones skip by capability.
+# (backend, device) pairs; CUDA ones skip by capability.  (CUDA_EMU, "cpu") runs
+# the CUDA kernels on the CPU emulator (the `backend` fixture below).
 BACKEND_DEVICES = [
     ("cpu", "cpu"),
     ("torch", "cpu"),
+    (CUDA_EMU, "cpu"),
     pytest.param("cuda", "cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")),
     pytest.param("torch", "cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")),
 ]
@@ -31,6 +33,17 @@ BACKEND_DEVICES = [
 # Mixed shapes: an empty tensor, scalars, odd sizes, one tensor larger than a
 # CUDA chunk (16384 elements) so that chunking and tails are exercised.
 SHAPES = [(33, 17), (0,), (128,), (7, 1, 3), (1,), (129, 131), (5, 0, 2), (1025,)]
+
+
+@pytest.fixture
+def backend(request, monkeypatch):
+    """The backend name of a test's (backend, device) parameter; CUDA_EMU patches
+    torch.ops.vlmkern to the emulated CUDA kernels and runs them as "cpu"."""
+    if request.param == CUDA_EMU:
+        require_backend("kalman", "cpu", "cpu")
+        use_cuda_emu(monkeypatch)
+        return "cpu"
+    return request.param
 
 
 def _make(shapes, dtype, device, p_lo=0.05, p_hi=0.15, gen=None):
@@ -64,7 +77,7 @@ def _check_close(got, want, dtype, what, step):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, indirect=["backend"])
 @pytest.mark.parametrize("forgetting,q,gate", [(1.0, 0.0, None), (0.95, 1e-3, 2.0)], ids=["plain", "forget_q_gate"])
 def test_twenty_steps_match_reference(backend, device, dtype, forgetting, q, gate):
     require_backend("kalman", backend, device)
@@ -97,7 +110,7 @@ def test_twenty_steps_match_reference(backend, device, dtype, forgetting, q, gat
     assert any((v.min() < 0.05 * 0.999).item() or (v.max() > 0.15 * 1.001).item() for v in variances if v.numel())
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, indirect=["backend"])
 def test_empty_tensors_and_empty_list(backend, device):
     require_backend("kalman", backend, device)
     e, R = torch.tensor(2.0, device=device), torch.tensor(0.75, device=device)
@@ -112,7 +125,7 @@ def test_empty_tensors_and_empty_list(backend, device):
     assert S.item() == pytest.approx(0.75) and S.device.type == device
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, indirect=["backend"])
 def test_non_contiguous_inputs(backend, device, dtype):
     require_backend("kalman", backend, device)
     gen = torch.Generator().manual_seed(3)
@@ -149,7 +162,7 @@ def test_non_contiguous_inputs(backend, device, dtype):
     assert torch.equal(flat_w[:1], fw_keep[:1])
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, indirect=["backend"])
 def test_thousand_tiny_tensors(backend, device):
     require_backend("kalman", backend, device)
     gen = torch.Generator().manual_seed(11)
@@ -171,7 +184,7 @@ def test_thousand_tiny_tensors(backend, device):
         assert rel_err(cat(variances), cat(ref_v)) < 2e-6
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, indirect=["backend"])
 def test_variance_floor_and_positivity(backend, device):
     require_backend("kalman", backend, device)
     # One element with a huge Jacobian dominates S: its posterior variance
@@ -194,7 +207,7 @@ def test_variance_floor_and_positivity(backend, device):
         assert (v >= 0).all() and torch.isfinite(v).all()
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, indirect=["backend"])
 def test_forgetting_inflates_variances(backend, device):
     require_backend("kalman", backend, device)
     w = torch.zeros(10, device=device)
@@ -206,7 +219,7 @@ def test_forgetting_inflates_variances(backend, device):
     assert torch.equal(w, torch.zeros(10, device=device))
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, indirect=["backend"])
 @pytest.mark.parametrize("fires", [True, False], ids=["gate_fires", "gate_quiet"])
 def test_gate(backend, device, fires):
     require_backend("kalman", backend, device)
@@ -258,7 +271,7 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, indirect=["backend"])
 @pytest.mark.parametrize("case", range(len(BAD)))
 def test_bad_inputs_name_the_argument(backend, device, case):
     require_backend("kalman", backend, device)
