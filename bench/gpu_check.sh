@@ -15,7 +15,8 @@
 #   build   tools/build_inplace.sh: CUDA on, sm_90 only, 16 jobs   logs/build.txt
 #   info    python -m vlmkern info (what got compiled in)           logs/info.txt
 #   tests   the tests that run CUDA / Triton kernels on the device: logs/tests.txt,
-#           pytest -k "cuda or triton or foundation" over the       logs/junit.xml
+#           pytest -k "(cuda or triton or foundation) and not emu" logs/junit.xml
+#           (the CPU emulator's "cuda-emu" tests are for machines without a GPU), over the
 #           python_tests modules that mention cuda or triton (CUDA parametrisations
 #           of the kalman / awp tests, every Triton HGCL test - on CUDA tensors when
 #           a GPU is present - and the build checks of test_foundation.py; ~190
@@ -110,7 +111,9 @@ bench_cap() {  # the timeout of one benchmark's stage
     *) echo 60 ;;
   esac
 }
-TEST_K="${TEST_K:-cuda or triton or foundation}"
+# The CPU emulator of the CUDA kernels (test_cuda_emu.py, the "cuda-emu" ids) runs in CI;
+# on the GPU the real kernels take its place.
+TEST_K="${TEST_K:-(cuda or triton or foundation) and not emu}"
 if [ "$DO_TUNE" = 1 ]; then BENCHES="${BENCHES:-hgcl}"; else BENCHES="${BENCHES:-hgcl kalman awp}"; fi  # tuning changes HGCL only
 BENCH_DEVICE="${BENCH_DEVICE:-cuda}"
 export PYTHONUNBUFFERED=1
