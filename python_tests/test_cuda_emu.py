@@ -106,10 +106,11 @@ def _launches(emu, fn):
 
 @pytest.mark.parametrize(
     "n_tensors,dtypes,want",
-    [(144, 1, 2), (256, 1, 2), (257, 1, 4), (300, 1, 4), (144, 2, 4), (90, 3, 6)],
+    [(144, 1, 2), (302, 1, 2), (768, 1, 2), (769, 1, 4), (144, 2, 2), (300, 3, 2), (1600, 3, 6)],
 )
 def test_kalman_launches_one_per_pass(emu, n_tensors, dtypes, want):
-    """Two passes: 2 launches per dtype group present and per 256 tensors."""
+    """Two passes: 2 launches for up to 768 tensors of any mix of dtypes (302:
+    all of ViT-B/16 CLIP), 2 more per further 768."""
     all_dtypes = (torch.float32, torch.bfloat16, torch.float16)[:dtypes]
     params, grads, variances = _kalman_inputs([(97 + i,) for i in range(n_tensors)], all_dtypes)
     e, R = torch.tensor(1.0), torch.tensor(1.0)
@@ -125,9 +126,10 @@ def test_kalman_all_empty_is_one_launch(emu):
 
 
 @pytest.mark.parametrize("mode", ["adversarial", "random"])
-@pytest.mark.parametrize("n_tensors,dtypes,want", [(144, 1, 3), (300, 1, 6), (144, 3, 9)])
-def test_awp_perturb_three_launches_per_group(emu, mode, n_tensors, dtypes, want):
-    """Norm, finalize and perturb: 3 launches per dtype group and per 256 tensors."""
+@pytest.mark.parametrize("n_tensors,dtypes,want", [(144, 1, 3), (302, 3, 3), (768, 2, 3), (800, 1, 6)])
+def test_awp_perturb_three_launches(emu, mode, n_tensors, dtypes, want):
+    """Norm, finalize and perturb: 3 launches for up to 768 tensors of any mix
+    of dtypes, 3 more per further 768."""
     all_dtypes = (torch.float32, torch.bfloat16, torch.float16)[:dtypes]
     params = [torch.randn(33 + i).to(all_dtypes[i % dtypes]) for i in range(n_tensors)]
     grads = [torch.randn_like(p) for p in params] if mode == "adversarial" else None
@@ -136,8 +138,8 @@ def test_awp_perturb_three_launches_per_group(emu, mode, n_tensors, dtypes, want
     assert got == want
 
 
-@pytest.mark.parametrize("n_tensors,want", [(1, 1), (256, 1), (257, 2), (600, 3)])
-def test_awp_restore_one_launch_per_256_tensors_any_dtypes(emu, n_tensors, want):
+@pytest.mark.parametrize("n_tensors,want", [(1, 1), (768, 1), (769, 2), (1600, 3)])
+def test_awp_restore_one_launch_per_768_tensors_any_dtypes(emu, n_tensors, want):
     dts = (torch.float32, torch.bfloat16, torch.float16)
     params = [torch.randn(5 + i % 7).to(dts[i % 3]) for i in range(n_tensors)]
     backup = [p.clone() for p in params]
@@ -159,8 +161,8 @@ def test_awp_empty_tensors_launch_nothing(emu):
 # ---------------------------------------------------------------------------
 
 # Tensors over several chunks (Kalman: 16384 elements, AWP: 65536) so that
-# launches have many blocks, and more than 256 tensors (several launches).
-BIG_SHAPES = [(70001,), (33, 65), (40000,), (1,)] + [(11 + i % 5,) for i in range(260)]
+# launches have many blocks, and more than 768 tensors (two launches per pass).
+BIG_SHAPES = [(70001,), (33, 65), (40000,), (1,)] + [(11 + i % 5,) for i in range(800)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])

@@ -1,5 +1,5 @@
 // Torch-facing host code of the CUDA kernels of awp_perturb_ / awp_restore_:
-// validates the lists, groups tensors by dtype, allocates the norms output and
+// validates the lists, builds one tensor table (any mix of dtypes), allocates the norms output and
 // the per-chunk workspace from the caching allocator, and calls the launchers
 // of awp_cuda.cu on the current stream.  No host synchronisation (the perturb
 // pass reads the norms from device memory), so a step can be graph-captured.
@@ -47,30 +47,24 @@ at::Tensor awp_perturb_cuda(at::TensorList params, at::TensorList grads, at::Ten
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   std::vector<at::Tensor> w(n), g(random ? 0 : n), bk(n);
-  std::vector<cuda::PerturbDesc> groups[3];
+  std::vector<cuda::PerturbDesc> descs;
+  descs.reserve(n);
   for (size_t i = 0; i < n; ++i) {
     w[i] = params[i].contiguous();
     if (!random) g[i] = grads[i].contiguous();
     bk[i] = backup[i].is_contiguous() ? backup[i] : at::empty(w[i].sizes(), w[i].options());
     if (w[i].numel() == 0) continue;
-    groups[static_cast<int>(to_dtype(w[i].scalar_type()))].push_back(
-        {w[i].data_ptr(), random ? nullptr : g[i].const_data_ptr(), bk[i].data_ptr(), w[i].numel(),
-         static_cast<int32_t>(i)});
+    descs.push_back({w[i].data_ptr(), random ? nullptr : g[i].const_data_ptr(), bk[i].data_ptr(),
+                     w[i].numel(), static_cast<int32_t>(i), to_dtype(w[i].scalar_type())});
   }
-  int64_t ws = 0;
-  for (const auto& grp : groups) ws += cuda::perturb_workspace_floats(grp.data(), static_cast<int>(grp.size()));
+  const int nd = static_cast<int>(descs.size());
+  const int64_t ws = cuda::perturb_workspace_floats(descs.data(), nd);
   at::Tensor workspace = at::empty({ws > 0 ? ws : 1}, params[0].options().dtype(c10::kFloat));
   at::Tensor norms = at::zeros({static_cast<int64_t>(n), 2}, params[0].options().dtype(c10::kFloat));
-  float* wsp = workspace.data_ptr<float>();
-  for (int d = 0; d < 3; ++d) {
-    const auto& grp = groups[d];
-    if (grp.empty()) continue;
-    VLMKERN_CHECK_CUDA(cuda::launch_perturb(static_cast<cuda::DType>(d), grp.data(),
-                                            static_cast<int>(grp.size()), static_cast<int>(mode),
-                                            static_cast<uint64_t>(seed), sign * gamma, eps, wsp,
-                                            norms.data_ptr<float>(), stream));
-    wsp += cuda::perturb_workspace_floats(grp.data(), static_cast<int>(grp.size()));
-  }
+  VLMKERN_CHECK_CUDA(cuda::launch_perturb(descs.data(), nd, static_cast<int>(mode),
+                                          static_cast<uint64_t>(seed), sign * gamma, eps,
+                                          workspace.data_ptr<float>(), norms.data_ptr<float>(),
+                                          stream));
   for (size_t i = 0; i < n; ++i) {
     if (!w[i].is_same(params[i])) params[i].copy_(w[i]);
     if (!bk[i].is_same(backup[i])) backup[i].copy_(bk[i]);

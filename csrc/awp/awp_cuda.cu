@@ -1,12 +1,14 @@
 // CUDA kernels of awp_perturb_ / awp_restore_ (SPEC §4) on multi-tensor apply
-// (common/multi_tensor_apply.cuh).  Per dtype group and per 256 tensors:
+// (common/multi_tensor_apply.cuh).  For up to 768 tensors of any mix of
+// fp32 / bf16 / fp16 (the dtype is dispatched per chunk, uniform in a block):
 //   1. norm_kernel     : one block per chunk of kChunk elements writes the
 //                        chunk's (sum w^2, sum d^2) partial (fp32 within the chunk);
 //   2. finalize_kernel : one block per tensor adds its chunks' partials in a
 //                        fixed order in double -> norms[index] = (||w||, ||d||);
 //   3. perturb_kernel  : reads the norms from device memory (no host sync),
 //                        backup <- w, w <- round(w + scale * d).
-// The restore is one bytewise copy launch for any mix of dtypes.  Results are
+// So a perturb is 3 launches, and 3 more per further 768 tensors.  The restore
+// is one bytewise copy launch per 768 tensors of any dtypes.  Results are
 // deterministic (no atomics).  16-byte vector loads when every pointer of the
 // launch is 16-byte aligned; chunk starts are then aligned too (kChunk is a
 // multiple of every vector width), tails run element by element.
@@ -69,7 +71,39 @@ __device__ __forceinline__ void block_sum2(float& a, float& b, float2* smem) {
   __syncthreads();  // smem is reused by the next chunk
 }
 
+// This thread's share of (sum w^2, sum d^2) over one chunk of a tensor.
 template <typename T, int MODE, bool VEC>
+__device__ __forceinline__ void norm_chunk(const void* w_base, const void* g_base, int64_t start,
+                                           int64_t len, uint32_t key, float& sw, float& sd) {
+  const T* w = static_cast<const T*>(w_base) + start;
+  const T* g = MODE == kModeAdversarial ? static_cast<const T*>(g_base) + start : nullptr;
+  int64_t i0 = 0;
+  if (VEC) {
+    constexpr int N = Vec<T>::N;
+    const int64_t nv = len / N;
+    for (int64_t j = threadIdx.x; j < nv; j += blockDim.x) {
+      const Vec<T> wv = reinterpret_cast<const Vec<T>*>(w)[j];
+      Vec<T> gv;
+      if (MODE == kModeAdversarial) gv = reinterpret_cast<const Vec<T>*>(g)[j];
+#pragma unroll
+      for (int q = 0; q < N; ++q) {
+        const float x = to_f(wv.v[q]);
+        sw += x * x;
+        const float d = MODE == kModeAdversarial ? to_f(gv.v[q]) : gaussian(key, start + j * N + q);
+        sd += d * d;
+      }
+    }
+    i0 = nv * N;
+  }
+  for (int64_t i = i0 + threadIdx.x; i < len; i += blockDim.x) {
+    const float x = to_f(w[i]);
+    sw += x * x;
+    const float d = MODE == kModeAdversarial ? to_f(g[i]) : gaussian(key, start + i);
+    sd += d * d;
+  }
+}
+
+template <int MODE, bool VEC>
 __global__ void __launch_bounds__(kThreads)
     norm_kernel(TensorListMeta<2> m, int32_t total_chunks, uint64_t seed, float2* partials) {
   __shared__ float2 smem[kThreads / 32];
@@ -77,33 +111,18 @@ __global__ void __launch_bounds__(kThreads)
     const int t = mta::locate_tensor(m, c);
     const int64_t start = static_cast<int64_t>(c - m.chunk_start[t]) * kChunk;
     const int64_t len = min(kChunk, m.numel[t] - start);
-    const T* w = static_cast<const T*>(m.ptrs[0][t]) + start;
-    const T* g = MODE == kModeAdversarial ? static_cast<const T*>(m.ptrs[1][t]) + start : nullptr;
     const uint32_t key = MODE == kModeRandom ? tensor_key(seed, static_cast<uint32_t>(m.list_index[t])) : 0u;
     float sw = 0.f, sd = 0.f;
-    int64_t i0 = 0;
-    if (VEC) {
-      constexpr int N = Vec<T>::N;
-      const int64_t nv = len / N;
-      for (int64_t j = threadIdx.x; j < nv; j += blockDim.x) {
-        const Vec<T> wv = reinterpret_cast<const Vec<T>*>(w)[j];
-        Vec<T> gv;
-        if (MODE == kModeAdversarial) gv = reinterpret_cast<const Vec<T>*>(g)[j];
-#pragma unroll
-        for (int q = 0; q < N; ++q) {
-          const float x = to_f(wv.v[q]);
-          sw += x * x;
-          const float d = MODE == kModeAdversarial ? to_f(gv.v[q]) : gaussian(key, start + j * N + q);
-          sd += d * d;
-        }
-      }
-      i0 = nv * N;
-    }
-    for (int64_t i = i0 + threadIdx.x; i < len; i += blockDim.x) {
-      const float x = to_f(w[i]);
-      sw += x * x;
-      const float d = MODE == kModeAdversarial ? to_f(g[i]) : gaussian(key, start + i);
-      sd += d * d;
+    switch (static_cast<DType>(m.dtype[t])) {  // uniform across the block
+      case DType::kBFloat16:
+        norm_chunk<__nv_bfloat16, MODE, VEC>(m.ptrs[0][t], m.ptrs[1][t], start, len, key, sw, sd);
+        break;
+      case DType::kHalf:
+        norm_chunk<__half, MODE, VEC>(m.ptrs[0][t], m.ptrs[1][t], start, len, key, sw, sd);
+        break;
+      default:
+        norm_chunk<float, MODE, VEC>(m.ptrs[0][t], m.ptrs[1][t], start, len, key, sw, sd);
+        break;
     }
     block_sum2(sw, sd, smem);
     if (threadIdx.x == 0) partials[c] = make_float2(sw, sd);
@@ -138,7 +157,40 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   }
 }
 
+// backup <- w, w <- round(w + s * d) over one chunk of a tensor.
 template <typename T, int MODE, bool VEC>
+__device__ __forceinline__ void perturb_chunk(void* w_base, const void* g_base, void* bk_base,
+                                              int64_t start, int64_t len, float s, uint32_t key) {
+  T* w = static_cast<T*>(w_base) + start;
+  const T* g = MODE == kModeAdversarial ? static_cast<const T*>(g_base) + start : nullptr;
+  T* bk = static_cast<T*>(bk_base) + start;
+  int64_t i0 = 0;
+  if (VEC) {
+    constexpr int N = Vec<T>::N;
+    const int64_t nv = len / N;
+    for (int64_t j = threadIdx.x; j < nv; j += blockDim.x) {
+      Vec<T> wv = reinterpret_cast<const Vec<T>*>(w)[j];
+      Vec<T> gv;
+      if (MODE == kModeAdversarial) gv = reinterpret_cast<const Vec<T>*>(g)[j];
+      reinterpret_cast<Vec<T>*>(bk)[j] = wv;
+#pragma unroll
+      for (int q = 0; q < N; ++q) {
+        const float d = MODE == kModeAdversarial ? to_f(gv.v[q]) : gaussian(key, start + j * N + q);
+        wv.v[q] = from_f<T>(perturbed(to_f(wv.v[q]), s, d));
+      }
+      reinterpret_cast<Vec<T>*>(w)[j] = wv;
+    }
+    i0 = nv * N;
+  }
+  for (int64_t i = i0 + threadIdx.x; i < len; i += blockDim.x) {
+    const T x = w[i];
+    bk[i] = x;
+    const float d = MODE == kModeAdversarial ? to_f(g[i]) : gaussian(key, start + i);
+    w[i] = from_f<T>(perturbed(to_f(x), s, d));
+  }
+}
+
+template <int MODE, bool VEC>
 __global__ void __launch_bounds__(kThreads)
     perturb_kernel(TensorListMeta<3> m, int32_t total_chunks, uint64_t seed, double gamma_signed,
                    double eps, const float* norms) {
@@ -146,35 +198,19 @@ __global__ void __launch_bounds__(kThreads)
     const int t = mta::locate_tensor(m, c);
     const int64_t start = static_cast<int64_t>(c - m.chunk_start[t]) * kChunk;
     const int64_t len = min(kChunk, m.numel[t] - start);
-    T* w = static_cast<T*>(m.ptrs[0][t]) + start;
-    const T* g = MODE == kModeAdversarial ? static_cast<const T*>(m.ptrs[1][t]) + start : nullptr;
-    T* bk = static_cast<T*>(m.ptrs[2][t]) + start;
     const int64_t row = m.list_index[t];
     const float s = scale(norms[2 * row], norms[2 * row + 1], gamma_signed, eps);
     const uint32_t key = MODE == kModeRandom ? tensor_key(seed, static_cast<uint32_t>(row)) : 0u;
-    int64_t i0 = 0;
-    if (VEC) {
-      constexpr int N = Vec<T>::N;
-      const int64_t nv = len / N;
-      for (int64_t j = threadIdx.x; j < nv; j += blockDim.x) {
-        Vec<T> wv = reinterpret_cast<const Vec<T>*>(w)[j];
-        Vec<T> gv;
-        if (MODE == kModeAdversarial) gv = reinterpret_cast<const Vec<T>*>(g)[j];
-        reinterpret_cast<Vec<T>*>(bk)[j] = wv;
-#pragma unroll
-        for (int q = 0; q < N; ++q) {
-          const float d = MODE == kModeAdversarial ? to_f(gv.v[q]) : gaussian(key, start + j * N + q);
-          wv.v[q] = from_f<T>(perturbed(to_f(wv.v[q]), s, d));
-        }
-        reinterpret_cast<Vec<T>*>(w)[j] = wv;
-      }
-      i0 = nv * N;
-    }
-    for (int64_t i = i0 + threadIdx.x; i < len; i += blockDim.x) {
-      const T x = w[i];
-      bk[i] = x;
-      const float d = MODE == kModeAdversarial ? to_f(g[i]) : gaussian(key, start + i);
-      w[i] = from_f<T>(perturbed(to_f(x), s, d));
+    switch (static_cast<DType>(m.dtype[t])) {
+      case DType::kBFloat16:
+        perturb_chunk<__nv_bfloat16, MODE, VEC>(m.ptrs[0][t], m.ptrs[1][t], m.ptrs[2][t], start, len, s, key);
+        break;
+      case DType::kHalf:
+        perturb_chunk<__half, MODE, VEC>(m.ptrs[0][t], m.ptrs[1][t], m.ptrs[2][t], start, len, s, key);
+        break;
+      default:
+        perturb_chunk<float, MODE, VEC>(m.ptrs[0][t], m.ptrs[1][t], m.ptrs[2][t], start, len, s, key);
+        break;
     }
   }
 }
@@ -211,7 +247,7 @@ bool list_aligned(const TensorListMeta<NLists>& m, int l) {
 // Blocks stride over chunks; a few waves of resident blocks are plenty.
 inline int grid_for(int32_t chunks) { return chunks < 65535 ? (chunks > 0 ? chunks : 1) : 65535; }
 
-template <typename T, int MODE>
+template <int MODE>
 cudaError_t run_perturb(const PerturbDesc* descs, int n, uint64_t seed, double gamma_signed,
                         double eps, float* workspace, float* norms, cudaStream_t stream) {
   std::vector<TensorRef> refs(n);
@@ -222,6 +258,7 @@ cudaError_t run_perturb(const PerturbDesc* descs, int n, uint64_t seed, double g
     refs[i].ptrs[3] = nullptr;
     refs[i].numel = descs[i].numel;
     refs[i].list_index = descs[i].index;
+    refs[i].dtype = static_cast<uint8_t>(descs[i].dtype);
   }
   cudaError_t err = cudaSuccess;
   float2* partials = reinterpret_cast<float2*>(workspace);
@@ -230,9 +267,9 @@ cudaError_t run_perturb(const PerturbDesc* descs, int n, uint64_t seed, double g
     const int grid = grid_for(chunks);
     const bool aligned = list_aligned(m, 0) && (MODE == kModeRandom || list_aligned(m, 1));
     if (aligned) {
-      norm_kernel<T, MODE, true><<<grid, kThreads, 0, stream>>>(m, chunks, seed, partials);
+      norm_kernel<MODE, true><<<grid, kThreads, 0, stream>>>(m, chunks, seed, partials);
     } else {
-      norm_kernel<T, MODE, false><<<grid, kThreads, 0, stream>>>(m, chunks, seed, partials);
+      norm_kernel<MODE, false><<<grid, kThreads, 0, stream>>>(m, chunks, seed, partials);
     }
     finalize_kernel<<<m.ntensors, kFinalizeThreads, 0, stream>>>(m, partials, norms);
     err = cudaGetLastError();
@@ -245,9 +282,9 @@ cudaError_t run_perturb(const PerturbDesc* descs, int n, uint64_t seed, double g
     const bool aligned =
         list_aligned(m, 0) && list_aligned(m, 2) && (MODE == kModeRandom || list_aligned(m, 1));
     if (aligned) {
-      perturb_kernel<T, MODE, true><<<grid, kThreads, 0, stream>>>(m, chunks, seed, gamma_signed, eps, norms);
+      perturb_kernel<MODE, true><<<grid, kThreads, 0, stream>>>(m, chunks, seed, gamma_signed, eps, norms);
     } else {
-      perturb_kernel<T, MODE, false><<<grid, kThreads, 0, stream>>>(m, chunks, seed, gamma_signed, eps, norms);
+      perturb_kernel<MODE, false><<<grid, kThreads, 0, stream>>>(m, chunks, seed, gamma_signed, eps, norms);
     }
     err = cudaGetLastError();
   });
@@ -262,21 +299,13 @@ int64_t perturb_workspace_floats(const PerturbDesc* descs, int n) {
   return 2 * chunks;
 }
 
-cudaError_t launch_perturb(DType dtype, const PerturbDesc* descs, int n, int mode, uint64_t seed,
+cudaError_t launch_perturb(const PerturbDesc* descs, int n, int mode, uint64_t seed,
                            double gamma_signed, double eps, float* workspace, float* norms,
                            cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-#define VLMKERN_AWP_RUN(T)                                                                       \
-  return mode == kModeRandom                                                                     \
-             ? run_perturb<T, kModeRandom>(descs, n, seed, gamma_signed, eps, workspace, norms, stream) \
-             : run_perturb<T, kModeAdversarial>(descs, n, seed, gamma_signed, eps, workspace, norms, stream)
-  switch (dtype) {
-    case DType::kFloat: VLMKERN_AWP_RUN(float);
-    case DType::kBFloat16: VLMKERN_AWP_RUN(__nv_bfloat16);
-    case DType::kHalf: VLMKERN_AWP_RUN(__half);
-  }
-#undef VLMKERN_AWP_RUN
-  return cudaErrorInvalidValue;
+  return mode == kModeRandom
+             ? run_perturb<kModeRandom>(descs, n, seed, gamma_signed, eps, workspace, norms, stream)
+             : run_perturb<kModeAdversarial>(descs, n, seed, gamma_signed, eps, workspace, norms, stream);
 }
 
 cudaError_t launch_restore(const CopyDesc* descs, int n, cudaStream_t stream) {

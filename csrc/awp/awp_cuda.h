@@ -16,14 +16,15 @@ constexpr int64_t kChunk = 65536;
 constexpr int64_t kCopyChunkBytes = 262144;
 
 // One tensor of a perturb call: params (w), direction source (g, null in random
-// mode), backup; numel > 0; index = position in the caller's list (selects the
-// row of the norms output and the random-mode key).
+// mode), backup, all of `dtype`; numel > 0; index = position in the caller's
+// list (selects the row of the norms output and the random-mode key).
 struct PerturbDesc {
   void* w;
   const void* g;
   void* backup;
   int64_t numel;
   int32_t index;
+  DType dtype;
 };
 
 struct CopyDesc {
@@ -35,15 +36,15 @@ struct CopyDesc {
 // Floats of workspace launch_perturb needs for these tensors (2 per chunk).
 int64_t perturb_workspace_floats(const PerturbDesc* descs, int n);
 
-// All tensors of one dtype: norm pass (per-chunk partials into `workspace`),
-// fixed-order per-tensor reduction into norms[2*index + {0,1}] (||w||, ||d||),
-// perturb pass reading those norms from device memory.  3 launches per 256
-// tensors; no host synchronisation; deterministic.
-cudaError_t launch_perturb(DType dtype, const PerturbDesc* descs, int n, int mode, uint64_t seed,
+// Every tensor, any mix of dtypes: norm pass (per-chunk partials into
+// `workspace`), fixed-order per-tensor reduction into norms[2*index + {0,1}]
+// (||w||, ||d||), perturb pass reading those norms from device memory.
+// 3 launches per 768 tensors; no host synchronisation; deterministic.
+cudaError_t launch_perturb(const PerturbDesc* descs, int n, int mode, uint64_t seed,
                            double gamma_signed, double eps, float* workspace, float* norms,
                            cudaStream_t stream);
 
-// dst <- src bytewise for every tensor (any dtypes mixed): 1 launch per 256 tensors.
+// dst <- src bytewise for every tensor (any dtypes mixed): 1 launch per 768 tensors.
 cudaError_t launch_restore(const CopyDesc* descs, int n, cudaStream_t stream);
 
 }  // namespace vlmkern::awp::cuda

@@ -1,22 +1,25 @@
 // Multi-tensor apply for optimizer-style ops (Kalman step, AWP): one kernel
-// launch covers up to kMaxTensorsPerLaunch tensors of one dtype, so a pass over
-// any parameter list costs ceil(n / kMaxTensorsPerLaunch) launches (one for
-// every list up to 256 tensors: all of ViT-B/16 CLIP).
+// launch covers up to Capacity<NLists> tensors of ANY mix of dtypes (each
+// tensor carries an op-defined dtype tag; kernels dispatch on it per chunk,
+// which is uniform within a block), so a pass over a parameter list is one
+// launch for up to 768 tensors with three lists (all of ViT-B/16, ViT-L/14
+// or ViT-H/14 CLIP), and ceil(n / capacity) launches beyond.
 //
-// The tensor table travels BY VALUE as a kernel argument (about 10 KB for
-// three lists; CUDA >= 12.1 allows 32 KB of parameters), so there is no host ->
-// device copy and a launch can be captured in a CUDA graph.  Scalars that change
-// per step (innovation, R, ...) must be read from device pointers, not passed
-// by value.
+// The tensor table travels BY VALUE as a kernel argument (up to ~31 KB:
+// CUDA >= 12.1 allows 32,764 bytes of parameters on sm_70 and later), so there
+// is no host -> device copy and a launch can be captured in a CUDA graph.
+// Scalars that change per step (innovation, R, ...) must be read from device
+// pointers, not passed by value.
 //
 // Work is split into chunks of `chunk_size` elements; chunk c of the launch
 // belongs to tensor t with chunk_start[t] <= c < chunk_start[t+1] (binary
 // search).  Blocks stride over chunks, so the grid can be capped.
 //
-// Host side: build a std::vector<TensorRef> (raw pointers + numel + the tensor's
-// position in the caller's list), then for_each_launch<NLists>(refs, chunk, f)
-// calls f(meta, total_chunks) once per launch.  This header includes no torch
-// header: it is used from .cu files compiled by nvcc alone.
+// Host side: build a std::vector<TensorRef> (raw pointers + numel + dtype tag
+// + the tensor's position in the caller's list), then
+// for_each_launch<NLists>(refs, chunk, f) calls f(meta, total_chunks) once per
+// launch.  This header includes no torch header: it is used from .cu files
+// compiled by nvcc alone.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -26,24 +29,36 @@
 
 namespace vlmkern::mta {
 
-constexpr int kMaxTensorsPerLaunch = 256;
 constexpr int kMaxLists = 4;
+
+// Tensors per launch: 41 bytes per tensor with three lists, 49 with four.
+template <int NLists>
+constexpr int Capacity = NLists <= 3 ? 768 : 640;
+
+// Kernel parameters left for the ops' other arguments (scalars, pointers).
+constexpr int kParamReserve = 1024;
+constexpr int kMaxParamBytes = 32764;  // CUDA >= 12.1
 
 template <int NLists>
 struct TensorListMeta {
   static_assert(NLists >= 1 && NLists <= kMaxLists, "1..4 lists");
-  void* ptrs[NLists][kMaxTensorsPerLaunch];
-  int64_t numel[kMaxTensorsPerLaunch];
-  int32_t chunk_start[kMaxTensorsPerLaunch + 1];
-  int32_t list_index[kMaxTensorsPerLaunch];  // position of the tensor in the caller's list
+  static constexpr int kCapacity = Capacity<NLists>;
+  void* ptrs[NLists][kCapacity];
+  int64_t numel[kCapacity];
+  int32_t chunk_start[kCapacity + 1];
+  int32_t list_index[kCapacity];  // position of the tensor in the caller's list
+  uint8_t dtype[kCapacity];       // op-defined dtype tag
   int32_t ntensors;
   int32_t launch_index;  // which launch of the pass this is (0, 1, ...)
 };
+static_assert(sizeof(TensorListMeta<3>) + kParamReserve <= kMaxParamBytes, "table too large");
+static_assert(sizeof(TensorListMeta<4>) + kParamReserve <= kMaxParamBytes, "table too large");
 
 struct TensorRef {
   void* ptrs[kMaxLists];
   int64_t numel;
   int32_t list_index;
+  uint8_t dtype;  // op-defined tag, copied to TensorListMeta::dtype
 };
 
 // Index of the tensor that owns `chunk` (chunk_start is sorted).
@@ -82,10 +97,11 @@ int for_each_launch(const std::vector<TensorRef>& refs, int64_t chunk_size, F&& 
   for (const TensorRef& r : refs) {
     if (r.numel == 0) continue;
     const int64_t c = (r.numel + chunk_size - 1) / chunk_size;
-    if (n == kMaxTensorsPerLaunch || chunks + c > INT32_MAX / 2) flush();
+    if (n == Capacity<NLists> || chunks + c > INT32_MAX / 2) flush();
     for (int l = 0; l < NLists; ++l) meta.ptrs[l][n] = r.ptrs[l];
     meta.numel[n] = r.numel;
     meta.list_index[n] = r.list_index;
+    meta.dtype[n] = r.dtype;
     meta.chunk_start[n] = static_cast<int32_t>(chunks);
     chunks += c;
     ++n;
@@ -94,14 +110,15 @@ int for_each_launch(const std::vector<TensorRef>& refs, int64_t chunk_size, F&& 
   return launches;
 }
 
-// Number of launches for_each_launch will make (to size per-launch buffers).
-inline int count_launches(const std::vector<TensorRef>& refs, int64_t chunk_size) {
+// Number of launches for_each_launch<NLists> will make (to size per-launch buffers).
+template <int NLists>
+int count_launches(const std::vector<TensorRef>& refs, int64_t chunk_size) {
   int launches = 0, n = 0;
   int64_t chunks = 0;
   for (const TensorRef& r : refs) {
     if (r.numel == 0) continue;
     const int64_t c = (r.numel + chunk_size - 1) / chunk_size;
-    if (n == kMaxTensorsPerLaunch || chunks + c > INT32_MAX / 2) {
+    if (n == Capacity<NLists> || chunks + c > INT32_MAX / 2) {
       ++launches;
       n = 0;
       chunks = 0;

@@ -1,10 +1,10 @@
 // Torch-facing host side of the CUDA kalman_step_ (SPEC §3): argument checks,
-// contiguous working copies, dtype groups, the partials buffer, and the launch
-// on the current stream.  Kernels: kalman_cuda.cu.
+// contiguous working copies, the tensor table, the partials buffer, and the
+// launch on the current stream.  Kernels: kalman_cuda.cu.
 //
-// Launch count: 2 per dtype group present (pass 1 + pass 2) for up to 256
-// non-empty tensors per group; a list of fp32 tensors only (the usual case)
-// costs exactly 2 launches.  Mixed fp32/bf16/fp16 lists cost 2 per dtype.
+// Launch count: 2 (pass 1 + pass 2) for up to 768 non-empty tensors of any
+// mix of fp32 / bf16 / fp16, 2 more per further 768; 1 when every tensor is
+// empty.
 //
 // No host synchronisation: no .item(), no device->host copy, no stream sync; the
 // partials buffer comes from the caching allocator (graph-safe).
@@ -24,7 +24,7 @@
 namespace vlmkern::kalman {
 namespace {
 
-cuda::ParamDtype group_of(c10::ScalarType t) {
+cuda::ParamDtype dtype_of(c10::ScalarType t) {
   switch (t) {
     case c10::kFloat: return cuda::kF32;
     case c10::kBFloat16: return cuda::kBF16;
@@ -45,18 +45,19 @@ at::Tensor kalman_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
   // Non-contiguous tensors are worked on through contiguous copies that are
   // written back at the end (params and variances are updated in place).
   std::vector<at::Tensor> w(n), g(n), v(n);
-  cuda::Groups groups;
+  std::vector<cuda::TensorPtrs> tensors;
+  tensors.reserve(n);
   for (size_t i = 0; i < n; ++i) {
     w[i] = params[i].contiguous();
     g[i] = grads[i].contiguous();
     v[i] = variances[i].contiguous();
     if (w[i].numel() == 0) continue;
-    groups[group_of(w[i].scalar_type())].push_back(cuda::TensorPtrs{
-        w[i].data_ptr(), g[i].const_data_ptr(), v[i].data_ptr<float>(), w[i].numel(),
-        static_cast<int32_t>(i)});
+    tensors.push_back(cuda::TensorPtrs{w[i].data_ptr(), g[i].const_data_ptr(),
+                                       v[i].data_ptr<float>(), w[i].numel(),
+                                       static_cast<int32_t>(i), dtype_of(w[i].scalar_type())});
   }
 
-  const int64_t nparts = cuda::num_partials(groups);
+  const int64_t nparts = cuda::num_partials(tensors);
   at::Tensor partials =
       at::empty({nparts > 0 ? nparts : 1}, innovation.options().dtype(c10::kDouble));
   at::Tensor out = at::empty({}, innovation.options().dtype(c10::kFloat));
@@ -71,7 +72,7 @@ at::Tensor kalman_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
   c.gate_chi2 = gate_chi2.has_value() ? static_cast<float>(*gate_chi2) : 0.0f;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(innovation.device().index()).stream();
-  VLMKERN_CHECK_CUDA(cuda::launch_step(groups, e.const_data_ptr<float>(), R.const_data_ptr<float>(),
+  VLMKERN_CHECK_CUDA(cuda::launch_step(tensors, e.const_data_ptr<float>(), R.const_data_ptr<float>(),
                                        c, partials.data_ptr<double>(), nparts,
                                        out.data_ptr<float>(), stream, nullptr));
 

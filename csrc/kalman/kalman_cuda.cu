@@ -1,7 +1,7 @@
 // CUDA kernels of kalman_step_ (SPEC §3) on multi-tensor apply.
 //
-//   pass 1  (one launch per dtype group and 256 tensors): every block strides
-//           over its chunks, accumulates h^2 (p + q) (fp32 within a chunk,
+//   pass 1  (one launch for up to 768 tensors of any dtypes: the dtype is
+//           dispatched per chunk): every block strides over its chunks, accumulates h^2 (p + q) (fp32 within a chunk,
 //           fp64 across chunks) and writes ONE float64 partial sum.  The grid is
 //           min(chunks, kMaxBlocks): it depends on the tensor sizes only, never
 //           on the device, so the partials and S are bitwise reproducible.
@@ -10,6 +10,8 @@
 //           of its own), S = s + R, gates the innovation, then updates
 //           theta and p of its chunks.  Block 0 of the first pass-2 launch
 //           writes S to the output.
+// So a step is 2 launches for lists of up to 768 tensors (all of ViT-B/16 or
+// ViT-L/14 CLIP, fp32/bf16/fp16 mixed), and 2 more per further 768.
 //
 // Scalars that change per step (innovation, R) are read from device memory;
 // nothing here synchronises with the host or copies to it, so a step can be
@@ -138,34 +140,47 @@ __device__ __forceinline__ ChunkView chunk_view(const mta::TensorListMeta<3>& m,
 }
 
 // ---- pass 1 -------------------------------------------------------------------
-// Table lists: 0 = params (unused here), 1 = grads, 2 = variances.
+// Sum of h^2 (p + q) over one chunk, this thread's share (fp32).
 template <typename T>
+__device__ __forceinline__ float pass1_chunk(const void* h_base, const float* p, int64_t n, float q) {
+  constexpr int N = VecWidth<T>::value;
+  const T* h = static_cast<const T*>(h_base);
+  float local = 0.f;
+  int64_t scalar_from = 0;
+  if (aligned16(h) && aligned16(p)) {
+    const int64_t nvec = n / N;
+    for (int64_t i = threadIdx.x; i < nvec; i += kThreads) {
+      T hv[N];
+      float pv[N];
+      load16(hv, h + i * N);
+      load_f32(pv, p + i * N);
+#pragma unroll
+      for (int k = 0; k < N; ++k) local += pass1_term(to_float(hv[k]), pv[k], q);
+    }
+    scalar_from = nvec * N;
+  }
+  for (int64_t i = scalar_from + threadIdx.x; i < n; i += kThreads) {
+    local += pass1_term(to_float(h[i]), p[i], q);
+  }
+  return local;
+}
+
+// Table lists: 0 = params (unused here), 1 = grads, 2 = variances.
 __global__ void __launch_bounds__(kThreads)
     kalman_pass1_kernel(const mta::TensorListMeta<3> meta, int32_t total_chunks, float q,
                         double* __restrict__ partials) {
-  constexpr int N = VecWidth<T>::value;
   __shared__ double smem[kWarps];
   double acc = 0.0;
   for (int32_t c = blockIdx.x; c < total_chunks; c += gridDim.x) {
     const ChunkView cv = chunk_view(meta, c);
-    const T* h = static_cast<const T*>(meta.ptrs[1][cv.t]) + cv.start;
+    const size_t esize = meta.dtype[cv.t] == kF32 ? 4 : 2;
+    const void* h = static_cast<const char*>(meta.ptrs[1][cv.t]) + cv.start * esize;
     const float* p = static_cast<const float*>(meta.ptrs[2][cv.t]) + cv.start;
-    float local = 0.f;
-    int64_t scalar_from = 0;
-    if (aligned16(h) && aligned16(p)) {
-      const int64_t nvec = cv.n / N;
-      for (int64_t i = threadIdx.x; i < nvec; i += kThreads) {
-        T hv[N];
-        float pv[N];
-        load16(hv, h + i * N);
-        load_f32(pv, p + i * N);
-#pragma unroll
-        for (int k = 0; k < N; ++k) local += pass1_term(to_float(hv[k]), pv[k], q);
-      }
-      scalar_from = nvec * N;
-    }
-    for (int64_t i = scalar_from + threadIdx.x; i < cv.n; i += kThreads) {
-      local += pass1_term(to_float(h[i]), p[i], q);
+    float local;
+    switch (meta.dtype[cv.t]) {  // uniform across the block: one chunk at a time
+      case kBF16: local = pass1_chunk<__nv_bfloat16>(h, p, cv.n, q); break;
+      case kF16: local = pass1_chunk<__half>(h, p, cv.n, q); break;
+      default: local = pass1_chunk<float>(h, p, cv.n, q); break;
     }
     acc += static_cast<double>(local);
   }
@@ -174,13 +189,50 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---- pass 2 -------------------------------------------------------------------
+// theta and p of one chunk.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__device__ __forceinline__ void pass2_chunk(void* w_base, const void* h_base, float* p, int64_t n,
+                                            const Pass2Scalars& c) {
+  constexpr int N = VecWidth<T>::value;
+  T* w = static_cast<T*>(w_base);
+  const T* h = static_cast<const T*>(h_base);
+  int64_t scalar_from = 0;
+  if (aligned16(w) && aligned16(h) && aligned16(p)) {
+    const int64_t nvec = n / N;
+    for (int64_t i = threadIdx.x; i < nvec; i += kThreads) {
+      T wv[N], hv[N];
+      float pv[N];
+      load16(wv, w + i * N);
+      load16(hv, h + i * N);
+      load_f32(pv, p + i * N);
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        float t = to_float(wv[k]);
+        pass2(t, pv[k], to_float(hv[k]), c);
+        wv[k] = from_float<T>(t);
+      }
+      store16(w + i * N, wv);
+      store_f32(p + i * N, pv);
+    }
+    scalar_from = nvec * N;
+  }
+  for (int64_t i = scalar_from + threadIdx.x; i < n; i += kThreads) {
+    float t = to_float(w[i]);
+    float pi = p[i];
+    pass2(t, pi, to_float(h[i]), c);
+    w[i] = from_float<T>(t);
+    p[i] = pi;
+  }
+}
+
+// At least 5 resident blocks per SM (<= 51 registers): the dtype switch would
+// otherwise take 62 registers and 4 blocks (ptxas, sm_90; the per-dtype
+// kernels used 48-58); no spills either way.
+__global__ void __launch_bounds__(kThreads, 5)
     kalman_pass2_kernel(const mta::TensorListMeta<3> meta, int32_t total_chunks,
                         const double* __restrict__ partials, int32_t nparts,
                         const float* __restrict__ innovation, const float* __restrict__ obs_noise,
                         StepScalars sc, float* __restrict__ s_out, int write_s) {
-  constexpr int N = VecWidth<T>::value;
   __shared__ double smem[kWarps];
   __shared__ float S_shared;
 
@@ -200,35 +252,14 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int32_t ch = blockIdx.x; ch < total_chunks; ch += gridDim.x) {
     const ChunkView cv = chunk_view(meta, ch);
-    T* w = static_cast<T*>(meta.ptrs[0][cv.t]) + cv.start;
-    const T* h = static_cast<const T*>(meta.ptrs[1][cv.t]) + cv.start;
+    const size_t esize = meta.dtype[cv.t] == kF32 ? 4 : 2;
+    void* w = static_cast<char*>(meta.ptrs[0][cv.t]) + cv.start * esize;
+    const void* h = static_cast<const char*>(meta.ptrs[1][cv.t]) + cv.start * esize;
     float* p = static_cast<float*>(meta.ptrs[2][cv.t]) + cv.start;
-    int64_t scalar_from = 0;
-    if (aligned16(w) && aligned16(h) && aligned16(p)) {
-      const int64_t nvec = cv.n / N;
-      for (int64_t i = threadIdx.x; i < nvec; i += kThreads) {
-        T wv[N], hv[N];
-        float pv[N];
-        load16(wv, w + i * N);
-        load16(hv, h + i * N);
-        load_f32(pv, p + i * N);
-#pragma unroll
-        for (int k = 0; k < N; ++k) {
-          float t = to_float(wv[k]);
-          pass2(t, pv[k], to_float(hv[k]), c);
-          wv[k] = from_float<T>(t);
-        }
-        store16(w + i * N, wv);
-        store_f32(p + i * N, pv);
-      }
-      scalar_from = nvec * N;
-    }
-    for (int64_t i = scalar_from + threadIdx.x; i < cv.n; i += kThreads) {
-      float t = to_float(w[i]);
-      float pi = p[i];
-      pass2(t, pi, to_float(h[i]), c);
-      w[i] = from_float<T>(t);
-      p[i] = pi;
+    switch (meta.dtype[cv.t]) {
+      case kBF16: pass2_chunk<__nv_bfloat16>(w, h, p, cv.n, c); break;
+      case kF16: pass2_chunk<__half>(w, h, p, cv.n, c); break;
+      default: pass2_chunk<float>(w, h, p, cv.n, c); break;
     }
   }
 }
@@ -240,69 +271,34 @@ __global__ void kalman_empty_kernel(const float* __restrict__ obs_noise, float* 
 
 int grid_for(int32_t chunks) { return chunks < kMaxBlocks ? static_cast<int>(chunks) : kMaxBlocks; }
 
-std::vector<mta::TensorRef> to_refs(const std::vector<TensorPtrs>& group) {
+std::vector<mta::TensorRef> to_refs(const std::vector<TensorPtrs>& tensors) {
   std::vector<mta::TensorRef> refs;
-  refs.reserve(group.size());
-  for (const TensorPtrs& t : group) {
+  refs.reserve(tensors.size());
+  for (const TensorPtrs& t : tensors) {
     mta::TensorRef r{};
     r.ptrs[0] = t.param;
     r.ptrs[1] = const_cast<void*>(t.grad);
     r.ptrs[2] = t.var;
     r.numel = t.numel;
     r.list_index = t.list_index;
+    r.dtype = static_cast<uint8_t>(t.dtype);
     refs.push_back(r);
   }
   return refs;
 }
 
-template <typename T>
-cudaError_t pass1_group(const std::vector<mta::TensorRef>& refs, float q, double* partials,
-                        int64_t& offset, cudaStream_t stream, int& launches) {
-  cudaError_t err = cudaSuccess;
-  launches += mta::for_each_launch<3>(
-      refs, kChunk, [&](const mta::TensorListMeta<3>& meta, int32_t chunks) {
-        const int grid = grid_for(chunks);
-        kalman_pass1_kernel<T><<<grid, kThreads, 0, stream>>>(meta, chunks, q, partials + offset);
-        offset += grid;
-        const cudaError_t e = cudaGetLastError();
-        if (err == cudaSuccess) err = e;
-      });
-  return err;
-}
-
-template <typename T>
-cudaError_t pass2_group(const std::vector<mta::TensorRef>& refs, const double* partials,
-                        int32_t nparts, const float* innovation, const float* obs_noise,
-                        const StepScalars& sc, float* s_out, bool& s_written, cudaStream_t stream,
-                        int& launches) {
-  cudaError_t err = cudaSuccess;
-  launches += mta::for_each_launch<3>(
-      refs, kChunk, [&](const mta::TensorListMeta<3>& meta, int32_t chunks) {
-        const int write_s = s_written ? 0 : 1;
-        kalman_pass2_kernel<T><<<grid_for(chunks), kThreads, 0, stream>>>(
-            meta, chunks, partials, nparts, innovation, obs_noise, sc, s_out, write_s);
-        s_written = true;
-        const cudaError_t e = cudaGetLastError();
-        if (err == cudaSuccess) err = e;
-      });
-  return err;
-}
-
 }  // namespace
 
-int64_t num_partials(const Groups& groups) {
+int64_t num_partials(const std::vector<TensorPtrs>& tensors) {
   int64_t n = 0;
-  for (int d = 0; d < kNumDtypes; ++d) {
-    mta::for_each_launch<3>(to_refs(groups[d]), kChunk,
-                            [&](const mta::TensorListMeta<3>&, int32_t chunks) { n += grid_for(chunks); });
-  }
+  mta::for_each_launch<3>(to_refs(tensors), kChunk,
+                          [&](const mta::TensorListMeta<3>&, int32_t chunks) { n += grid_for(chunks); });
   return n;
 }
 
-cudaError_t launch_step(const Groups& groups, const float* innovation, const float* obs_noise,
-                        const StepScalars& c, double* partials, int64_t nparts, float* s_out,
-                        cudaStream_t stream, int* launches) {
-  int nl = 0;
+cudaError_t launch_step(const std::vector<TensorPtrs>& tensors, const float* innovation,
+                        const float* obs_noise, const StepScalars& c, double* partials,
+                        int64_t nparts, float* s_out, cudaStream_t stream, int* launches) {
   if (launches) *launches = 0;
   if (nparts == 0) {
     kalman_empty_kernel<<<1, 1, 0, stream>>>(obs_noise, s_out);
@@ -310,27 +306,31 @@ cudaError_t launch_step(const Groups& groups, const float* innovation, const flo
     return cudaGetLastError();
   }
   if (nparts > INT32_MAX) return cudaErrorInvalidValue;
-  std::vector<mta::TensorRef> refs[kNumDtypes];
-  for (int d = 0; d < kNumDtypes; ++d) refs[d] = to_refs(groups[d]);
+  const std::vector<mta::TensorRef> refs = to_refs(tensors);
 
   cudaError_t err = cudaSuccess;
+  int nl = 0;
   int64_t offset = 0;
-  err = pass1_group<float>(refs[kF32], c.q, partials, offset, stream, nl);
-  if (err == cudaSuccess) err = pass1_group<__nv_bfloat16>(refs[kBF16], c.q, partials, offset, stream, nl);
-  if (err == cudaSuccess) err = pass1_group<__half>(refs[kF16], c.q, partials, offset, stream, nl);
+  nl += mta::for_each_launch<3>(refs, kChunk, [&](const mta::TensorListMeta<3>& meta, int32_t chunks) {
+    const int grid = grid_for(chunks);
+    kalman_pass1_kernel<<<grid, kThreads, 0, stream>>>(meta, chunks, c.q, partials + offset);
+    offset += grid;
+    const cudaError_t e = cudaGetLastError();
+    if (err == cudaSuccess) err = e;
+  });
   if (err != cudaSuccess) return err;
   if (offset != nparts) return cudaErrorInvalidValue;  // buffer sized by num_partials()
 
   const int32_t np = static_cast<int32_t>(nparts);
   bool s_written = false;
-  err = pass2_group<float>(refs[kF32], partials, np, innovation, obs_noise, c, s_out, s_written,
-                           stream, nl);
-  if (err == cudaSuccess)
-    err = pass2_group<__nv_bfloat16>(refs[kBF16], partials, np, innovation, obs_noise, c, s_out,
-                                     s_written, stream, nl);
-  if (err == cudaSuccess)
-    err = pass2_group<__half>(refs[kF16], partials, np, innovation, obs_noise, c, s_out, s_written,
-                              stream, nl);
+  nl += mta::for_each_launch<3>(refs, kChunk, [&](const mta::TensorListMeta<3>& meta, int32_t chunks) {
+    const int write_s = s_written ? 0 : 1;
+    kalman_pass2_kernel<<<grid_for(chunks), kThreads, 0, stream>>>(
+        meta, chunks, partials, np, innovation, obs_noise, c, s_out, write_s);
+    s_written = true;
+    const cudaError_t e = cudaGetLastError();
+    if (err == cudaSuccess) err = e;
+  });
   if (launches) *launches = nl;
   return err;
 }

@@ -9,20 +9,19 @@
 
 namespace vlmkern::kalman::cuda {
 
-// Parameter dtypes; the launcher makes one launch per pass for each non-empty
-// dtype group (and per 256 tensors within a group).
-enum ParamDtype : int { kF32 = 0, kBF16 = 1, kF16 = 2, kNumDtypes = 3 };
+// Parameter dtypes.  Any mix goes into one launch per pass (768 tensors per
+// launch; one more launch per pass for every further 768).
+enum ParamDtype : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
-// One tensor of the step: contiguous storage, `numel` elements each.
+// One tensor of the step: contiguous storage, `numel` > 0 elements each.
 struct TensorPtrs {
   void* param;       // T[numel], updated in place
   const void* grad;  // T[numel]
   float* var;        // float[numel], updated in place
   int64_t numel;
   int32_t list_index;  // position in the caller's list (diagnostics only)
+  ParamDtype dtype;    // T of param and grad
 };
-
-using Groups = std::vector<TensorPtrs>[kNumDtypes];
 
 struct StepScalars {
   float q;           // process noise
@@ -33,13 +32,14 @@ struct StepScalars {
 
 // Number of float64 per-block partial sums pass 1 writes (the size of the
 // `partials` buffer launch_step needs).  0 when every tensor is empty.
-int64_t num_partials(const Groups& groups);
+int64_t num_partials(const std::vector<TensorPtrs>& tensors);
 
 // Pass 1 then pass 2 on `stream`: reads innovation / obs_noise from device
 // memory, writes S (0-d float32) to s_out.  No host synchronisation, no
 // host<->device copies: capturable in a CUDA graph.  `launches` (optional)
 // receives the number of kernel launches made.
-cudaError_t launch_step(const Groups& groups, const float* innovation, const float* obs_noise,
+cudaError_t launch_step(const std::vector<TensorPtrs>& tensors, const float* innovation,
+                        const float* obs_noise,
                         const StepScalars& c, double* partials, int64_t nparts, float* s_out,
                         cudaStream_t stream, int* launches);
 

@@ -7,9 +7,9 @@ Schemas (csrc/registration.cpp)::
     vlmkern::awp_restore_(Tensor(a!)[] params, Tensor[] backup) -> ()
 
 Kernels: ``csrc/awp/awp_cpu.cpp`` (CPU), ``csrc/awp/awp_cuda.cu`` +
-``csrc/awp/awp_cuda.cpp`` (CUDA, multi-tensor apply: 3 launches per dtype group
-of up to 256 tensors for the perturb, 1 per 256 tensors of any dtypes for the
-restore, no host synchronisation), the per-element math in
+``csrc/awp/awp_cuda.cpp`` (CUDA, multi-tensor apply: 3 launches for the perturb
+and 1 for the restore for up to 768 tensors of any mix of dtypes, as many again
+per further 768, no host synchronisation), the per-element math in
 ``csrc/awp/awp_math.h``; the PyTorch fallback is :func:`_awp_perturb_torch`
 below; the oracle is :func:`vlmkern.reference.awp_perturb`.
 

@@ -7,9 +7,8 @@ Schema (csrc/registration.cpp)::
                           float forgetting, float var_floor, float? gate_chi2=None) -> Tensor
 
 Kernels: ``csrc/kalman/kalman_cpu.cpp`` (CPU), ``csrc/kalman/kalman_cuda.cu``
-(CUDA, multi-tensor apply: 2 launches per step for up to 256 tensors of one
-dtype; a list mixing fp32/bf16/fp16 parameters costs 2 launches per dtype
-present), the per-element math in ``csrc/kalman/kalman_math.h``;
+(CUDA, multi-tensor apply: 2 launches per step for up to 768 tensors of any
+mix of fp32/bf16/fp16, 2 more per further 768), the per-element math in ``csrc/kalman/kalman_math.h``;
 the PyTorch fallback is :func:`_kalman_step_torch` below; the oracle is
 :func:`vlmkern.reference.kalman_step`.
 """
