@@ -17,13 +17,15 @@ are copied from the real ``torch.ops.vlmkern`` ops, so the two cannot drift.
 Use ``load()``: it returns ``torch.ops.vlmkern_emu`` with ``kalman_step_``,
 ``awp_perturb_``, ``awp_restore_`` (same signatures as the real ops, on CPU
 tensors) and the emulator controls ``launch_count``, ``set_schedule_seed``,
-``last_error_message``.  The build (about a minute on two cores) is cached in
-``build/cuda-emu/<hash of the sources>``.
+``last_error_message``.  The build (about 30 s on two cores) is cached in
+``build/cuda-emu/<hash of the sources and flags>``.  ``VLMKERN_EMU_UCONTEXT=1``
+builds the portable ucontext fiber switch instead of the x86-64 one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -65,8 +67,16 @@ def rewrite_host(src: str, name: str) -> str:
     return out.replace(".is_cuda()", ".is_cpu()")
 
 
+def _cflags() -> list:
+    flags = ["-O2", "-fno-strict-aliasing", "-Wno-unknown-pragmas", "-ffp-contract=off"]
+    if os.environ.get("VLMKERN_EMU_UCONTEXT", "0") not in ("", "0"):
+        flags.append("-DVLMKERN_EMU_UCONTEXT")
+    return flags
+
+
 def _sources_hash() -> str:
     h = hashlib.sha256(torch.__version__.encode())
+    h.update(" ".join(_cflags()).encode())
     for p in sorted(EMU.rglob("*")) + [CSRC / s for s in KERNEL_SOURCES + HOST_SOURCES]:
         if p.is_file():
             h.update(str(p.relative_to(ROOT)).encode())
@@ -116,7 +126,7 @@ def load(verbose: bool = False):
         name=f"vlmkern_cuda_emu_{key}",
         sources=[str(s) for s in sources],
         extra_include_paths=[str(EMU / "include"), str(CSRC)],
-        extra_cflags=["-O2", "-fno-strict-aliasing", "-Wno-unknown-pragmas", "-ffp-contract=off"],
+        extra_cflags=_cflags(),
         build_directory=str(build),
         is_python_module=False,
         verbose=verbose,
