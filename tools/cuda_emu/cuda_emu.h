@@ -7,9 +7,9 @@
 // uses it).
 //
 // Model:
-//   * each CUDA thread is a fiber with its own stack (a six-register stack switch
-//     on x86-64, ucontext elsewhere); the blocks of
-//     a grid run one after another, the threads of a block interleave only at
+//   * each CUDA thread is a fiber with its own stack (a switch of the six
+//     callee-saved registers on x86-64, ucontext elsewhere); the blocks of a
+//     grid run one after another, the threads of a block interleave only at
 //     __syncthreads() and at warp shuffles (cooperative scheduling);
 //   * __syncthreads() waits until every live thread of the block is there
 //     (threads that returned count as arrived, as on Volta and later);
@@ -24,8 +24,8 @@
 //     kernel-parameter limit of CUDA >= 12.1) and the error is returned by the
 //     next cudaGetLastError(), as on a device;
 //   * every launch is counted (launch_count()).
-// Not modelled: memory ordering, warp-synchronous code without *_sync, the
-// timing of anything.  Device code sees __CUDA_ARCH__ undefined, so the shared
+// Not modelled: memory ordering, atomics (not provided: code using them does
+// not build), warp-synchronous code without *_sync, the timing of anything.  Device code sees __CUDA_ARCH__ undefined, so the shared
 // math headers take their host branches (the same IEEE operations).
 #pragma once
 
