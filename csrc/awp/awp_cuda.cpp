@@ -1,8 +1,9 @@
 // Torch-facing host code of the CUDA kernels of awp_perturb_ / awp_restore_:
 // validates the lists, builds one tensor table (any mix of dtypes), allocates
 // the norms output and the per-chunk workspace from the caching allocator, and
-// calls the launchers of awp_cuda.cu on the current stream.  No host synchronisation (the perturb
-// pass reads the norms from device memory), so a step can be graph-captured.
+// calls the launchers of awp_cuda.cu on the current stream.  No host
+// synchronisation (the perturb pass reads the norms from device memory), so a
+// step can be graph-captured.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
