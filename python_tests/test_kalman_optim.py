@@ -11,10 +11,20 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from vlmkern.optim import KalmanOptimizer
 
-from conftest import require_backend
+from conftest import CUDA_EMU, require_backend, use_cuda_emu
 
 HAS_CUDA = torch.cuda.is_available()
-BACKENDS = ["cpu", "torch"]
+# CUDA_EMU: the CUDA kernel and its host code on the CPU emulator (conftest.use_cuda_emu).
+BACKENDS = ["cpu", "torch", CUDA_EMU]
+
+
+@pytest.fixture
+def backend(request, monkeypatch):
+    if request.param == CUDA_EMU:
+        require_backend("kalman", "cpu", "cpu")
+        use_cuda_emu(monkeypatch)
+        return "cpu"
+    return request.param
 
 
 def _model(dtype=torch.float32, seed=0):
@@ -72,7 +82,7 @@ def _hand_rolled(model, x, y, steps, groups, *, R0, beta, forgetting=1.0, gate=N
     return [p.detach() for p in params], P, R
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_matches_hand_rolled_float64(backend):
     require_backend("kalman", backend, "cpu")
     x, y = _data()
@@ -92,7 +102,7 @@ def test_matches_hand_rolled_float64(backend):
     assert opt.step_count == 6
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_param_groups_own_p0_and_q_and_one_S(backend):
     require_backend("kalman", backend, "cpu")
     x, y = _data()
@@ -112,7 +122,7 @@ def test_param_groups_own_p0_and_q_and_one_S(backend):
     assert opt.obs_noise.item() == pytest.approx(want_R, rel=1e-4)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("fires", [True, False], ids=["fires", "quiet"])
 def test_gate(backend, fires):
     require_backend("kalman", backend, "cpu")
@@ -141,7 +151,7 @@ def test_gate(backend, fires):
         assert want_R == pytest.approx(free_R)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_state_dict_round_trip_continues_identically(backend, tmp_path):
     require_backend("kalman", backend, "cpu")
     x, y = _data()
@@ -218,7 +228,7 @@ class _SyncRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_step_reads_nothing_back_to_the_host(backend):
     """No .item()/bool()/float() on tensors anywhere in the optimizer path.
 

@@ -15,6 +15,18 @@ from torch import nn
 from vlmkern import reference as R
 from vlmkern.optim import WeightPerturbation
 
+from conftest import CUDA_EMU, require_backend, use_cuda_emu
+
+
+@pytest.fixture(params=["cpu", CUDA_EMU])
+def kernels(request, monkeypatch):
+    """The compiled AWP kernels the wrapper calls: the CPU ones, or the CUDA ones
+    (and their host code) on the CPU emulator."""
+    require_backend("awp", "cpu", "cpu")
+    if request.param == CUDA_EMU:
+        use_cuda_emu(monkeypatch)
+    return request.param
+
 
 class WithUnused(nn.Module):
     def __init__(self, body):
@@ -60,7 +72,7 @@ def params_equal(a: nn.Module, b: nn.Module) -> bool:
     return all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_step_matches_hand_written_algorithm():
+def test_step_matches_hand_written_algorithm(kernels):
     x, y = data()
     a = mlp(bn=False)
     b = copy.deepcopy(a)
@@ -162,7 +174,7 @@ def test_batchnorm_statistics_updated_once():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("ratio", [0.0, 1.0])
-def test_restore_exact_inside_step(dtype, ratio):
+def test_restore_exact_inside_step(dtype, ratio, kernels):
     """With lr = 0 the base step changes nothing: the weights after step() must be
     the weights before, bit for bit (in every dtype, adversarial and random)."""
     x, y = data()
@@ -188,7 +200,7 @@ def test_restore_exact_inside_step(dtype, ratio):
     assert any(not torch.equal(s, p) for s, p in zip(seen[-1], wp.perturbed_params))
 
 
-def test_random_step_one_closure_and_reference_direction():
+def test_random_step_one_closure_and_reference_direction(kernels):
     x, y = data()
     a = mlp()
     b = copy.deepcopy(a)
