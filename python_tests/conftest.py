@@ -99,7 +99,8 @@ def use_cuda_emu(monkeypatch):
     their host code (csrc/*/*_cuda.{cu,cpp}) on the emulator.  Returns the
     emulator's ops (``launch_count``, ``set_schedule_seed``, ...).  A failed
     build fails the test in CI and skips it elsewhere (with the compiler's
-    message)."""
+    message).  ``VLMKERN_EMU_SCHEDULE_SEED=s`` runs every emulated test with
+    shuffled block and thread orders (seed s; 0 = natural order)."""
     import cuda_emu
 
     try:
@@ -109,4 +110,5 @@ def use_cuda_emu(monkeypatch):
             raise
         pytest.skip(f"CUDA emulator unavailable: {str(exc).splitlines()[-1][:300]}")
     monkeypatch.setattr(torch.ops, "vlmkern", ops)
+    ops.set_schedule_seed(int(os.environ.get("VLMKERN_EMU_SCHEDULE_SEED", "0")))
     return ops

@@ -28,7 +28,7 @@ def emu(monkeypatch):
     require_backend("kalman", "cpu", "cpu")
     require_backend("awp", "cpu", "cpu")
     ops = use_cuda_emu(monkeypatch)
-    ops.set_schedule_seed(0)
+    ops.set_schedule_seed(0)  # these tests choose their schedules themselves
     yield ops
     ops.set_schedule_seed(0)
 
