@@ -205,17 +205,22 @@ SENTINEL = -12345.0
 
 
 def _views(n_each, offsets, dtype, fill=None, gen=None):
-    """Views of one sentinel-filled buffer, each starting at base + offset (odd
-    offsets: no 16-byte vector path) with a gap of sentinels after it."""
+    """Views of one sentinel-filled buffer with a gap of sentinels before and
+    after each; view i starts ``offsets[i]`` elements past a multiple of 16
+    elements (offsets 0: every view 16-byte aligned, the vector paths; odd
+    offsets: the scalar paths)."""
     gap = 13
-    total = sum(o + n + gap for o, n in zip(offsets, n_each))
-    buf = torch.full((total,), SENTINEL, dtype=dtype)
-    views, pos = [], 0
+    starts, pos = [], 0
     for o, n in zip(offsets, n_each):
-        v = buf[pos + o: pos + o + n]
+        start = (pos + gap + 15) // 16 * 16 + o
+        starts.append(start)
+        pos = start + n
+    buf = torch.full((pos + gap,), SENTINEL, dtype=dtype)
+    views = []
+    for start, n in zip(starts, n_each):
+        v = buf[start: start + n]
         v.copy_(torch.randn(n, generator=gen).to(dtype) if fill is None else torch.full((n,), fill, dtype=dtype))
         views.append(v)
-        pos += o + n + gap
     return buf, views
 
 
@@ -233,8 +238,6 @@ def _outside(buf, views):
 def test_no_writes_outside_the_tensors(emu, dtype, offsets):
     gen = torch.Generator().manual_seed(2)
     sizes = (16384 * 2 + 7, 65536 + 9, 21)  # chunk tails of both ops
-    if offsets == (0, 0, 0):
-        offsets = (0, 16 - (16384 * 2 + 7 + 13) % 16, 0)  # keep every view 16-byte aligned (fp32)
     pbuf, params = _views(sizes, offsets, dtype, gen=gen)
     gbuf, grads = _views(sizes, offsets, dtype, gen=gen)
     vbuf, variances = _views(sizes, offsets, torch.float32, fill=0.1)
@@ -244,6 +247,7 @@ def test_no_writes_outside_the_tensors(emu, dtype, offsets):
     assert torch.isfinite(norms).all()
     vlmkern.awp_restore_(params, backup, backend="cpu")
     for buf, views in ((pbuf, params), (gbuf, grads), (vbuf, variances), (bbuf, backup)):
+        assert all((v.data_ptr() % 16 == 0) == (offsets == (0, 0, 0)) for v in views)
         outside = _outside(buf, views)
         assert outside.numel() > 0 and (outside == SENTINEL).all()
     # and the views themselves were written
