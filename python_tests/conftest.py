@@ -112,3 +112,14 @@ def use_cuda_emu(monkeypatch):
     monkeypatch.setattr(torch.ops, "vlmkern", ops)
     ops.set_schedule_seed(int(os.environ.get("VLMKERN_EMU_SCHEDULE_SEED", "0")))
     return ops
+
+
+def backend_or_emu(backend: str, op: str, monkeypatch) -> str:
+    """The backend name to call for a test's ``backend`` parameter: CUDA_EMU
+    routes ``torch.ops.vlmkern`` to the emulated CUDA kernels and returns
+    ``"cpu"`` (the wrappers then call them on CPU tensors)."""
+    if backend != CUDA_EMU:
+        return backend
+    require_backend(op, "cpu", "cpu")
+    use_cuda_emu(monkeypatch)
+    return "cpu"

@@ -10,7 +10,7 @@ import torch
 import vlmkern
 from vlmkern import reference as R
 
-from conftest import CUDA_EMU, DTYPES, require_backend, use_cuda_emu
+from conftest import CUDA_EMU, DTYPES, backend_or_emu, require_backend
 
 # (device, backend); ("cpu", CUDA_EMU) runs the CUDA kernels on the CPU emulator.
 IMPLS = [("cpu", "cpu"), ("cpu", "torch"), ("cpu", CUDA_EMU), ("cuda", "cuda"), ("cuda", "torch")]
@@ -24,10 +24,7 @@ def impl(request, monkeypatch):
     dev, backend = request.param
     if dev == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    if backend == CUDA_EMU:
-        require_backend("awp", "cpu", "cpu")
-        use_cuda_emu(monkeypatch)
-        backend = "cpu"
+    backend = backend_or_emu(backend, "awp", monkeypatch)
     require_backend("awp", backend, dev)
     return dev, backend
 

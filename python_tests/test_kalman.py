@@ -16,7 +16,7 @@ import torch
 import vlmkern
 from vlmkern import reference as ref
 
-from conftest import CUDA_EMU, TOL, rel_err, require_backend, use_cuda_emu
+from conftest import CUDA_EMU, TOL, backend_or_emu, rel_err, require_backend
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -37,13 +37,9 @@ SHAPES = [(33, 17), (0,), (128,), (7, 1, 3), (1,), (129, 131), (5, 0, 2), (1025,
 
 @pytest.fixture
 def backend(request, monkeypatch):
-    """The backend name of a test's (backend, device) parameter; CUDA_EMU patches
-    torch.ops.vlmkern to the emulated CUDA kernels and runs them as "cpu"."""
-    if request.param == CUDA_EMU:
-        require_backend("kalman", "cpu", "cpu")
-        use_cuda_emu(monkeypatch)
-        return "cpu"
-    return request.param
+    """The backend of a test's (backend, device) parameter (CUDA_EMU: the CUDA
+    kernels on the CPU emulator, called as "cpu")."""
+    return backend_or_emu(request.param, "kalman", monkeypatch)
 
 
 def _make(shapes, dtype, device, p_lo=0.05, p_hi=0.15, gen=None):

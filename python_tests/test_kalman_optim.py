@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from vlmkern.optim import KalmanOptimizer
 
-from conftest import CUDA_EMU, require_backend, use_cuda_emu
+from conftest import CUDA_EMU, backend_or_emu, require_backend
 
 HAS_CUDA = torch.cuda.is_available()
 # CUDA_EMU: the CUDA kernel and its host code on the CPU emulator (conftest.use_cuda_emu).
@@ -20,11 +20,7 @@ BACKENDS = ["cpu", "torch", CUDA_EMU]
 
 @pytest.fixture
 def backend(request, monkeypatch):
-    if request.param == CUDA_EMU:
-        require_backend("kalman", "cpu", "cpu")
-        use_cuda_emu(monkeypatch)
-        return "cpu"
-    return request.param
+    return backend_or_emu(request.param, "kalman", monkeypatch)
 
 
 def _model(dtype=torch.float32, seed=0):

@@ -15,7 +15,7 @@ from torch import nn
 from vlmkern import reference as R
 from vlmkern.optim import WeightPerturbation
 
-from conftest import CUDA_EMU, require_backend, use_cuda_emu
+from conftest import CUDA_EMU, backend_or_emu, require_backend
 
 
 @pytest.fixture(params=["cpu", CUDA_EMU])
@@ -23,8 +23,7 @@ def kernels(request, monkeypatch):
     """The compiled AWP kernels the wrapper calls: the CPU ones, or the CUDA ones
     (and their host code) on the CPU emulator."""
     require_backend("awp", "cpu", "cpu")
-    if request.param == CUDA_EMU:
-        use_cuda_emu(monkeypatch)
+    backend_or_emu(request.param, "awp", monkeypatch)
     return request.param
 
 
