@@ -85,7 +85,7 @@ inline std::common_type_t<A, B> max(A a, B b) {
   return static_cast<C>(a) > static_cast<C>(b) ? static_cast<C>(a) : static_cast<C>(b);
 }
 
-#if defined(__x86_64__) && !defined(VLMKERN_EMU_UCONTEXT)
+#if defined(__x86_64__) && defined(__ELF__) && !defined(VLMKERN_EMU_UCONTEXT)
 #define VLMKERN_EMU_ASM_SWITCH 1
 // Saves the callee-saved registers on the current stack, stores the stack
 // pointer in *save_sp, loads load_sp and pops the registers saved there
