@@ -75,15 +75,13 @@ def _cflags() -> list:
 
 
 def _sources_hash() -> str:
+    """Of everything the build reads: the emulator, csrc/common and the folders
+    of the emulated ops (their sources and the headers they include)."""
     h = hashlib.sha256(torch.__version__.encode())
     h.update(" ".join(_cflags()).encode())
-    for p in sorted(EMU.rglob("*")) + [CSRC / s for s in KERNEL_SOURCES + HOST_SOURCES]:
-        if p.is_file():
-            h.update(str(p.relative_to(ROOT)).encode())
-            h.update(p.read_bytes())
-    for p in sorted((CSRC / "common").glob("*")) + sorted((CSRC / "kalman").glob("*.h")) + sorted(
-        (CSRC / "awp").glob("*.h")
-    ):
+    folders = {EMU, CSRC / "common"} | {(CSRC / rel).parent for rel in KERNEL_SOURCES + HOST_SOURCES}
+    for p in sorted(f for d in folders for f in d.rglob("*") if f.is_file()):
+        h.update(str(p.relative_to(ROOT)).encode())
         h.update(p.read_bytes())
     h.update(Path(__file__).read_bytes())
     return h.hexdigest()[:16]

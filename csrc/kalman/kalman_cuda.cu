@@ -173,6 +173,8 @@ __global__ void __launch_bounds__(kThreads)
   double acc = 0.0;
   for (int32_t c = blockIdx.x; c < total_chunks; c += gridDim.x) {
     const ChunkView cv = chunk_view(meta, c);
+    // The chunk's byte offset once, before the dtype dispatch: typed offsets in
+    // each branch cost pass 1 ten more registers on sm_80 (ptxas: 44 vs 34).
     const size_t esize = meta.dtype[cv.t] == kF32 ? 4 : 2;
     const void* h = static_cast<const char*>(meta.ptrs[1][cv.t]) + cv.start * esize;
     const float* p = static_cast<const float*>(meta.ptrs[2][cv.t]) + cv.start;

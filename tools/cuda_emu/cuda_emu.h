@@ -151,11 +151,9 @@ Globals& globals();  // emu_runtime.cpp
 inline void set_schedule_seed(uint64_t s) { globals().schedule_seed = s; }
 inline int64_t launch_count() { return globals().launches; }
 
-inline void fail(const std::string& what) {
-  Exec* e = current();
-  if (e && e->error.empty()) e->error = what;
-  throw std::runtime_error(what);
-}
+// An error inside a kernel: vlmkern_emu_fiber_main catches it and records the
+// message as the launch's error.
+[[noreturn]] inline void fail(const std::string& what) { throw std::runtime_error(what); }
 
 inline void yield_as(State s) {
   Exec* e = current();
@@ -317,8 +315,8 @@ inline void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
 // kernel<<<grid, block, smem, stream>>>(args...)  ==  Launch(grid, block, smem, stream)(kernel, args...)
 struct Launch {
   dim3 grid, block;
-  size_t smem;
-  Launch(dim3 g, dim3 b, size_t s = 0, cudaStream_t = nullptr) : grid(g), block(b), smem(s) {}
+  // Dynamic shared memory (extern __shared__) is not modelled: no kernel here uses it.
+  Launch(dim3 g, dim3 b, size_t = 0, cudaStream_t = nullptr) : grid(g), block(b) {}
 
   template <typename... KArgs, typename... Args>
   void operator()(void (*kernel)(KArgs...), Args&&... args) const {
@@ -412,15 +410,4 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
 template <typename T>
 inline T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
   return ::emu::shuffle(mask, v, [=](int lane) { return (lane / width) * width + (src_lane % width); });
-}
-
-inline float __uint_as_float(unsigned u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline unsigned __float_as_uint(float f) {
-  unsigned u;
-  std::memcpy(&u, &f, 4);
-  return u;
 }
