@@ -10,131 +10,191 @@
 //                  reduction per tensor -> deterministic, independent of the
 //                  thread count and of the instruction set;
 //   perturb pass : backup <- w (bit copy), w <- round(w + scale * d), one sweep;
-//   restore pass : w <- backup (bit copy).
-// Random mode regenerates the Gaussian direction (awp_math.h) in both passes;
-// nothing is stored.  Non-contiguous tensors go through contiguous copies
-// written back.
+//   restore pass : w <- backup (bit copy, memcpy).
+// Random mode regenerates the Gaussian direction (awp_math.h) in both passes,
+// kFlush elements at a time into a stack buffer; nothing is stored.
+// Non-contiguous tensors go through contiguous copies written back.
 //
-// Instruction sets (awp_cpu_simd.h): the kernels of awp_cpu_kernels.inc are
-// compiled for baseline x86-64, AVX2 + F16C and AVX-512F, and the widest one
-// the CPU has runs; VLMKERN_CPU_ISA=scalar|avx2|avx512 caps it (read at every
-// call; for tests and comparisons).  All give the same bits.
-// Lists of more than kStreamMinBytes write the backup (perturb) and the
-// weights (restore) with non-temporal stores: neither is read again soon, and
-// streaming them skips the read-for-ownership of the destination.
+// Instruction sets: the kernels are plain element loops (no intrinsics) that
+// the compiler vectorizes; bf16 and fp16 are converted with integer code that
+// vectorizes too.  On x86-64 each kernel is compiled three times by GCC's /
+// Clang's `target_clones` (baseline x86-64, AVX2, AVX-512F) and the loader
+// picks the widest version the CPU has (an ifunc resolved with cpuid), so no
+// instruction the CPU lacks ever runs; the rest of the library keeps baseline
+// flags.  Lanes are independent and nothing is contracted into an FMA
+// (-ffp-contract=off for this file), so every version gives the same bits
+// (python_tests/test_qemu_cpus.py runs them on CPUs without AVX-512 / AVX2).
+// bench/RESULTS_awp.md has the measurements behind this choice.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstdlib>
+#include <cstdint>
 #include <cstring>
-#include <string>
-#include <type_traits>
 #include <vector>
 
-#include "awp/awp_cpu_simd.h"
 #include "awp/awp_host.h"
 #include "awp/awp_math.h"
+
+// Multiversioned kernels; flatten inlines every helper into each version, so
+// the helpers are compiled for that version's instruction set too.
+#if defined(__x86_64__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define VLMKERN_AWP_KERNEL __attribute__((target_clones("default", "avx2", "avx512f"), flatten))
+#endif
+#endif
+#ifndef VLMKERN_AWP_KERNEL
+#define VLMKERN_AWP_KERNEL __attribute__((flatten))
+#endif
 
 namespace vlmkern::awp {
 namespace {
 
 constexpr int64_t kBlock = 1 << 15;    // elements per work item
 constexpr int64_t kFlush = 1024;       // elements per fp32 lane sum before flushing to double
-constexpr int64_t kSerialBelow = 1 << 16;          // fewer elements: one thread
-constexpr int64_t kStreamMinBytes = int64_t{64} << 20;  // larger lists: non-temporal stores
+constexpr int64_t kSerialBelow = 1 << 16;  // fewer elements: one thread
 
-// Kernels of one instruction set over one work item; dtype index 0 = float32,
-// 1 = bfloat16, 2 = float16.
-struct KernelTable {
-  double (*sumsq[3])(const void* x, int64_t n);
-  double (*sumsq_random)(uint32_t key, int64_t begin, int64_t end);
-  void (*perturb[3])(void* w, const void* g, void* bk, int64_t n, float s, bool stream);
-  void (*perturb_random[3])(void* w, void* bk, int64_t begin, int64_t end, float s, uint32_t key,
-                            bool stream);
-  void (*copy_bytes)(void* dst, const void* src, int64_t nbytes, bool stream);
+// ---- storage types: bits <-> fp32 (exact / round to nearest even) ----------
+inline uint32_t bits_of(float x) { return f_bits(x); }
+inline float float_of(uint32_t u) { return f_from_bits(u); }
+
+struct F32 {
+  using S = float;
+  static float load(S x) { return x; }
+  static S store(float f) { return f; }
 };
 
-namespace isa_scalar {
-using V = simd::VScalar;
-#include "awp/awp_cpu_kernels.inc"
-}  // namespace isa_scalar
-
-#if VLMKERN_AWP_SIMD
-#pragma GCC push_options
-#pragma GCC target("avx2,f16c")
-namespace isa_avx2 {
-using V = simd::VAvx2;
-#include "awp/awp_cpu_kernels.inc"
-}  // namespace isa_avx2
-#pragma GCC pop_options
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx2,f16c")
-// GCC 12's avx512fintrin.h trips its own (un)initialised-variable warnings
-// once its intrinsics are inlined (GCC bug 105593, fixed in GCC 13).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-namespace isa_avx512 {
-using V = simd::VAvx512;
-#include "awp/awp_cpu_kernels.inc"
-}  // namespace isa_avx512
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-#endif
-
-enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
-
-int supported_isa() {
-#if VLMKERN_AWP_SIMD
-  static const int isa = [] {
-    __builtin_cpu_init();
-    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("f16c")) return int{kScalar};
-    return __builtin_cpu_supports("avx512f") ? int{kAvx512} : int{kAvx2};
-  }();
-  return isa;
-#else
-  return kScalar;
-#endif
-}
-
-const KernelTable& kernels() {
-  static const std::vector<KernelTable> tables = [] {
-    std::vector<KernelTable> t(3);
-    isa_scalar::fill_table(t[kScalar]);
-#if VLMKERN_AWP_SIMD
-    isa_avx2::fill_table(t[kAvx2]);
-    isa_avx512::fill_table(t[kAvx512]);
-#else
-    t[kAvx2] = t[kAvx512] = t[kScalar];
-#endif
-    return t;
-  }();
-  int isa = supported_isa();
-  if (const char* env = std::getenv("VLMKERN_CPU_ISA"); env != nullptr && *env != '\0') {
-    const std::string v(env);
-    int cap;
-    if (v == "scalar" || v == "default") {
-      cap = kScalar;
-    } else if (v == "avx2") {
-      cap = kAvx2;
-    } else if (v == "avx512") {
-      cap = kAvx512;
-    } else {
-      TORCH_CHECK(false, "vlmkern.awp: VLMKERN_CPU_ISA must be scalar, avx2 or avx512, got '", v,
-                  "'");
-    }
-    isa = std::min(isa, cap);
+struct BF16 {  // as c10::BFloat16: round to nearest even, NaN -> 0x7FC0
+  using S = uint16_t;
+  static float load(S x) { return float_of(uint32_t{x} << 16); }
+  static S store(float f) {
+    const uint32_t u = bits_of(f);
+    const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return static_cast<S>(f != f ? 0x7FC0u : r);
   }
-  return tables[isa];
+};
+
+struct FP16 {  // IEEE binary16, as c10::Half / F16C (checked on all 2^32 inputs)
+  using S = uint16_t;
+  static float load(S h) {
+    const uint32_t em = h & 0x7FFFu, sign = (uint32_t{h} & 0x8000u) << 16;
+    // normal: rebias the exponent (inf / NaN: once more, to 255); subnormal: em * 2^-24
+    const float nrm = float_of((em << 13) + 0x38000000u + (em >= 0x7C00u ? 0x38000000u : 0u));
+    const float sub = static_cast<float>(static_cast<int32_t>(em)) * 0x1p-24f;
+    return float_of(bits_of(em < 0x400u ? sub : nrm) | sign);
+  }
+  static S store(float f) {
+    uint32_t u = bits_of(f);
+    const uint32_t sign = u & 0x80000000u;
+    u ^= sign;
+    const uint32_t inf_nan = u > 0x7F800000u ? 0x7E00u : 0x7C00u;  // |f| >= 65536
+    const uint32_t sub = bits_of(float_of(u) + 0.5f) - 0x3F000000u;  // |f| < 2^-14: the fp32 add rounds
+    const uint32_t nrm = (u + 0xC8000FFFu + ((u >> 13) & 1u)) >> 13;  // rebias, round to nearest even
+    const uint32_t r = u >= 0x47800000u ? inf_nan : (u < 0x38800000u ? sub : nrm);
+    return static_cast<S>(r | (sign >> 16));
+  }
+};
+
+// ---- kernels over one work item --------------------------------------------
+
+// Sum of squares of n <= kFlush elements: 16 fp32 lanes (lane l takes elements
+// 16 i + l), the < 16 leftover elements added to lane 0 in order, the lanes
+// added in order 0..15.  Lanes are independent, so the vectorized loop gives
+// the same bits whatever the vector width.
+template <typename E>
+inline float sumsq_block(const typename E::S* x, int64_t n) {
+  float lane[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    for (int l = 0; l < 16; ++l) {
+      const float v = E::load(x[i + l]);
+      lane[l] += v * v;
+    }
+  }
+  for (; i < n; ++i) {
+    const float v = E::load(x[i]);
+    lane[0] += v * v;
+  }
+  float f = 0.f;
+  for (int l = 0; l < 16; ++l) f += lane[l];
+  return f;
 }
+
+// r[j] = gaussian(key, k + j), j < n.
+inline void gaussians(uint32_t key, int64_t k, int64_t n, float* r) {
+  for (int64_t j = 0; j < n; ++j) r[j] = gaussian(key, static_cast<uint64_t>(k + j));
+}
+
+// Sum of squares of x[0 .. n), flushed to double every kFlush elements.
+template <typename E>
+VLMKERN_AWP_KERNEL double sumsq(const void* xv, int64_t n) {
+  const auto* x = static_cast<const typename E::S*>(xv);
+  double total = 0.0;
+  for (int64_t b = 0; b < n; b += kFlush) total += sumsq_block<E>(x + b, std::min(kFlush, n - b));
+  return total;
+}
+
+// Sum of squares of the Gaussians of elements [begin, end).
+VLMKERN_AWP_KERNEL double sumsq_random(uint32_t key, int64_t begin, int64_t end) {
+  float r[kFlush];
+  double total = 0.0;
+  for (int64_t b = begin; b < end; b += kFlush) {
+    const int64_t m = std::min(kFlush, end - b);
+    gaussians(key, b, m, r);
+    total += sumsq_block<F32>(r, m);
+  }
+  return total;
+}
+
+// Adversarial: bk <- w (bits), w <- round(w + s * g); n elements from the
+// item's first one.
+template <typename E>
+VLMKERN_AWP_KERNEL void perturb(void* wv, const void* gv, void* bkv, int64_t n, float s) {
+  using S = typename E::S;
+  S* w = static_cast<S*>(wv);
+  const S* g = static_cast<const S*>(gv);
+  S* bk = static_cast<S*>(bkv);
+  for (int64_t i = 0; i < n; ++i) {
+    const S x = w[i];
+    bk[i] = x;
+    w[i] = E::store(perturbed(E::load(x), s, E::load(g[i])));
+  }
+}
+
+// Random: w, bk point at the tensor's element 0; elements [begin, end).
+template <typename E>
+VLMKERN_AWP_KERNEL void perturb_random(void* wv, void* bkv, int64_t begin, int64_t end, float s,
+                                       uint32_t key) {
+  using S = typename E::S;
+  S* w = static_cast<S*>(wv);
+  S* bk = static_cast<S*>(bkv);
+  float r[kFlush];
+  for (int64_t b = begin; b < end; b += kFlush) {
+    const int64_t m = std::min(kFlush, end - b);
+    gaussians(key, b, m, r);
+    for (int64_t j = 0; j < m; ++j) {
+      const S x = w[b + j];
+      bk[b + j] = x;
+      w[b + j] = E::store(perturbed(E::load(x), s, r[j]));
+    }
+  }
+}
+
+// One dtype's kernels; index 0 = float32, 1 = bfloat16, 2 = float16.
+struct Kernels {
+  double (*sumsq)(const void* x, int64_t n);
+  void (*perturb)(void* w, const void* g, void* bk, int64_t n, float s);
+  void (*perturb_random)(void* w, void* bk, int64_t begin, int64_t end, float s, uint32_t key);
+};
+template <typename E>
+constexpr Kernels kernels_of() {
+  return {&sumsq<E>, &perturb<E>, &perturb_random<E>};
+}
+const Kernels kKernels[3] = {kernels_of<F32>(), kernels_of<BF16>(), kernels_of<FP16>()};
 
 int dtype_index(c10::ScalarType t) {
   switch (t) {
@@ -164,7 +224,7 @@ std::vector<Item> make_items(const std::vector<at::Tensor>& w) {
 // fn(j) for every item j, in one parallel region; threads take items from a
 // shared counter.  Results may depend only on j, never on the thread.
 template <typename Fn>
-void for_each_item(int64_t n_items, int64_t n_elems, bool stream, const Fn& fn) {
+void for_each_item(int64_t n_items, int64_t n_elems, const Fn& fn) {
   if (n_items == 0) return;
   std::atomic<int64_t> next{0};
   auto worker = [&](int64_t, int64_t) {
@@ -172,9 +232,6 @@ void for_each_item(int64_t n_items, int64_t n_elems, bool stream, const Fn& fn) 
          j = next.fetch_add(1, std::memory_order_relaxed)) {
       fn(j);
     }
-#if VLMKERN_AWP_SIMD
-    if (stream) _mm_sfence();  // order this thread's non-temporal stores before the join
-#endif
   };
   const int64_t nt = n_elems < kSerialBelow ? 1 : std::min<int64_t>(at::get_num_threads(), n_items);
   if (nt <= 1) {
@@ -182,12 +239,6 @@ void for_each_item(int64_t n_items, int64_t n_elems, bool stream, const Fn& fn) 
   } else {
     at::parallel_for(0, nt, 1, worker);
   }
-}
-
-int64_t total_bytes(const std::vector<at::Tensor>& w) {
-  int64_t b = 0;
-  for (const auto& t : w) b += t.numel() * static_cast<int64_t>(t.element_size());
-  return b;
 }
 
 int64_t total_elems(const std::vector<at::Tensor>& w) {
@@ -199,7 +250,6 @@ int64_t total_elems(const std::vector<at::Tensor>& w) {
 at::Tensor awp_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList backup,
                            double gamma, double eps, double sign, int64_t mode, int64_t seed) {
   check_perturb_args(params, grads, backup, gamma, eps, sign, mode);
-  const KernelTable& K = kernels();
   const bool random = mode == kModeRandom;
   const size_t n = params.size();
   std::vector<at::Tensor> w(n), g(random ? 0 : n), bk(n);
@@ -218,19 +268,19 @@ at::Tensor awp_perturb_cpu(at::TensorList params, at::TensorList grads, at::Tens
   const std::vector<Item> items = make_items(w);
   const int64_t ni = static_cast<int64_t>(items.size());
   const int64_t ne = total_elems(w);
-  const bool stream = total_bytes(w) >= kStreamMinBytes;
 
   // ---- norm pass -----------------------------------------------------------
   std::vector<double> part(2 * items.size(), 0.0);
-  for_each_item(ni, ne, false, [&](int64_t j) {
+  for_each_item(ni, ne, [&](int64_t j) {
     const Item& it = items[j];
     const int t = it.tensor;
     const int64_t es = w[t].element_size();
     const int64_t len = it.end - it.begin;
-    part[2 * j] = K.sumsq[dt[t]](static_cast<const char*>(w[t].const_data_ptr()) + it.begin * es, len);
+    const Kernels& K = kKernels[dt[t]];
+    part[2 * j] = K.sumsq(static_cast<const char*>(w[t].const_data_ptr()) + it.begin * es, len);
     part[2 * j + 1] =
-        random ? K.sumsq_random(keys[t], it.begin, it.end)
-               : K.sumsq[dt[t]](static_cast<const char*>(g[t].const_data_ptr()) + it.begin * es, len);
+        random ? sumsq_random(keys[t], it.begin, it.end)
+               : K.sumsq(static_cast<const char*>(g[t].const_data_ptr()) + it.begin * es, len);
   });
   at::Tensor norms = at::zeros({static_cast<int64_t>(n), 2}, params.empty()
                                                               ? at::TensorOptions().dtype(c10::kFloat)
@@ -249,18 +299,18 @@ at::Tensor awp_perturb_cpu(at::TensorList params, at::TensorList grads, at::Tens
   for (size_t i = 0; i < n; ++i) scales[i] = scale(nrm[2 * i], nrm[2 * i + 1], gs, eps);
 
   // ---- perturb pass --------------------------------------------------------
-  for_each_item(ni, ne, stream, [&](int64_t j) {
+  for_each_item(ni, ne, [&](int64_t j) {
     const Item& it = items[j];
     const int t = it.tensor;
     if (random) {
-      K.perturb_random[dt[t]](w[t].mutable_data_ptr(), bk[t].mutable_data_ptr(), it.begin, it.end,
-                              scales[t], keys[t], stream);
+      kKernels[dt[t]].perturb_random(w[t].mutable_data_ptr(), bk[t].mutable_data_ptr(), it.begin,
+                                     it.end, scales[t], keys[t]);
     } else {
       const int64_t es = w[t].element_size();
-      K.perturb[dt[t]](static_cast<char*>(w[t].mutable_data_ptr()) + it.begin * es,
-                       static_cast<const char*>(g[t].const_data_ptr()) + it.begin * es,
-                       static_cast<char*>(bk[t].mutable_data_ptr()) + it.begin * es,
-                       it.end - it.begin, scales[t], stream);
+      kKernels[dt[t]].perturb(static_cast<char*>(w[t].mutable_data_ptr()) + it.begin * es,
+                              static_cast<const char*>(g[t].const_data_ptr()) + it.begin * es,
+                              static_cast<char*>(bk[t].mutable_data_ptr()) + it.begin * es,
+                              it.end - it.begin, scales[t]);
     }
   });
   for (size_t i = 0; i < n; ++i) {
@@ -272,7 +322,6 @@ at::Tensor awp_perturb_cpu(at::TensorList params, at::TensorList grads, at::Tens
 
 void awp_restore_cpu(at::TensorList params, at::TensorList backup) {
   check_restore_args(params, backup);
-  const KernelTable& K = kernels();
   const size_t n = params.size();
   std::vector<at::Tensor> w(n), bk(n);
   for (size_t i = 0; i < n; ++i) {
@@ -280,13 +329,12 @@ void awp_restore_cpu(at::TensorList params, at::TensorList backup) {
     bk[i] = backup[i].contiguous();
   }
   const std::vector<Item> items = make_items(w);
-  const bool stream = total_bytes(w) >= kStreamMinBytes;
-  for_each_item(static_cast<int64_t>(items.size()), total_elems(w), stream, [&](int64_t j) {
+  for_each_item(static_cast<int64_t>(items.size()), total_elems(w), [&](int64_t j) {
     const Item& it = items[j];
     const int64_t es = w[it.tensor].element_size();
-    K.copy_bytes(static_cast<char*>(w[it.tensor].data_ptr()) + it.begin * es,
-                 static_cast<const char*>(bk[it.tensor].const_data_ptr()) + it.begin * es,
-                 (it.end - it.begin) * es, stream);
+    std::memcpy(static_cast<char*>(w[it.tensor].data_ptr()) + it.begin * es,
+                static_cast<const char*>(bk[it.tensor].const_data_ptr()) + it.begin * es,
+                static_cast<size_t>((it.end - it.begin) * es));
   });
   for (size_t i = 0; i < n; ++i) {
     if (!w[i].is_same(params[i])) params[i].copy_(w[i]);
