@@ -1,5 +1,5 @@
 // Per-element math of the layerwise-normalised weight perturbation (SPEC §4),
-// shared by the CPU kernels (awp_cpu.cpp, awp_cpu_kernels.inc) and the CUDA
+// shared by the CPU kernels (awp_cpu.cpp) and the CUDA
 // kernels (awp_cuda.cu).  No torch header here: nvcc compiles this without the
 // torch include tree.
 //
@@ -15,9 +15,9 @@
 // library's: gaussian() below evaluates them with a fixed sequence of IEEE fp32
 // operations (+ - * / sqrt, each rounded once, never fused; integer bit
 // manipulation for the exponent and the quadrant), so every implementation of
-// that sequence gives the same bits: the scalar CPU code and the CUDA kernels
-// (this function), the AVX2 / AVX-512 CPU kernels (awp_cpu_kernels.inc, the
-// same sequence lane-wise) and the PyTorch fallback (vlmkern/ops/awp.py,
+// that sequence gives the same bits: the CPU kernels (this function, in loops
+// the compiler vectorizes for baseline x86-64, AVX2 and AVX-512: the same
+// sequence lane-wise), the CUDA kernels and the PyTorch fallback (vlmkern/ops/awp.py,
 // _gaussian, the same sequence as fp32 tensor ops).  Accuracy against the
 // float64 definition (all 2^24 values of each input checked):
 //   ln u1        : <= 1.7 ulp   (exponent + 2 atanh(s) series, s = (m-1)/(m+1))
@@ -184,8 +184,8 @@ VLMKERN_HD float scale(float norm_w, float norm_d, double gamma_signed, double e
 
 // w + scale * d in fp32: one rounding for the product, one for the sum, never
 // fused (CUDA: _rn intrinsics; CPU: awp_cpu.cpp is compiled with
-// -ffp-contract=off, so neither the scalar code nor the AVX2 / AVX-512
-// kernels, whose targets have FMA instructions, contract it), so the backends
+// -ffp-contract=off, so none of its baseline / AVX2 / AVX-512 versions, whose
+// targets may have FMA instructions, contracts it), so the backends
 // and the torch fallback round identically.
 VLMKERN_HD float perturbed(float w, float s, float d) { return f_add(w, f_mul(s, d)); }
 

@@ -20,10 +20,9 @@ product and one for the sum.  The norms are accumulated in double across
 blocks (fixed order: deterministic).  ``backup`` receives the weights bit for
 bit and :func:`awp_restore_` copies them back bit for bit.
 
-CPU kernels: compiled for baseline x86-64, AVX2 + F16C and AVX-512F; the widest
-set the CPU has runs (the same bits from each).  ``VLMKERN_CPU_ISA=scalar|avx2|avx512``
-caps it (read at every call).  Lists over 64 MiB write the backup (perturb) and
-the weights (restore) with non-temporal stores.
+CPU kernels: plain loops compiled for baseline x86-64, AVX2 and AVX-512F
+(``target_clones``); the loader picks the widest version the CPU has (the same
+bits from each), so they run on any x86-64 CPU.
 
 Limits: squares are taken in fp32, so a tensor with elements above ~1.8e19 has
 an infinite norm; an infinite ``||d||`` gives ``scale = 0`` (no perturbation), a
