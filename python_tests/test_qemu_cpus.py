@@ -58,12 +58,18 @@ out = {"capability": torch.backends.cpu.get_cpu_capability(), "import_s": t_impo
 def bits(x):
     return x.reshape(-1).view({4: torch.int32, 2: torch.int16}[x.element_size()]).clone()
 
+def rnd(shape, gen, scale=1.0):
+    # inputs from integers: torch.randn's own CPU kernel gives different values
+    # on different CPUs (vectorized per instruction set), these are exact everywhere
+    return torch.randint(-(2**20), 2**20, shape, generator=gen).double() * (scale * 2.0**-19)
+
 # ---- AWP: every dtype, both modes; tails and several 32K-element work items
 gen = torch.Generator().manual_seed(0)
 shapes = [(1,), (17,), (33, 65), (70001,)]
 for dt in (torch.float32, torch.bfloat16, torch.float16):
-    ps = [torch.randn(s, generator=gen).to(dt) for s in shapes]
-    gs = [torch.randn(s, generator=gen).to(dt) for s in shapes]
+    ps = [rnd(s, gen).to(dt) for s in shapes]
+    gs = [rnd(s, gen).to(dt) for s in shapes]
+    out[f"awp/{dt}/inputs"] = [bits(x) for x in ps + gs]
     for mode in ("adversarial", "random"):
         w = [p.clone() for p in ps]
         bk = [torch.empty_like(p) for p in ps]
@@ -86,11 +92,11 @@ for dt in (torch.float32, torch.bfloat16, torch.float16):
 for dt in (torch.float32, torch.bfloat16):
     g2 = torch.Generator().manual_seed(1)
     shp = [(40,), (7, 9), (70001,)]
-    params = [torch.randn(s, generator=g2).to(dt) for s in shp]
-    variances = [torch.rand(s, generator=g2) * 0.1 + 0.05 for s in shp]
+    params = [rnd(s, g2).to(dt) for s in shp]
+    variances = [(rnd(s, g2, 0.05) + 0.1).float() for s in shp]
     rp, rv = [p.double() for p in params], [v.double() for v in variances]
     for step in range(3):
-        grads = [(torch.randn(s, generator=g2) * 0.1).to(dt) for s in shp]
+        grads = [rnd(s, g2, 0.1).to(dt) for s in shp]
         e, Rn = 3.0 + step, 0.7
         S = vlmkern.kalman_step_(params, grads, variances, torch.tensor(e), torch.tensor(Rn), process_noise=1e-3,
                                  forgetting=0.95, var_floor=1e-8, backend="cpu")
@@ -108,11 +114,11 @@ for dt in (torch.float32, torch.bfloat16):
 g3 = torch.Generator().manual_seed(2)
 b, d, n = 48, 24, 120
 for margin in (0.1, None):
-    img = torch.nn.functional.normalize(torch.randn(b, d, generator=g3, dtype=torch.float64), dim=1).float()
-    txt = torch.nn.functional.normalize(torch.randn(b, d, generator=g3, dtype=torch.float64), dim=1).float()
+    img = torch.nn.functional.normalize(rnd((b, d), g3), dim=1).float()
+    txt = torch.nn.functional.normalize(rnd((b, d), g3), dim=1).float()
     index = torch.randperm(n, generator=g3)[:b]
     lu1 = torch.full((n,), float("-inf"))
-    lu1[index[::2]] = torch.randn(len(index[::2]), generator=g3)
+    lu1[index[::2]] = rnd((len(index[::2]),), g3).float()
     lu2 = lu1.clone()
     ref = R.hgcl(img, txt, index, lu1, lu2, tau=0.05, gamma=0.7, margin=margin)
     a, t = img.clone().requires_grad_(), txt.clone().requires_grad_()
@@ -179,7 +185,10 @@ def _require_qemu():
 def test_compiled_ops_on_cpu_model(model, native, tmp_path, capsys):
     got = _run(tmp_path, model)
     assert got["capability"] == MODELS[model], f"-cpu {model} not in effect: torch sees {got['capability']}"
-    awp_keys = [k for k in native if k.startswith("awp/")]
+    for dt in ("float32", "bfloat16", "float16"):  # the same inputs on every CPU
+        k = f"awp/torch.{dt}/inputs"
+        assert all(torch.equal(a, b) for a, b in zip(native[k], got[k])), f"{model}: {k} differ"
+    awp_keys = [k for k in native if k.startswith("awp/") and not k.endswith("/inputs")]
     assert len(awp_keys) == 6
     for k in awp_keys:
         (n0, w0), (n1, w1) = native[k], got[k]
