@@ -11,7 +11,9 @@ namespace vlmkern::kalman {
 inline void check_args(at::TensorList params, at::TensorList grads, at::TensorList variances,
                        const at::Tensor& innovation, const at::Tensor& obs_noise,
                        double process_noise, double forgetting, double var_floor,
-                       std::optional<double> gate_chi2) {
+                       std::optional<double> gate_chi2,
+                       const std::optional<at::Tensor>& grad_scale,
+                       const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "vlmkern.kalman_step_";
   check_lists_match(op, params, "params", grads, "grads");
   check_lists_match(op, params, "params", variances, "variances");
@@ -36,6 +38,8 @@ inline void check_args(at::TensorList params, at::TensorList grads, at::TensorLi
   const at::Device dev = params.empty() ? innovation.device() : params[0].device();
   check_scalar_tensor(op, innovation, "innovation", dev);
   check_scalar_tensor(op, obs_noise, "obs_noise", dev);
+  if (grad_scale.has_value()) check_scalar_tensor(op, *grad_scale, "grad_scale", dev);
+  if (found_inf.has_value()) check_scalar_tensor(op, *found_inf, "found_inf", dev);
 }
 
 }  // namespace vlmkern::kalman
