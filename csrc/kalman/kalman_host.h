@@ -19,8 +19,10 @@ inline void check_args(at::TensorList params, at::TensorList grads, at::TensorLi
   check_lists_match(op, params, "params", variances, "variances");
   TORCH_CHECK(forgetting > 0.0 && forgetting <= 1.0, op,
               ": forgetting must be in (0, 1], got ", forgetting);
-  TORCH_CHECK(var_floor >= 0.0, op, ": var_floor must be >= 0, got ", var_floor);
-  TORCH_CHECK(process_noise >= 0.0, op, ": process_noise must be >= 0, got ", process_noise);
+  TORCH_CHECK(std::isfinite(var_floor) && var_floor >= 0.0, op,
+              ": var_floor must be finite and >= 0, got ", var_floor);
+  TORCH_CHECK(std::isfinite(process_noise) && process_noise >= 0.0, op,
+              ": process_noise must be finite and >= 0, got ", process_noise);
   TORCH_CHECK(!gate_chi2.has_value() || *gate_chi2 > 0.0, op,
               ": gate_chi2 must be > 0 (or None for no gate), got ",
               gate_chi2.has_value() ? *gate_chi2 : 0.0);

@@ -177,10 +177,10 @@ def kalman_step_(
             raise ValueError(f"vlmkern.{op}: params[{i}] is on {w.device} but params[0] is on {dev}")
     if not (0.0 < forgetting <= 1.0):
         raise ValueError(f"vlmkern.{op}: forgetting must be in (0, 1], got {forgetting}")
-    if process_noise < 0:
-        raise ValueError(f"vlmkern.{op}: process_noise must be >= 0, got {process_noise}")
-    if var_floor < 0:
-        raise ValueError(f"vlmkern.{op}: var_floor must be >= 0, got {var_floor}")
+    if not (math.isfinite(process_noise) and process_noise >= 0):
+        raise ValueError(f"vlmkern.{op}: process_noise must be finite and >= 0, got {process_noise}")
+    if not (math.isfinite(var_floor) and var_floor >= 0):
+        raise ValueError(f"vlmkern.{op}: var_floor must be finite and >= 0, got {var_floor}")
     if gate_chi2 is not None and not gate_chi2 > 0:
         raise ValueError(f"vlmkern.{op}: gate_chi2 must be > 0 (or None for no gate), got {gate_chi2}")
     if not isinstance(innovation, torch.Tensor) and not math.isfinite(float(innovation)):
