@@ -71,8 +71,10 @@ class KalmanOptimizer(torch.optim.Optimizer):
             better of the two settings in ``bench/kalman_method_check.py``
             (LoRA on a tiny CLIP, cross-entropy loss).
         process_noise: ``q >= 0`` added to every variance before each update.
-            Default 0.  Groups with different ``q`` cost one extra
-            ``_foreach_add_`` pass over the variances (the fused op takes one q).
+            Default 0.  Groups with different ``q`` cost two extra passes over
+            the variances (the fused op takes one q: the predicted variances go
+            into copies, kept only if the step is taken, so a skipped step
+            leaves them exact).
         obs_noise0: initial observation noise ``R > 0``.  Default 1.
         obs_noise_beta: EMA factor ``beta`` in [0, 1) of ``R``.  Default 0.9.
         forgetting: ``lambda`` in (0, 1]; 1 = no forgetting.  Global.
