@@ -45,11 +45,12 @@ def _mixed_list(seed=0):
         ps.append(torch.randn(s, generator=g).to(dt))
         gs.append((torch.randn(s, generator=g) * 10.0 ** (i % 3 - 1)).to(dt))
     # edge values: subnormals, the largest finite values (the perturbation can
-    # overflow to inf), infinities in a direction
+    # overflow to inf; bf16: values whose fp32 squares still sum to a finite
+    # norm -- an infinite norm skips the whole perturbation, SPEC §4 "Bad input")
     h = torch.tensor([6.0e-8, -6.0e-8, 65504.0, -65504.0, 1.0, 2.0**-14, 0.0, -0.0] * 3, dtype=torch.float16)
     ps.append(h)
     gs.append(torch.tensor([1.0, -1.0, 1.0, -1.0, 0.5, 1.0, 1.0, 1.0] * 3, dtype=torch.float16))
-    b = torch.tensor([1e-39, -1e-39, 3.0e38, -3.0e38, 1.0, 1.0, 0.0, -0.0] * 3, dtype=torch.bfloat16)
+    b = torch.tensor([1e-39, -1e-39, 5.0e18, -5.0e18, 1.0, 1.0, 0.0, -0.0] * 3, dtype=torch.bfloat16)
     ps.append(b)
     gs.append(torch.tensor([1.0, -1.0, 1.0, -1.0, 0.5, 1.0, 1.0, 1.0] * 3, dtype=torch.bfloat16))
     # misaligned views (odd element offsets)
@@ -91,17 +92,20 @@ def test_instruction_sets_give_the_same_bits(monkeypatch, mode, gamma, sign):
 
 def test_fp16_overflow_and_bf16_nan_rounding(monkeypatch):
     """Rounding to the storage dtype in the vector code: overflow to inf (fp16),
-    NaN -> 0x7FC0 (bf16, as c10::BFloat16), same as the scalar conversions."""
+    NaN -> 0x7FC0 (bf16, as c10::BFloat16), same as the scalar conversions.
+    (The NaN comes from eps = 0 with a zero direction: scale = inf, inf * 0;
+    a NaN weight would skip the perturbation, SPEC §4 "Bad input".)"""
     w16 = torch.tensor([65504.0] * 20, dtype=torch.float16)
     g16 = torch.ones(20, dtype=torch.float16)
-    wb = torch.tensor([1.0] * 19 + [float("nan")], dtype=torch.bfloat16)
-    gb = torch.ones(20, dtype=torch.bfloat16)
+    wb = torch.tensor([1.0] * 20, dtype=torch.bfloat16)
+    gb = torch.zeros(20, dtype=torch.bfloat16)
     for isa in ISAS:
         monkeypatch.setenv("VLMKERN_CPU_ISA", isa)
         a, b = w16.clone(), wb.clone()
-        vlmkern.awp_perturb_([a, b], [g16, gb], [torch.empty_like(a), torch.empty_like(b)], gamma=0.01, backend="cpu")
+        vlmkern.awp_perturb_([a], [g16], [torch.empty_like(a)], gamma=0.01, backend="cpu")
+        vlmkern.awp_perturb_([b], [gb], [torch.empty_like(b)], gamma=0.01, eps=0.0, backend="cpu")
         assert torch.isinf(a).all() and (a > 0).all()  # 65504 + 655 rounds past the largest fp16
-        assert (_bits(b) == 0x7FC0).all()  # the bf16 tensor's norm is NaN: every element NaN, canonical
+        assert (_bits(b) == 0x7FC0).all()  # scale inf times a zero direction: every element NaN, canonical
 
 
 def test_unknown_isa_is_an_error(monkeypatch):
