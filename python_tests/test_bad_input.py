@@ -338,6 +338,45 @@ def test_awp_restore_bad_arguments(abackend):
     assert_same_bits(p, p0, "params")
 
 
+@pytest.mark.parametrize("abackend", AWP_BACKENDS, indirect=True)
+@pytest.mark.parametrize("bad_at", [None, 3, 799])
+def test_awp_skip_decision_spans_every_launch(abackend, bad_at):
+    """800 tensors: two multi-tensor launches on CUDA (768 per launch).  A NaN
+    in either launch's tensors skips all of them; none skips none."""
+    g = torch.Generator().manual_seed(1)
+    p = [torch.randn(3, generator=g) for _ in range(800)]
+    d = [torch.randn(3, generator=g) for _ in range(800)]
+    if bad_at is not None:
+        d[bad_at][1] = NAN
+    p0 = snap(p)
+    b = [torch.empty_like(x) for x in p]
+    norms = vlmkern.awp_perturb_(p, d, b, gamma=0.1, backend=abackend)
+    assert bool(perturb_skipped(norms)) == (bad_at is not None)
+    assert_same_bits(b, p0, "backup")
+    unchanged = [torch.equal(bits(x), bits(y)) for x, y in zip(p, p0)]
+    assert all(unchanged) if bad_at is not None else not any(unchanged)
+
+
+@pytest.mark.parametrize("kbackend", KALMAN_BACKENDS, indirect=True)
+@pytest.mark.parametrize("bad_at", [None, 3, 799])
+def test_kalman_skip_decision_spans_every_launch(kbackend, bad_at):
+    g = torch.Generator().manual_seed(2)
+    p = [torch.randn(3, generator=g) for _ in range(800)]
+    h = [torch.randn(3, generator=g) for _ in range(800)]
+    v = [torch.full((3,), 0.1) for _ in range(800)]
+    if bad_at is not None:
+        h[bad_at][2] = INF
+    p0, v0 = snap(p), snap(v)
+    S = vlmkern.kalman_step_(p, h, v, torch.tensor(-1.0), torch.tensor(1.0), process_noise=0.0, backend=kbackend)
+    assert bool(torch.isnan(S)) == (bad_at is not None)
+    unchanged = [torch.equal(bits(x), bits(y)) for x, y in zip(p, p0)]
+    if bad_at is not None:
+        assert all(unchanged)
+        assert_same_bits(v, v0, "variances")
+    else:
+        assert not any(unchanged)
+
+
 def test_awp_compiled_op_checks_found_inf():
     require_backend("awp", "cpu", "cpu")
     p, g, b = _awp_state()
