@@ -7,23 +7,30 @@
 TORCH_LIBRARY(vlmkern, m) {
   // ---- SPEC §3: diagonal Kalman step (in place over tensor lists) ----------
   // Returns the innovation variance S = sum h^2 (p + q) + R as a 0-d float32
-  // tensor on the parameters' device.  No host synchronisation.  gate_chi2:
+  // tensor on the parameters' device, or NaN when the step was skipped (found_inf
+  // set, or a non-finite / invalid gradient, variance, innovation, obs_noise or
+  // grad_scale: nothing is written).  No host synchronisation.  gate_chi2:
   // Mahalanobis gate, the innovation used is clamped to |e| <= sqrt(chi2 S).
+  // grad_scale: the grads are scaled by it (GradScaler); found_inf != 0 skips.
   m.def(
       "kalman_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] variances, "
       "Tensor innovation, Tensor obs_noise, float process_noise, float forgetting, "
-      "float var_floor, float? gate_chi2=None) -> Tensor");
+      "float var_floor, float? gate_chi2=None, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> Tensor");
 
   // ---- SPEC §4: layerwise-normalised weight perturbation -------------------
   // direction 0 = adversarial (d = grads), 1 = random (counter-based
   // Gaussian from seed; grads may be empty).  Saves params into backup, adds
   // v = sign * gamma * ||w|| * d / (||d|| + eps).  Returns the per-tensor norms
-  // [n, 2] float32: (||w||, ||d||).  (The argument is not called `mode`: under
+  // [n, 2] float32: (||w||, ||d||).  Skip rule: if any of those norms is not
+  // finite, or found_inf (one-element float32 on the device) is non-zero, the
+  // whole perturbation is skipped on the device: backup <- params, params
+  // untouched (the restore stays exact).  (The argument is not called `mode`: under
   // torch.compile a mutable op's arguments travel as keyword arguments of the
   // auto_functionalized HOP, whose mode-redirect impl takes `mode` itself.)
   m.def(
       "awp_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backup, float gamma, "
-      "float eps, float sign, int direction, int seed) -> Tensor");
+      "float eps, float sign, int direction, int seed, Tensor? found_inf=None) -> Tensor");
   // Bitwise-exact restore: params <- backup.
   m.def("awp_restore_(Tensor(a!)[] params, Tensor[] backup) -> ()");
 

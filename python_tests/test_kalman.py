@@ -291,8 +291,8 @@ BAD = [
     (lambda p, g, v, d: ([p[0], p[1].int()], [g[0], g[1].int()], v), {}, r"params\[1\] must be float32, bfloat16 or float16"),
     (lambda p, g, v, d: (p, [g[0], g[1].half()], v), {}, r"grads\[1\] must have the dtype of params\[1\]"),
     (lambda p, g, v, d: (p, g, v), {"forgetting": 0.0}, r"forgetting must be in \(0, 1\]"),
-    (lambda p, g, v, d: (p, g, v), {"process_noise": -1.0}, r"process_noise must be >= 0"),
-    (lambda p, g, v, d: (p, g, v), {"var_floor": -1.0}, r"var_floor must be >= 0"),
+    (lambda p, g, v, d: (p, g, v), {"process_noise": -1.0}, r"process_noise must be finite and >= 0"),
+    (lambda p, g, v, d: (p, g, v), {"var_floor": -1.0}, r"var_floor must be finite and >= 0"),
     (lambda p, g, v, d: (p, g, v), {"gate_chi2": 0.0}, r"gate_chi2 must be > 0"),
 ]
 
@@ -327,7 +327,7 @@ def test_bad_scalars_name_the_argument():
         (lambda a: a.__setitem__(4, torch.ones(2)), r"obs_noise must be a 0-d"),
         (lambda a: a.__setitem__(3, torch.tensor(1.0, dtype=torch.float64)), r"innovation must be float32"),
         (lambda a: a.__setitem__(6, 1.5), r"forgetting must be in \(0, 1\]"),
-        (lambda a: a.__setitem__(5, -0.5), r"process_noise must be >= 0"),
+        (lambda a: a.__setitem__(5, -0.5), r"process_noise must be finite and >= 0"),
         (lambda a: a.__setitem__(8, -2.0), r"gate_chi2 must be > 0"),
     ],
 )

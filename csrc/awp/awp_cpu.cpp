@@ -35,6 +35,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "awp/awp_host.h"
@@ -248,8 +249,9 @@ int64_t total_elems(const std::vector<at::Tensor>& w) {
 }
 
 at::Tensor awp_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList backup,
-                           double gamma, double eps, double sign, int64_t mode, int64_t seed) {
-  check_perturb_args(params, grads, backup, gamma, eps, sign, mode);
+                           double gamma, double eps, double sign, int64_t mode, int64_t seed,
+                           const std::optional<at::Tensor>& found_inf) {
+  check_perturb_args(params, grads, backup, gamma, eps, sign, mode, found_inf);
   const bool random = mode == kModeRandom;
   const size_t n = params.size();
   std::vector<at::Tensor> w(n), g(random ? 0 : n), bk(n);
@@ -297,12 +299,22 @@ at::Tensor awp_perturb_cpu(at::TensorList params, at::TensorList grads, at::Tens
   std::vector<float> scales(n);
   const double gs = sign * gamma;
   for (size_t i = 0; i < n; ++i) scales[i] = scale(nrm[2 * i], nrm[2 * i + 1], gs, eps);
+  // Skip rule (SPEC §4 "Bad input", the same on every backend): a non-finite
+  // norm anywhere, or found_inf set, skips the whole perturbation: backup <- w
+  // (so the restore stays exact), w untouched.  CPU tensors: reading is free.
+  bool skip = found_inf.has_value() && !(found_inf->item<float>() == 0.0f);
+  for (size_t i = 0; i < 2 * n; ++i) skip = skip || !finite_norm(nrm[i]);
 
   // ---- perturb pass --------------------------------------------------------
   for_each_item(ni, ne, [&](int64_t j) {
     const Item& it = items[j];
     const int t = it.tensor;
-    if (random) {
+    if (skip) {
+      const int64_t es = w[t].element_size();
+      std::memcpy(static_cast<char*>(bk[t].mutable_data_ptr()) + it.begin * es,
+                  static_cast<const char*>(w[t].const_data_ptr()) + it.begin * es,
+                  (it.end - it.begin) * es);
+    } else if (random) {
       kKernels[dt[t]].perturb_random(w[t].mutable_data_ptr(), bk[t].mutable_data_ptr(), it.begin,
                                      it.end, scales[t], keys[t]);
     } else {

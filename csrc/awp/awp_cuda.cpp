@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <vector>
 
 #include "awp/awp_cuda.h"
@@ -36,8 +37,9 @@ void check_cuda(at::TensorList list, const char* name) {
 }
 
 at::Tensor awp_perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList backup,
-                            double gamma, double eps, double sign, int64_t mode, int64_t seed) {
-  check_perturb_args(params, grads, backup, gamma, eps, sign, mode);
+                            double gamma, double eps, double sign, int64_t mode, int64_t seed,
+                            const std::optional<at::Tensor>& found_inf) {
+  check_perturb_args(params, grads, backup, gamma, eps, sign, mode, found_inf);
   const bool random = mode == kModeRandom;
   check_cuda(params, "params");
   if (!random) check_cuda(grads, "grads");
@@ -60,11 +62,15 @@ at::Tensor awp_perturb_cuda(at::TensorList params, at::TensorList grads, at::Ten
   }
   const int nd = static_cast<int>(descs.size());
   const int64_t ws = cuda::perturb_workspace_floats(descs.data(), nd);
-  at::Tensor workspace = at::empty({ws > 0 ? ws : 1}, params[0].options().dtype(c10::kFloat));
+  // workspace: the per-chunk partials, then one int32 of skip flag (cleared by the first launch).
+  at::Tensor workspace = at::empty({ws + 1}, params[0].options().dtype(c10::kFloat));
+  const at::Tensor fi = found_inf.has_value() ? found_inf->contiguous() : at::Tensor();
   at::Tensor norms = at::zeros({static_cast<int64_t>(n), 2}, params[0].options().dtype(c10::kFloat));
   VLMKERN_CHECK_CUDA(cuda::launch_perturb(descs.data(), nd, static_cast<int>(mode),
                                           static_cast<uint64_t>(seed), sign * gamma, eps,
                                           workspace.data_ptr<float>(), norms.data_ptr<float>(),
+                                          fi.defined() ? fi.const_data_ptr<float>() : nullptr,
+                                          reinterpret_cast<int*>(workspace.data_ptr<float>() + ws),
                                           stream));
   for (size_t i = 0; i < n; ++i) {
     if (!w[i].is_same(params[i])) params[i].copy_(w[i]);

@@ -7,6 +7,9 @@
 //                        fixed order in double -> norms[index] = (||w||, ||d||);
 //   3. perturb_kernel  : reads the norms from device memory (no host sync),
 //                        backup <- w, w <- round(w + scale * d).
+// Skip rule (SPEC §4 "Bad input"): finalize sets a device flag when a norm is
+// not finite; the perturb kernel then (or when the caller's found_inf is set)
+// writes backup <- w only, leaving w as it was, so the restore stays exact.
 // So a perturb is 3 launches, and 3 more per further 768 tensors.  The restore
 // is one bytewise copy launch per 768 tensors of any dtypes.  Results are
 // deterministic (no atomics).  16-byte vector loads when every pointer of the
@@ -105,8 +108,12 @@ __device__ __forceinline__ void norm_chunk(const void* w_base, const void* g_bas
 
 template <int MODE, bool VEC>
 __global__ void __launch_bounds__(kThreads)
-    norm_kernel(TensorListMeta<2> m, int32_t total_chunks, uint64_t seed, float2* partials) {
+    norm_kernel(TensorListMeta<2> m, int32_t total_chunks, uint64_t seed, float2* partials,
+                int* nonfinite, int zero_flag) {
   __shared__ float2 smem[kThreads / 32];
+  // The first norm launch clears the skip flag; the finalize launches after it
+  // (same stream) set it.
+  if (zero_flag && blockIdx.x == 0 && threadIdx.x == 0) *nonfinite = 0;
   for (int32_t c = blockIdx.x; c < total_chunks; c += gridDim.x) {
     const int t = mta::locate_tensor(m, c);
     const int64_t start = static_cast<int64_t>(c - m.chunk_start[t]) * kChunk;
@@ -131,7 +138,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // One block per tensor of the launch: fixed-order double sum of its partials.
 __global__ void __launch_bounds__(kFinalizeThreads)
-    finalize_kernel(TensorListMeta<2> m, const float2* partials, float* norms) {
+    finalize_kernel(TensorListMeta<2> m, const float2* partials, float* norms, int* nonfinite) {
   __shared__ double sw_s[kFinalizeThreads], sd_s[kFinalizeThreads];
   const int t = blockIdx.x;
   double sw = 0.0, sd = 0.0;
@@ -152,15 +159,20 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   }
   if (threadIdx.x == 0) {
     const int64_t row = m.list_index[t];
-    norms[2 * row] = static_cast<float>(sqrt(sw_s[0]));
-    norms[2 * row + 1] = static_cast<float>(sqrt(sd_s[0]));
+    const float nw = static_cast<float>(sqrt(sw_s[0]));
+    const float nd = static_cast<float>(sqrt(sd_s[0]));
+    norms[2 * row] = nw;
+    norms[2 * row + 1] = nd;
+    if (!finite_norm(nw) || !finite_norm(nd)) *nonfinite = 1;  // every writer writes 1: no race
   }
 }
 
-// backup <- w, w <- round(w + s * d) over one chunk of a tensor.
+// backup <- w, w <- round(w + s * d) over one chunk of a tensor; with `skip`
+// only backup <- w (the whole perturbation is skipped, SPEC §4 "Bad input").
 template <typename T, int MODE, bool VEC>
 __device__ __forceinline__ void perturb_chunk(void* w_base, const void* g_base, void* bk_base,
-                                              int64_t start, int64_t len, float s, uint32_t key) {
+                                              int64_t start, int64_t len, float s, uint32_t key,
+                                              bool skip) {
   T* w = static_cast<T*>(w_base) + start;
   const T* g = MODE == kModeAdversarial ? static_cast<const T*>(g_base) + start : nullptr;
   T* bk = static_cast<T*>(bk_base) + start;
@@ -173,6 +185,7 @@ __device__ __forceinline__ void perturb_chunk(void* w_base, const void* g_base, 
       Vec<T> gv;
       if (MODE == kModeAdversarial) gv = reinterpret_cast<const Vec<T>*>(g)[j];
       reinterpret_cast<Vec<T>*>(bk)[j] = wv;
+      if (skip) continue;
 #pragma unroll
       for (int q = 0; q < N; ++q) {
         const float d = MODE == kModeAdversarial ? to_f(gv.v[q]) : gaussian(key, start + j * N + q);
@@ -185,6 +198,7 @@ __device__ __forceinline__ void perturb_chunk(void* w_base, const void* g_base, 
   for (int64_t i = i0 + threadIdx.x; i < len; i += blockDim.x) {
     const T x = w[i];
     bk[i] = x;
+    if (skip) continue;
     const float d = MODE == kModeAdversarial ? to_f(g[i]) : gaussian(key, start + i);
     w[i] = from_f<T>(perturbed(to_f(x), s, d));
   }
@@ -193,7 +207,8 @@ __device__ __forceinline__ void perturb_chunk(void* w_base, const void* g_base, 
 template <int MODE, bool VEC>
 __global__ void __launch_bounds__(kThreads)
     perturb_kernel(TensorListMeta<3> m, int32_t total_chunks, uint64_t seed, double gamma_signed,
-                   double eps, const float* norms) {
+                   double eps, const float* norms, const int* nonfinite, const float* found_inf) {
+  const bool skip = *nonfinite != 0 || (found_inf != nullptr && !(*found_inf == 0.f));
   for (int32_t c = blockIdx.x; c < total_chunks; c += gridDim.x) {
     const int t = mta::locate_tensor(m, c);
     const int64_t start = static_cast<int64_t>(c - m.chunk_start[t]) * kChunk;
@@ -203,13 +218,16 @@ __global__ void __launch_bounds__(kThreads)
     const uint32_t key = MODE == kModeRandom ? tensor_key(seed, static_cast<uint32_t>(row)) : 0u;
     switch (static_cast<DType>(m.dtype[t])) {
       case DType::kBFloat16:
-        perturb_chunk<__nv_bfloat16, MODE, VEC>(m.ptrs[0][t], m.ptrs[1][t], m.ptrs[2][t], start, len, s, key);
+        perturb_chunk<__nv_bfloat16, MODE, VEC>(m.ptrs[0][t], m.ptrs[1][t], m.ptrs[2][t], start, len, s, key,
+                                                 skip);
         break;
       case DType::kHalf:
-        perturb_chunk<__half, MODE, VEC>(m.ptrs[0][t], m.ptrs[1][t], m.ptrs[2][t], start, len, s, key);
+        perturb_chunk<__half, MODE, VEC>(m.ptrs[0][t], m.ptrs[1][t], m.ptrs[2][t], start, len, s, key,
+                                                 skip);
         break;
       default:
-        perturb_chunk<float, MODE, VEC>(m.ptrs[0][t], m.ptrs[1][t], m.ptrs[2][t], start, len, s, key);
+        perturb_chunk<float, MODE, VEC>(m.ptrs[0][t], m.ptrs[1][t], m.ptrs[2][t], start, len, s, key,
+                                                 skip);
         break;
     }
   }
@@ -249,7 +267,8 @@ inline int grid_for(int32_t chunks) { return chunks < 65535 ? (chunks > 0 ? chun
 
 template <int MODE>
 cudaError_t run_perturb(const PerturbDesc* descs, int n, uint64_t seed, double gamma_signed,
-                        double eps, float* workspace, float* norms, cudaStream_t stream) {
+                        double eps, float* workspace, float* norms, const float* found_inf,
+                        int* nonfinite, cudaStream_t stream) {
   std::vector<TensorRef> refs(n);
   for (int i = 0; i < n; ++i) {
     refs[i].ptrs[0] = descs[i].w;
@@ -262,16 +281,18 @@ cudaError_t run_perturb(const PerturbDesc* descs, int n, uint64_t seed, double g
   }
   cudaError_t err = cudaSuccess;
   float2* partials = reinterpret_cast<float2*>(workspace);
+  int zero_flag = 1;
   mta::for_each_launch<2>(refs, kChunk, [&](const TensorListMeta<2>& m, int32_t chunks) {
     if (err != cudaSuccess) return;
     const int grid = grid_for(chunks);
     const bool aligned = list_aligned(m, 0) && (MODE == kModeRandom || list_aligned(m, 1));
     if (aligned) {
-      norm_kernel<MODE, true><<<grid, kThreads, 0, stream>>>(m, chunks, seed, partials);
+      norm_kernel<MODE, true><<<grid, kThreads, 0, stream>>>(m, chunks, seed, partials, nonfinite, zero_flag);
     } else {
-      norm_kernel<MODE, false><<<grid, kThreads, 0, stream>>>(m, chunks, seed, partials);
+      norm_kernel<MODE, false><<<grid, kThreads, 0, stream>>>(m, chunks, seed, partials, nonfinite, zero_flag);
     }
-    finalize_kernel<<<m.ntensors, kFinalizeThreads, 0, stream>>>(m, partials, norms);
+    zero_flag = 0;
+    finalize_kernel<<<m.ntensors, kFinalizeThreads, 0, stream>>>(m, partials, norms, nonfinite);
     err = cudaGetLastError();
     partials += chunks;
   });
@@ -282,9 +303,11 @@ cudaError_t run_perturb(const PerturbDesc* descs, int n, uint64_t seed, double g
     const bool aligned =
         list_aligned(m, 0) && list_aligned(m, 2) && (MODE == kModeRandom || list_aligned(m, 1));
     if (aligned) {
-      perturb_kernel<MODE, true><<<grid, kThreads, 0, stream>>>(m, chunks, seed, gamma_signed, eps, norms);
+      perturb_kernel<MODE, true><<<grid, kThreads, 0, stream>>>(m, chunks, seed, gamma_signed, eps, norms,
+                                                                nonfinite, found_inf);
     } else {
-      perturb_kernel<MODE, false><<<grid, kThreads, 0, stream>>>(m, chunks, seed, gamma_signed, eps, norms);
+      perturb_kernel<MODE, false><<<grid, kThreads, 0, stream>>>(m, chunks, seed, gamma_signed, eps, norms,
+                                                                 nonfinite, found_inf);
     }
     err = cudaGetLastError();
   });
@@ -301,11 +324,13 @@ int64_t perturb_workspace_floats(const PerturbDesc* descs, int n) {
 
 cudaError_t launch_perturb(const PerturbDesc* descs, int n, int mode, uint64_t seed,
                            double gamma_signed, double eps, float* workspace, float* norms,
-                           cudaStream_t stream) {
+                           const float* found_inf, int* nonfinite, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   return mode == kModeRandom
-             ? run_perturb<kModeRandom>(descs, n, seed, gamma_signed, eps, workspace, norms, stream)
-             : run_perturb<kModeAdversarial>(descs, n, seed, gamma_signed, eps, workspace, norms, stream);
+             ? run_perturb<kModeRandom>(descs, n, seed, gamma_signed, eps, workspace, norms, found_inf,
+                                        nonfinite, stream)
+             : run_perturb<kModeAdversarial>(descs, n, seed, gamma_signed, eps, workspace, norms,
+                                             found_inf, nonfinite, stream);
 }
 
 cudaError_t launch_restore(const CopyDesc* descs, int n, cudaStream_t stream) {

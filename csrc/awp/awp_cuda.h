@@ -40,9 +40,12 @@ int64_t perturb_workspace_floats(const PerturbDesc* descs, int n);
 // `workspace`), fixed-order per-tensor reduction into norms[2*index + {0,1}]
 // (||w||, ||d||), perturb pass reading those norms from device memory.
 // 3 launches per 768 tensors; no host synchronisation; deterministic.
+// Skip rule: if any norm is not finite, or found_inf (nullable, device) is
+// non-zero, the perturb pass only writes backup <- w.  `nonfinite`: one device
+// int of scratch (cleared and set by the launches).
 cudaError_t launch_perturb(const PerturbDesc* descs, int n, int mode, uint64_t seed,
                            double gamma_signed, double eps, float* workspace, float* norms,
-                           cudaStream_t stream);
+                           const float* found_inf, int* nonfinite, cudaStream_t stream);
 
 // dst <- src bytewise for every tensor (any dtypes mixed): 1 launch per 768 tensors.
 cudaError_t launch_restore(const CopyDesc* descs, int n, cudaStream_t stream);

@@ -2,6 +2,7 @@
 // CPU and CUDA registrations.  Messages name the argument.
 #pragma once
 #include <cmath>
+#include <optional>
 
 #include "awp/awp_math.h"
 #include "common/checks.h"
@@ -21,7 +22,8 @@ inline void check_restore_args(at::TensorList params, at::TensorList backup) {
 }
 
 inline void check_perturb_args(at::TensorList params, at::TensorList grads, at::TensorList backup,
-                               double gamma, double eps, double sign, int64_t mode) {
+                               double gamma, double eps, double sign, int64_t mode,
+                               const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "vlmkern.awp_perturb_";
   TORCH_CHECK(mode == kModeAdversarial || mode == kModeRandom, op,
               ": direction must be 0 (adversarial) or 1 (random), got ", mode);
@@ -47,6 +49,9 @@ inline void check_perturb_args(at::TensorList params, at::TensorList grads, at::
                 " is on ", params[i].device(), " but params[0] is on ", params[0].device());
     TORCH_CHECK(!backup[i].is_same(params[i]), op, ": ", arg_name("backup", i), " is ",
                 arg_name("params", i), " itself; it must be a separate buffer");
+  }
+  if (found_inf.has_value() && !params.empty()) {
+    check_scalar_tensor(op, *found_inf, "found_inf", params[0].device());
   }
 }
 

@@ -182,6 +182,11 @@ VLMKERN_HD float scale(float norm_w, float norm_d, double gamma_signed, double e
                             (static_cast<double>(norm_d) + eps));
 }
 
+// |x| <= FLT_MAX: false for inf and NaN.  The skip rule of awp_perturb_ (SPEC
+// §4 "Bad input"): when any returned norm fails this, or found_inf is set,
+// the whole perturbation is skipped (backup <- w, w unchanged).
+VLMKERN_HD bool finite_norm(float x) { return fabsf(x) <= 3.40282347e+38f; }
+
 // w + scale * d in fp32: one rounding for the product, one for the sum, never
 // fused (CUDA: _rn intrinsics; CPU: awp_cpu.cpp is compiled with
 // -ffp-contract=off, so none of its baseline / AVX2 / AVX-512 versions, whose

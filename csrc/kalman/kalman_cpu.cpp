@@ -13,6 +13,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -66,9 +67,11 @@ void pass2_chunk(T* theta, const T* h, float* p, int64_t n, const Pass2Scalars& 
 at::Tensor kalman_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList variances,
                            const at::Tensor& innovation, const at::Tensor& obs_noise,
                            double process_noise, double forgetting, double var_floor,
-                           std::optional<double> gate_chi2) {
+                           std::optional<double> gate_chi2,
+                           const std::optional<at::Tensor>& grad_scale,
+                           const std::optional<at::Tensor>& found_inf) {
   check_args(params, grads, variances, innovation, obs_noise, process_noise, forgetting, var_floor,
-             gate_chi2);
+             gate_chi2, grad_scale, found_inf);
   const float q = static_cast<float>(process_noise);
   const size_t n = params.size();
 
@@ -100,12 +103,21 @@ at::Tensor kalman_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
   double s = 0.0;
   for (double x : partial) s += x;  // fixed order: independent of the thread count
 
-  const float R = obs_noise.item<float>();  // CPU tensor: no device sync involved
-  const float S = static_cast<float>(s) + R;
+  // CPU tensors: reading them involves no device sync.
+  const float R = obs_noise.item<float>();
+  const float gs = grad_scale.has_value() ? grad_scale->item<float>() : 1.0f;
+  const float fi = found_inf.has_value() ? found_inf->item<float>() : 0.0f;
   const float chi2 = gate_chi2.has_value() ? static_cast<float>(*gate_chi2) : 0.0f;
-  const float e = gate_innovation(innovation.item<float>(), S, chi2);
-  const Pass2Scalars c{e / S, 1.0f / S, q, static_cast<float>(1.0 / forgetting),
-                       static_cast<float>(var_floor)};
+  Pass2Scalars c{};
+  float S = 0.f;
+  const bool ok = step_scalars(s, R, innovation.item<float>(), gs, fi, chi2, q,
+                               static_cast<float>(1.0 / forgetting), static_cast<float>(var_floor),
+                               c, S);
+  at::Tensor out = at::empty({}, innovation.options().dtype(c10::kFloat));
+  if (!ok) {  // skipped (SPEC §3 "Bad input"): nothing written, S reported as NaN
+    out.fill_(std::numeric_limits<float>::quiet_NaN());
+    return out;
+  }
   at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) {
       const Chunk& ch = chunks[k];
@@ -119,7 +131,6 @@ at::Tensor kalman_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
     if (!w[i].is_same(params[i])) params[i].copy_(w[i]);
     if (!v[i].is_same(variances[i])) variances[i].copy_(v[i]);
   }
-  at::Tensor out = at::empty({}, innovation.options().dtype(c10::kFloat));
   out.fill_(S);
   return out;
 }

@@ -36,9 +36,11 @@ cuda::ParamDtype dtype_of(c10::ScalarType t) {
 at::Tensor kalman_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList variances,
                             const at::Tensor& innovation, const at::Tensor& obs_noise,
                             double process_noise, double forgetting, double var_floor,
-                            std::optional<double> gate_chi2) {
+                            std::optional<double> gate_chi2,
+                            const std::optional<at::Tensor>& grad_scale,
+                            const std::optional<at::Tensor>& found_inf) {
   check_args(params, grads, variances, innovation, obs_noise, process_noise, forgetting, var_floor,
-             gate_chi2);
+             gate_chi2, grad_scale, found_inf);
   const c10::cuda::CUDAGuard guard(innovation.device());
   const size_t n = params.size();
 
@@ -64,6 +66,8 @@ at::Tensor kalman_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
   // innovation / obs_noise are float32 one-element tensors (check_args).
   const at::Tensor e = innovation.contiguous();
   const at::Tensor R = obs_noise.contiguous();
+  const at::Tensor gs = grad_scale.has_value() ? grad_scale->contiguous() : at::Tensor();
+  const at::Tensor fi = found_inf.has_value() ? found_inf->contiguous() : at::Tensor();
 
   cuda::StepScalars c{};
   c.q = static_cast<float>(process_noise);
@@ -73,9 +77,12 @@ at::Tensor kalman_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(innovation.device().index()).stream();
   VLMKERN_CHECK_CUDA(cuda::launch_step(tensors, e.const_data_ptr<float>(), R.const_data_ptr<float>(),
-                                       c, partials.data_ptr<double>(), nparts,
+                                       gs.defined() ? gs.const_data_ptr<float>() : nullptr,
+                                       fi.defined() ? fi.const_data_ptr<float>() : nullptr, c, partials.data_ptr<double>(), nparts,
                                        out.data_ptr<float>(), stream, nullptr));
 
+  // A skipped step leaves the working copies as they were: copying them back
+  // writes the caller's own values (device-side decision, no sync).
   for (size_t i = 0; i < n; ++i) {
     if (!w[i].is_same(params[i])) params[i].copy_(w[i]);
     if (!v[i].is_same(variances[i])) variances[i].copy_(v[i]);

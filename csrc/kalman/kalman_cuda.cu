@@ -13,7 +13,10 @@
 // So a step is 2 launches for lists of up to 768 tensors (all of ViT-B/16 or
 // ViT-L/14 CLIP, fp32/bf16/fp16 mixed), and 2 more per further 768.
 //
-// Scalars that change per step (innovation, R) are read from device memory;
+// Scalars that change per step (innovation, R, grad_scale, found_inf) are read
+// from device memory, and the skip rule (kalman_math.h step_scalars: found_inf
+// set, or a non-finite gradient / variance / innovation) is decided there, by
+// every pass-2 block alike;
 // nothing here synchronises with the host or copies to it, so a step can be
 // captured in a CUDA graph.  Loads and stores are 16-byte vectors when the
 // tensor's three pointers are 16-byte aligned (always true for tensors that
@@ -234,23 +237,30 @@ __global__ void __launch_bounds__(kThreads, 5)
     kalman_pass2_kernel(const mta::TensorListMeta<3> meta, int32_t total_chunks,
                         const double* __restrict__ partials, int32_t nparts,
                         const float* __restrict__ innovation, const float* __restrict__ obs_noise,
+                        const float* __restrict__ grad_scale, const float* __restrict__ found_inf,
                         StepScalars sc, float* __restrict__ s_out, int write_s) {
   __shared__ double smem[kWarps];
-  __shared__ float S_shared;
+  __shared__ Pass2Scalars c_shared;
+  __shared__ int ok_shared;
 
-  // S: every block reduces the partials in the same order -> identical bits.
+  // S: every block reduces the partials in the same order -> identical bits,
+  // and so every block takes the same skip decision (step_scalars).
   double acc = 0.0;
   for (int32_t i = threadIdx.x; i < nparts; i += kThreads) acc += partials[i];
   const double s = block_sum(acc, smem);
   if (threadIdx.x == 0) {
-    const float S = static_cast<float>(s) + *obs_noise;
-    S_shared = S;
-    if (write_s && blockIdx.x == 0) *s_out = S;
+    Pass2Scalars c0;
+    float S;
+    const bool ok = step_scalars(s, *obs_noise, *innovation, grad_scale ? *grad_scale : 1.0f,
+                                 found_inf ? *found_inf : 0.0f, sc.gate_chi2, sc.q, sc.inv_lambda,
+                                 sc.var_floor, c0, S);
+    c_shared = c0;
+    ok_shared = ok ? 1 : 0;
+    if (write_s && blockIdx.x == 0) *s_out = ok ? S : NAN;
   }
   __syncthreads();
-  const float S = S_shared;
-  const float e = gate_innovation(*innovation, S, sc.gate_chi2);
-  const Pass2Scalars c{e / S, 1.0f / S, sc.q, sc.inv_lambda, sc.var_floor};
+  if (!ok_shared) return;  // skipped: parameters and variances untouched
+  const Pass2Scalars c = c_shared;
 
   for (int32_t ch = blockIdx.x; ch < total_chunks; ch += gridDim.x) {
     const ChunkView cv = chunk_view(meta, ch);
@@ -266,9 +276,18 @@ __global__ void __launch_bounds__(kThreads, 5)
   }
 }
 
-// S when every tensor is empty: S = 0 + R.
-__global__ void kalman_empty_kernel(const float* __restrict__ obs_noise, float* __restrict__ s_out) {
-  *s_out = 0.0f + *obs_noise;
+// S when every tensor is empty: S = 0 + R (NaN when the step counts as skipped).
+__global__ void kalman_empty_kernel(const float* __restrict__ innovation,
+                                    const float* __restrict__ obs_noise,
+                                    const float* __restrict__ grad_scale,
+                                    const float* __restrict__ found_inf, StepScalars sc,
+                                    float* __restrict__ s_out) {
+  Pass2Scalars c;
+  float S;
+  const bool ok = step_scalars(0.0, *obs_noise, *innovation, grad_scale ? *grad_scale : 1.0f,
+                               found_inf ? *found_inf : 0.0f, sc.gate_chi2, sc.q, sc.inv_lambda,
+                               sc.var_floor, c, S);
+  *s_out = ok ? S : NAN;
 }
 
 int grid_for(int32_t chunks) { return chunks < kMaxBlocks ? static_cast<int>(chunks) : kMaxBlocks; }
@@ -299,11 +318,12 @@ int64_t num_partials(const std::vector<TensorPtrs>& tensors) {
 }
 
 cudaError_t launch_step(const std::vector<TensorPtrs>& tensors, const float* innovation,
-                        const float* obs_noise, const StepScalars& c, double* partials,
+                        const float* obs_noise, const float* grad_scale, const float* found_inf,
+                        const StepScalars& c, double* partials,
                         int64_t nparts, float* s_out, cudaStream_t stream, int* launches) {
   if (launches) *launches = 0;
   if (nparts == 0) {
-    kalman_empty_kernel<<<1, 1, 0, stream>>>(obs_noise, s_out);
+    kalman_empty_kernel<<<1, 1, 0, stream>>>(innovation, obs_noise, grad_scale, found_inf, c, s_out);
     if (launches) *launches = 1;
     return cudaGetLastError();
   }
@@ -328,7 +348,7 @@ cudaError_t launch_step(const std::vector<TensorPtrs>& tensors, const float* inn
   nl += mta::for_each_launch<3>(refs, kChunk, [&](const mta::TensorListMeta<3>& meta, int32_t chunks) {
     const int write_s = s_written ? 0 : 1;
     kalman_pass2_kernel<<<grid_for(chunks), kThreads, 0, stream>>>(
-        meta, chunks, partials, np, innovation, obs_noise, c, s_out, write_s);
+        meta, chunks, partials, np, innovation, obs_noise, grad_scale, found_inf, c, s_out, write_s);
     s_written = true;
     const cudaError_t e = cudaGetLastError();
     if (err == cudaSuccess) err = e;

@@ -34,12 +34,14 @@ struct StepScalars {
 // `partials` buffer launch_step needs).  0 when every tensor is empty.
 int64_t num_partials(const std::vector<TensorPtrs>& tensors);
 
-// Pass 1 then pass 2 on `stream`: reads innovation / obs_noise from device
-// memory, writes S (0-d float32) to s_out.  No host synchronisation, no
+// Pass 1 then pass 2 on `stream`: reads innovation / obs_noise (and, when not
+// null, grad_scale / found_inf) from device memory, writes S (0-d float32) to
+// s_out, or NaN when the step is skipped (kalman_math.h step_scalars: then
+// nothing else is written).  No host synchronisation, no
 // host<->device copies: capturable in a CUDA graph.  `launches` (optional)
 // receives the number of kernel launches made.
 cudaError_t launch_step(const std::vector<TensorPtrs>& tensors, const float* innovation,
-                        const float* obs_noise,
+                        const float* obs_noise, const float* grad_scale, const float* found_inf,
                         const StepScalars& c, double* partials, int64_t nparts, float* s_out,
                         cudaStream_t stream, int* launches);
 

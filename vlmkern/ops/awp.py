@@ -3,7 +3,8 @@
 Schemas (csrc/registration.cpp)::
 
     vlmkern::awp_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backup,
-                          float gamma, float eps, float sign, int direction, int seed) -> Tensor
+                          float gamma, float eps, float sign, int direction, int seed,
+                          Tensor? found_inf=None) -> Tensor
     vlmkern::awp_restore_(Tensor(a!)[] params, Tensor[] backup) -> ()
 
 Kernels: ``csrc/awp/awp_cpu.cpp`` (CPU), ``csrc/awp/awp_cuda.cu`` +
@@ -24,10 +25,17 @@ CPU kernels: plain loops compiled for baseline x86-64, AVX2 and AVX-512F
 (``target_clones``); the loader picks the widest version the CPU has (the same
 bits from each), so they run on any x86-64 CPU.
 
-Limits: squares are taken in fp32, so a tensor with elements above ~1.8e19 has
-an infinite norm; an infinite ``||d||`` gives ``scale = 0`` (no perturbation), a
-NaN/inf direction gives NaN weights until the restore.  ``eps = 0`` with an
-all-zero direction gives NaN (0/0) as in the formula.
+Bad input (SPEC §4): shapes, dtypes, devices and the scalar arguments are
+checked on the host (errors name the argument).  Values are checked on the
+device, from the norms the op computes anyway, by one rule on every backend:
+if any returned norm (``||w_l||`` or ``||d_l||``, any ``l``) is not finite, or
+``found_inf`` is non-zero, the **whole perturbation is skipped**: ``backup``
+still receives the weights (so :func:`awp_restore_` stays exact) and the
+weights are left bit for bit as they were.  :func:`perturb_skipped` turns the
+returned norms (and ``found_inf``) into that decision as a device bool, with no
+host sync.  Squares are taken in fp32, so a tensor with elements above ~1.8e19
+has an infinite norm and counts as non-finite.  ``eps = 0`` with an all-zero
+direction gives NaN (0/0) weights as in the formula.
 """
 
 from __future__ import annotations
@@ -56,7 +64,7 @@ _GEN_CHUNK = 1 << 20  # elements of the random direction generated at once by th
 if hasattr(torch.ops, "vlmkern") and hasattr(torch.ops.vlmkern, "awp_perturb_"):
 
     @torch.library.register_fake("vlmkern::awp_perturb_")
-    def _awp_perturb_fake(params, grads, backup, gamma, eps, sign, direction, seed):
+    def _awp_perturb_fake(params, grads, backup, gamma, eps, sign, direction, seed, found_inf=None):
         if len(params) == 0:
             return torch.empty((0, 2), dtype=torch.float32)
         return params[0].new_empty((len(params), 2), dtype=torch.float32)
@@ -216,8 +224,8 @@ def _norm_f32(t: torch.Tensor) -> torch.Tensor:
     return s.sqrt().to(torch.float32)
 
 
-def _awp_perturb_torch(params, grads, backup, gamma, eps, sign, mode, seed):
-    """Plain PyTorch, same math as the kernels (no host synchronisation)."""
+def _awp_perturb_torch(params, grads, backup, gamma, eps, sign, mode, seed, found_inf=None):
+    """Plain PyTorch, same math and skip rule as the kernels (no host synchronisation)."""
     n = len(params)
     dev = params[0].device
     live = [i for i in range(n) if params[i].numel() > 0]
@@ -234,13 +242,16 @@ def _awp_perturb_torch(params, grads, backup, gamma, eps, sign, mode, seed):
             for i in live:
                 nd[i] = _random_sumsq(keys[i], params[i].numel(), dev).sqrt().to(torch.float32)
     gs = float(sign) * float(gamma)
+    norms = torch.stack([torch.stack(nw), torch.stack(nd)], dim=1) if n else torch.empty((0, 2))
+    keep = perturb_skipped(norms, found_inf)  # 0-d bool on the device: keep w as it is
     for i in live:
         w = params[i]
         s = (gs * nw[i].double() / (nd[i].double() + eps)).to(torch.float32)
+        s = torch.where(keep, torch.zeros_like(s), s)
         backup[i].copy_(w)
         if mode == 0:
             d = grads[i].to(torch.float32)
-            w.copy_((w.to(torch.float32) + d * s).to(w.dtype))
+            w.copy_(torch.where(keep, w, (w.to(torch.float32) + d * s).to(w.dtype)))
         else:
             flat = w.reshape(-1) if w.is_contiguous() else None
             if flat is None:  # non-contiguous: work on a contiguous copy
@@ -249,10 +260,24 @@ def _awp_perturb_torch(params, grads, backup, gamma, eps, sign, mode, seed):
             for b in range(0, w.numel(), _GEN_CHUNK):
                 e = min(w.numel(), b + _GEN_CHUNK)
                 d = _gaussian(keys[i], b, e, dev)
-                flat[b:e] = (flat[b:e].to(torch.float32) + d * s).to(w.dtype)
+                flat[b:e] = torch.where(keep, flat[b:e], (flat[b:e].to(torch.float32) + d * s).to(w.dtype))
             if not w.is_contiguous():
                 w.copy_(flat.reshape(w.shape))
-    return torch.stack([torch.stack(nw), torch.stack(nd)], dim=1) if n else torch.empty((0, 2))
+    return norms
+
+
+_FLT_MAX = 3.4028234663852886e38
+
+
+def perturb_skipped(norms: torch.Tensor, found_inf: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Whether :func:`awp_perturb_` skipped the perturbation, from the norms it
+    returned (and the ``found_inf`` it was given): a 0-d bool tensor on their
+    device, computed there (no host sync).  True iff a norm is not finite or
+    ``found_inf != 0`` (the rule of SPEC §4 "Bad input")."""
+    bad = ~(norms.abs() <= _FLT_MAX).all()
+    if found_inf is not None:
+        bad = bad | (found_inf.reshape(()) != 0)
+    return bad
 
 
 def _awp_restore_torch(params, backup):
@@ -296,6 +321,7 @@ def awp_perturb_(
     sign: float = +1,
     mode: str = "adversarial",
     seed: Optional[int] = None,
+    found_inf: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """Save ``params`` into ``backup`` and perturb them in place (SPEC §4)::
@@ -322,7 +348,14 @@ def awp_perturb_(
             printed in WRF4CIR's Algorithm 1).
         mode: ``"adversarial"`` or ``"random"``.
         seed: required in random mode (any Python int; its low 64 bits are used).
+        found_inf: optional one-element float32 tensor on the parameters'
+            device (e.g. GradScaler's flag): non-zero skips the perturbation.
         backend: force ``"cuda"``, ``"cpu"`` or ``"torch"`` (default: by device).
+
+    Skip rule (device-side, every backend): if any returned norm is not finite
+    (a NaN/inf gradient or weight) or ``found_inf`` is non-zero, nothing is
+    perturbed: ``backup`` receives the weights and the weights stay bit for bit
+    as they were; :func:`perturb_skipped` ``(norms, found_inf)`` says so.
 
     Returns:
         ``[len(params), 2]`` float32 on the parameters' device: ``(||w_l||, ||d_l||)``.
@@ -359,14 +392,24 @@ def awp_perturb_(
         raise ValueError(f"vlmkern.{op}: eps must be finite and >= 0, got {eps}")
     if sign not in (1, -1):
         raise ValueError(f"vlmkern.{op}: sign must be +1 or -1, got {sign}")
+    if found_inf is not None:
+        if not isinstance(found_inf, torch.Tensor):
+            raise TypeError(f"vlmkern.{op}: found_inf must be a one-element float32 tensor, got {type(found_inf).__name__}")
+        if found_inf.numel() != 1:
+            raise ValueError(f"vlmkern.{op}: found_inf must have one element, got shape {tuple(found_inf.shape)}")
+        if found_inf.dtype != torch.float32:
+            raise TypeError(f"vlmkern.{op}: found_inf must be float32, got {found_inf.dtype}")
+        if found_inf.device != dev:
+            raise ValueError(f"vlmkern.{op}: found_inf is on {found_inf.device} but params are on {dev}")
+        found_inf = found_inf.reshape(())
     if len(params) == 0:
         return torch.empty((0, 2), dtype=torch.float32, device=dev)
     s64 = _signed64(seed) if m == 1 else 0
     name = backends.choose(OP, dev, backend)
     with torch.no_grad():
         if name == "torch":
-            return _awp_perturb_torch(params, grads, backup, gamma, eps, float(sign), m, s64)
-        return torch.ops.vlmkern.awp_perturb_(params, grads, backup, gamma, eps, float(sign), m, s64)
+            return _awp_perturb_torch(params, grads, backup, gamma, eps, float(sign), m, s64, found_inf)
+        return torch.ops.vlmkern.awp_perturb_(params, grads, backup, gamma, eps, float(sign), m, s64, found_inf)
 
 
 def awp_restore_(

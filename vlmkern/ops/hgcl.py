@@ -196,6 +196,33 @@ def _state_update(backend, log_u, index, log_phi, gamma, eps) -> Tensor:
     return _state_update_torch(log_u, index, log_phi, gamma, eps)
 
 
+def _nonfinite_features(*ts: Optional[Tensor]) -> Tensor:
+    """0-d bool on the device: some feature holds NaN/inf (no host sync)."""
+    bad = None
+    for t in ts:
+        if t is not None:
+            b = ~torch.isfinite(t).all()
+            bad = b if bad is None else bad | b
+    return bad
+
+
+def _guarded_state_update(backend, log_u_img, log_u_txt, index, lphi1, lphi2, gamma, eps, bad):
+    """The two state updates under the bad-input rule (SPEC §1 "Bad input"):
+    when ``bad`` (non-finite features) or a touched state entry is NaN / +inf,
+    both buffers are left bit for bit as they were and the returned ``logden``
+    are NaN (so the loss and every gradient entry are NaN).  Decided on the
+    device with ``torch.where``: no host sync; costs O(b)."""
+    old1 = log_u_img.index_select(0, index)
+    old2 = log_u_txt.index_select(0, index)
+    bad = bad | ~(old1 < math.inf).all() | ~(old2 < math.inf).all()  # NaN or +inf state
+    ld1 = _state_update(backend, log_u_img, index, lphi1, gamma, eps)
+    ld2 = _state_update(backend, log_u_txt, index, lphi2, gamma, eps)
+    for log_u, old in ((log_u_img, old1), (log_u_txt, old2)):
+        log_u.index_copy_(0, index, torch.where(bad, old, log_u.index_select(0, index)))
+    nan = torch.full((), math.nan, dtype=torch.float32, device=ld1.device)
+    return torch.where(bad, nan, ld1), torch.where(bad, nan, ld2)
+
+
 def _grad(backend, *args):
     if backend == "cpu":
         return torch.ops.vlmkern.hgcl_grad(*args)
@@ -234,6 +261,13 @@ def _core_backward(ctx, grad):
     img, txt, all_img, all_txt, ld1, ld2 = ctx.saved_tensors
     offset, tau, margin, hinge, backend = ctx.args
     gF, gG, gFg, gGg = _grad(backend, img, txt, all_img, all_txt, ld1, ld2, grad, offset, tau, margin, hinge)
+    # Bad input (NaN logden, see _guarded_state_update): every entry of every
+    # gradient is NaN, whatever the kernel's arithmetic does with it, so that any
+    # inf/NaN check (GradScaler's included) sees it.
+    bad = torch.isnan(ld1[:1].float().sum() + ld2[:1].float().sum())
+    gF, gG = (torch.where(bad, torch.full_like(g, math.nan), g) for g in (gF, gG))
+    if all_img is not None:
+        gFg, gGg = (torch.where(bad, torch.full_like(g, math.nan), g) for g in (gFg, gGg))
     if all_img is None:
         gFg = gGg = None
     return gF, gG, gFg, gGg, None, None, None, None, None, None, None
@@ -290,6 +324,11 @@ def _check_args(img, txt, index, log_u_img, log_u_txt, tau, gamma, margin, eps, 
             _fail(ValueError, f"offset must be in [0, B - b] = [0, {B - b}], got {offset}")
     elif offset != 0:
         _fail(ValueError, f"offset must be 0 when all_img/all_txt are not given, got {offset}")
+    n_cols = b if all_img is None else all_img.shape[0]
+    if n_cols < 2:
+        what = "img has" if all_img is None else "all_img has"
+        _fail(ValueError, f"{what} {n_cols} column(s); the loss needs at least 2 (B >= 2: every anchor "
+                          "needs a negative)")
     if index.dim() != 1 or index.shape[0] != b:
         _fail(ValueError, f"index must be 1-D of length b = {b}, got shape {tuple(index.shape)}")
     if index.dtype not in (torch.int64, torch.int32):
@@ -382,6 +421,13 @@ def hgcl_loss(
         backend: ``"cpu"``, ``"triton"`` or ``"torch"`` (default: by device, see
             :mod:`vlmkern.backends`).
         check_finite: raise if a feature tensor holds NaN/inf (one host sync).
+            Without it the rule is (every backend, no host sync): NaN/inf in any
+            feature (or a NaN / +inf state entry of the batch) leaves
+            ``log_u_img`` / ``log_u_txt`` bit for bit unchanged and returns a NaN
+            loss whose backward gives NaN in every gradient entry, so
+            ``GradScaler`` (or any finiteness check) skips the step.  A batch
+            with fewer than 2 columns (``B < 2``: no negatives) is a
+            ``ValueError``.
         validate: check ``index`` range and duplicates (one host sync); ``False``
             skips them (e.g. inside ``torch.compile(fullgraph=True)`` or CUDA graphs).
     """
@@ -396,8 +442,9 @@ def hgcl_loss(
                               None if all_img is None else all_img.detach(),
                               None if all_txt is None else all_txt.detach(),
                               int(offset), float(tau), m, hinge)
-        ld1 = _state_update(name, log_u_img, index, lphi1, float(gamma), float(eps))
-        ld2 = _state_update(name, log_u_txt, index, lphi2, float(gamma), float(eps))
+        bad = _nonfinite_features(img, txt, all_img, all_txt)
+        ld1, ld2 = _guarded_state_update(name, log_u_img, log_u_txt, index, lphi1, lphi2, float(gamma), float(eps),
+                                         bad)
     return _loss_core(img, txt, all_img, all_txt, ld1, ld2, int(offset), float(tau), m, hinge, name)
 
 
@@ -483,8 +530,10 @@ class GlobalContrastiveLoss(torch.nn.Module):
             lphi1, lphi2 = _stats(name, img.detach(), txt.detach(), all_img.detach(), all_txt.detach(),
                                   offset, self.tau, m, hinge)
             lphi1, lphi2 = gather(lphi1), gather(lphi2)
-            ld1 = _state_update(name, self.log_u_img, global_index, lphi1, self.gamma, self.eps)
-            ld2 = _state_update(name, self.log_u_txt, global_index, lphi2, self.gamma, self.eps)
+            # all_img / all_txt are every rank's features: every rank takes the same decision
+            bad = _nonfinite_features(all_img, all_txt)
+            ld1, ld2 = _guarded_state_update(name, self.log_u_img, self.log_u_txt, global_index, lphi1, lphi2,
+                                             self.gamma, self.eps, bad)
         ld1 = ld1[offset:offset + b].contiguous()
         ld2 = ld2[offset:offset + b].contiguous()
         return _loss_core(img, txt, all_img, all_txt, ld1, ld2, offset, self.tau, m, hinge, name)

@@ -4,7 +4,8 @@ Schema (csrc/registration.cpp)::
 
     vlmkern::kalman_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] variances,
                           Tensor innovation, Tensor obs_noise, float process_noise,
-                          float forgetting, float var_floor, float? gate_chi2=None) -> Tensor
+                          float forgetting, float var_floor, float? gate_chi2=None,
+                          Tensor? grad_scale=None, Tensor? found_inf=None) -> Tensor
 
 Kernels: ``csrc/kalman/kalman_cpu.cpp`` (CPU), ``csrc/kalman/kalman_cuda.cu``
 (CUDA, multi-tensor apply: 2 launches per step for up to 768 tensors of any
@@ -15,6 +16,7 @@ the PyTorch fallback is :func:`_kalman_step_torch` below; the oracle is
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -32,7 +34,8 @@ if hasattr(torch.ops, "vlmkern") and hasattr(torch.ops.vlmkern, "kalman_step_"):
 
     @torch.library.register_fake("vlmkern::kalman_step_")
     def _kalman_step_fake(
-        params, grads, variances, innovation, obs_noise, process_noise, forgetting, var_floor, gate_chi2=None
+        params, grads, variances, innovation, obs_noise, process_noise, forgetting, var_floor, gate_chi2=None,
+        grad_scale=None, found_inf=None,
     ):
         return innovation.new_empty((), dtype=torch.float32)
 
@@ -51,29 +54,45 @@ def gate_innovation(e: torch.Tensor, S: torch.Tensor, gate_chi2: Optional[float]
     return torch.where(e > bound, bound, torch.where(e < -bound, -bound, e))
 
 
+_FLT_MAX = 3.4028234663852886e38
+
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    return x.abs() <= _FLT_MAX  # False for inf and NaN (kalman_math.h finite_f)
+
+
 def _kalman_step_torch(
-    params, grads, variances, innovation, obs_noise, process_noise, forgetting, var_floor, gate_chi2=None
+    params, grads, variances, innovation, obs_noise, process_noise, forgetting, var_floor, gate_chi2=None,
+    grad_scale=None, found_inf=None,
 ):
-    """Plain-PyTorch implementation (fp32 math, same two passes, no host sync)."""
+    """Plain-PyTorch implementation (fp32 math, same two passes and the same
+    skip rule as kalman_math.h ``step_scalars``, decided with ``torch.where``:
+    no host sync)."""
     q = float(process_noise)
     s = innovation.new_zeros((), dtype=torch.float32)
     for g, v in zip(grads, variances):
         if g.numel():
             h = g.float()
-            s = s + (h * h * (v + q)).sum()
-    S = s + obs_noise.float()
-    gain = gate_innovation(innovation.float(), S, gate_chi2) / S
-    inv_s = 1.0 / S
+            s = s + torch.where(v >= 0, h * h * (v + q), torch.full_like(v, math.nan)).sum()
+    R = obs_noise.float()
+    e = innovation.float()
+    gs = torch.ones((), device=R.device) if grad_scale is None else grad_scale.reshape(()).float()
+    fi = torch.zeros((), device=R.device) if found_inf is None else found_inf.reshape(()).float()
+    inv = 1.0 / gs
+    S = (s.double() * inv.double() * inv.double()).float() + R
+    ok = (fi == 0) & _finite(gs) & (gs > 0) & _finite(inv) & _finite(e) & _finite(R) & (R > 0) & _finite(S) & (S > 0)
+    gain = gate_innovation(e, S, gate_chi2) / S * inv
+    inv_s = 1.0 / S * inv * inv
     for w, g, v in zip(params, grads, variances):
         if w.numel() == 0:
             continue
         h = g.float()
         ph = v + q
         k = ph * h
-        w.copy_((w.float() + gain * k).to(w.dtype))
+        w.copy_(torch.where(ok, (w.float() + gain * k).to(w.dtype), w))
         pn = (ph - k * k * inv_s) * (1.0 / forgetting)
-        v.copy_(torch.where(pn >= var_floor, pn, torch.full_like(pn, var_floor)))
-    return S
+        v.copy_(torch.where(ok, torch.where(pn >= var_floor, pn, torch.full_like(pn, var_floor)), v))
+    return torch.where(ok, S, torch.full_like(S, math.nan))
 
 
 def kalman_step_(
@@ -87,6 +106,8 @@ def kalman_step_(
     forgetting: float = 1.0,
     var_floor: float = _DEFAULT_VAR_FLOOR,
     gate_chi2: Optional[float] = None,
+    grad_scale: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """One diagonal Kalman step over lists of tensors, in place (SPEC §3).
@@ -98,6 +119,18 @@ def kalman_step_(
         e     = clamp(e, -sqrt(chi2 S), sqrt(chi2 S))  (only with gate_chi2)
         theta += (e / S) p_hat h                       (e = innovation)
         p      = max((p_hat - (p_hat h)^2 / S) / lambda, var_floor)
+
+    **Bad input** (SPEC §3): shapes, dtypes, devices and Python-number
+    scalars are checked on the host (``ValueError``/``TypeError`` naming the
+    argument; ``innovation``/``obs_noise`` given as numbers must be finite, and
+    ``obs_noise > 0``).  Values inside tensors are checked on the device,
+    without a host synchronisation, by one rule on every backend: **the step is
+    skipped** -- params and variances left bit for bit as they were, and the
+    returned ``S`` is NaN -- when ``found_inf != 0``, or ``grad_scale`` is not
+    finite and > 0, or the innovation is not finite, or ``obs_noise`` is not
+    finite and > 0, or ``S`` is not finite and > 0 (a NaN/inf gradient, a
+    NaN/inf/negative variance, or a sum of squares that overflows fp32).
+    ``torch.isfinite(S)`` tells the caller whether the step was taken.
 
     Args:
         params: parameters ``theta`` (float32 / bfloat16 / float16), updated in place.
@@ -113,11 +146,18 @@ def kalman_step_(
             when ``e^2 / S > gate_chi2`` the innovation used for the update is
             clamped to ``sign(e) sqrt(gate_chi2 S)`` (the variance update does
             not depend on ``e`` and is unchanged).  Decided on the device.
+        grad_scale: optional one-element float32 device tensor: the ``grads``
+            are scaled by it (``torch.amp.GradScaler``); the step uses
+            ``grads / grad_scale`` without writing unscaled copies (exact for a
+            power-of-two scale).  ``None`` = 1.
+        found_inf: optional one-element float32 device tensor (GradScaler's
+            flag): non-zero skips the step.
         backend: force ``"cuda"``, ``"cpu"`` or ``"torch"`` (default: by device).
 
     Returns:
-        the innovation variance ``S`` as a 0-d float32 tensor on the device.
-        The step never synchronises with the host on CUDA.
+        the innovation variance ``S`` as a 0-d float32 tensor on the device
+        (NaN when the step was skipped).  The step never synchronises with
+        the host on CUDA.
     """
     op = "kalman_step_"
     params = as_list(params, "params", op)
@@ -137,18 +177,25 @@ def kalman_step_(
             raise ValueError(f"vlmkern.{op}: params[{i}] is on {w.device} but params[0] is on {dev}")
     if not (0.0 < forgetting <= 1.0):
         raise ValueError(f"vlmkern.{op}: forgetting must be in (0, 1], got {forgetting}")
-    if process_noise < 0:
-        raise ValueError(f"vlmkern.{op}: process_noise must be >= 0, got {process_noise}")
-    if var_floor < 0:
-        raise ValueError(f"vlmkern.{op}: var_floor must be >= 0, got {var_floor}")
+    if not (math.isfinite(process_noise) and process_noise >= 0):
+        raise ValueError(f"vlmkern.{op}: process_noise must be finite and >= 0, got {process_noise}")
+    if not (math.isfinite(var_floor) and var_floor >= 0):
+        raise ValueError(f"vlmkern.{op}: var_floor must be finite and >= 0, got {var_floor}")
     if gate_chi2 is not None and not gate_chi2 > 0:
         raise ValueError(f"vlmkern.{op}: gate_chi2 must be > 0 (or None for no gate), got {gate_chi2}")
+    if not isinstance(innovation, torch.Tensor) and not math.isfinite(float(innovation)):
+        raise ValueError(f"vlmkern.{op}: innovation must be finite, got {innovation}")
+    if not isinstance(obs_noise, torch.Tensor) and not (math.isfinite(float(obs_noise)) and float(obs_noise) > 0):
+        raise ValueError(f"vlmkern.{op}: obs_noise must be finite and > 0, got {obs_noise}")
     e = scalar_tensor(innovation, "innovation", op, dev)
     R = scalar_tensor(obs_noise, "obs_noise", op, dev)
+    gs = None if grad_scale is None else _flag_tensor(grad_scale, "grad_scale", op, dev)
+    fi = None if found_inf is None else _flag_tensor(found_inf, "found_inf", op, dev)
     name = backends.choose(OP, dev, backend)
     if name == "torch":
         with torch.no_grad():
-            return _kalman_step_torch(params, grads, variances, e, R, process_noise, forgetting, var_floor, gate_chi2)
+            return _kalman_step_torch(params, grads, variances, e, R, process_noise, forgetting, var_floor, gate_chi2,
+                                      gs, fi)
     return torch.ops.vlmkern.kalman_step_(
         params,
         grads,
@@ -159,4 +206,19 @@ def kalman_step_(
         float(forgetting),
         float(var_floor),
         None if gate_chi2 is None else float(gate_chi2),
+        gs,
+        fi,
     )
+
+
+def _flag_tensor(t, name: str, op: str, dev: torch.device) -> torch.Tensor:
+    """A one-element float32 tensor on ``dev`` (GradScaler's scale / found_inf)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"vlmkern.{op}: {name} must be a one-element float32 tensor, got {type(t).__name__}")
+    if t.numel() != 1:
+        raise ValueError(f"vlmkern.{op}: {name} must have one element, got shape {tuple(t.shape)}")
+    if t.device != dev:
+        raise ValueError(f"vlmkern.{op}: {name} is on {t.device} but the tensors are on {dev}")
+    if t.dtype != torch.float32:
+        raise TypeError(f"vlmkern.{op}: {name} must be float32, got {t.dtype}")
+    return t.reshape(())

@@ -71,8 +71,10 @@ class KalmanOptimizer(torch.optim.Optimizer):
             better of the two settings in ``bench/kalman_method_check.py``
             (LoRA on a tiny CLIP, cross-entropy loss).
         process_noise: ``q >= 0`` added to every variance before each update.
-            Default 0.  Groups with different ``q`` cost one extra
-            ``_foreach_add_`` pass over the variances (the fused op takes one q).
+            Default 0.  Groups with different ``q`` cost two extra passes over
+            the variances (the fused op takes one q: the predicted variances go
+            into copies, kept only if the step is taken, so a skipped step
+            leaves them exact).
         obs_noise0: initial observation noise ``R > 0``.  Default 1.
         obs_noise_beta: EMA factor ``beta`` in [0, 1) of ``R``.  Default 0.9.
         forgetting: ``lambda`` in (0, 1]; 1 = no forgetting.  Global.
@@ -98,7 +100,33 @@ class KalmanOptimizer(torch.optim.Optimizer):
     count are saved by :meth:`state_dict` under the key ``"kalman"`` and
     restored by :meth:`load_state_dict`; the global hyperparameters come from
     the constructor.
+
+    **AMP** (``torch.amp.GradScaler``, fp16): the optimizer declares
+    ``_step_supports_amp_scaling``, so ``scaler.step(opt, loss=loss)`` does not
+    unscale the gradients or synchronise: it hands the step its scale and its
+    ``found_inf`` flag (device tensors), the fused step divides the gradients
+    by the scale on the fly and, when ``found_inf`` is set, skips on the
+    device -- parameters, variances and ``R`` unchanged -- and
+    ``scaler.update()`` lowers the scale::
+
+        scaler = torch.amp.GradScaler(device)
+        opt = KalmanOptimizer(model.parameters(), p0=0.1)
+        with torch.autocast(device, dtype=torch.float16):
+            loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(opt, loss=loss)     # the UNSCALED loss: it is the observation
+        scaler.update()
+
+    (``scaler.unscale_(opt)`` beforehand also works: then the gradients are
+    already unscaled.)  Bad values skip the step the same way without a
+    scaler: the fused op's rule (:func:`vlmkern.kalman_step_`: a NaN/inf
+    gradient, loss or variance, found_inf set) leaves parameters, variances and
+    ``R`` untouched; :attr:`last_step_taken` is the 0-d bool device flag and
+    :attr:`last_S` is NaN for a skipped step.  :attr:`step_count` counts calls.
     """
+
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -146,6 +174,7 @@ class KalmanOptimizer(torch.optim.Optimizer):
         self.last_S: Optional[torch.Tensor] = None
         self.last_innovation: Optional[torch.Tensor] = None
         self.last_gated: Optional[torch.Tensor] = None
+        self.last_step_taken: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -191,32 +220,38 @@ class KalmanOptimizer(torch.optim.Optimizer):
         e = (self.target - loss.detach().reshape(()).to(device=device, dtype=torch.float32)).contiguous()
 
         qs = set(q_of)
+        step_vars = variances
         if len(qs) <= 1:
             q = qs.pop() if qs else 0.0
         else:
-            # groups with different process noise: predict here, then q = 0 in the fused step
-            by_q: Dict[float, List[torch.Tensor]] = {}
-            for v, qi in zip(variances, q_of):
-                by_q.setdefault(qi, []).append(v)
-            for qi, vs in by_q.items():
-                if qi != 0.0:
-                    torch._foreach_add_(vs, qi)
+            # groups with different process noise: predict into copies, q = 0 in the
+            # fused step, and keep the copies only if the step is taken (exact skip)
+            step_vars = [v + qi if qi != 0.0 else v.clone() for v, qi in zip(variances, q_of)]
             q = 0.0
 
+        # Set by GradScaler.step for optimizers with _step_supports_amp_scaling.
+        grad_scale = _amp_scalar(getattr(self, "grad_scale", None), device)
+        found_inf = _amp_scalar(getattr(self, "found_inf", None), device)
         S = kalman_step_(
-            params, grads, variances, e, R,
+            params, grads, step_vars, e, R,
             process_noise=q, forgetting=self.forgetting, var_floor=self.var_floor,
-            gate_chi2=self.gate_chi2, backend=self.backend,
+            gate_chi2=self.gate_chi2, grad_scale=grad_scale, found_inf=found_inf, backend=self.backend,
         )
+        taken = torch.isfinite(S)  # S is NaN iff the fused step skipped
+        if step_vars is not variances:
+            for v, vq in zip(variances, step_vars):
+                v.copy_(torch.where(taken, vq, v))
         e_used = gate_innovation(e, S, self.gate_chi2)
         beta = self.obs_noise_beta
-        R.copy_(torch.clamp(beta * R + (1.0 - beta) * e_used * e_used, min=self.obs_noise_floor))
+        R_new = torch.clamp(beta * R + (1.0 - beta) * e_used * e_used, min=self.obs_noise_floor)
+        R.copy_(torch.where(taken, R_new, R))
         if self.gate_chi2 is None:
             gated = torch.zeros((), dtype=torch.bool, device=device)
         else:
             gated = e * e > self.gate_chi2 * S
         self.step_count += 1
         self.last_S, self.last_innovation, self.last_gated = S, e, gated
+        self.last_step_taken = taken
         return loss
 
     def _obs_noise_on(self, device: torch.device) -> torch.Tensor:
@@ -256,6 +291,16 @@ class KalmanOptimizer(torch.optim.Optimizer):
         R = extra.get("obs_noise")
         self.obs_noise = None if R is None else R.detach().to(torch.float32).clone()
         self.step_count = int(extra.get("step", 0))
+
+
+def _amp_scalar(t, device) -> Optional[torch.Tensor]:
+    """GradScaler's scale / found_inf (shape [1] float32 tensors) as the fused
+    step takes them; ``None`` stays ``None``."""
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        t = torch.tensor(float(t), dtype=torch.float32)
+    return t.detach().reshape(()).to(device=device, dtype=torch.float32, non_blocking=True)
 
 
 def _check_group_hparams(p0, process_noise, where: str = "") -> None:

@@ -39,12 +39,20 @@ AMP (``GradScaler``): pass the scaler; the closure scales the loss, ``step`` cal
         return loss
     opt.step(closure)
 
-The direction ``g / ||g||`` does not depend on the loss scale, so the first
-gradients are used scaled (no unscale, no extra pass).  If they hold inf/NaN
-(the returned ``||g||`` is not finite; this one check synchronises with the
-host, as ``scaler.step`` does anyway) the perturbation is dropped: the weights
-are restored, the second closure runs at ``w`` and ``scaler.step`` then skips
-the update and lowers the scale, on every rank alike under DDP.
+The direction ``g / ||g||`` does not depend on the loss scale (for a
+power-of-two scale the perturbed weights are the same bits as with unscaled
+gradients), so the first gradients are used scaled: no unscale, no extra pass.
+If they hold inf/NaN (the first backward overflowed), nothing synchronises
+with the host: :func:`~vlmkern.awp_perturb_` skips the perturbation on the
+device (a returned ``||g||`` is not finite: the weights stay as they are,
+``backup`` = weights), the second closure runs at ``w``, the restore is exact
+as always, and the first gradient element of the base optimizer's parameters
+is set to NaN on the device when (and only when) the perturbation was skipped,
+so that ``scaler.step`` skips the update (parameters and optimizer state
+unchanged) and ``scaler.update`` lowers the scale, as for an overflow in the
+second backward.  :attr:`last_perturb_skipped` holds that decision (a 0-d
+bool device tensor).  Pass the **scaled** loss to ``backward`` in the closure
+and return the unscaled one; never call ``scaler.step`` yourself.
 
 DDP: pass the ``DistributedDataParallel`` module (or ``model=ddp_module``, or a
 ``no_sync`` context factory); the first backward runs inside ``no_sync()``, so
@@ -75,7 +83,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..ops.awp import awp_perturb_, awp_restore_
+from ..ops.awp import awp_perturb_, awp_restore_, perturb_skipped
 
 _M64 = 0xFFFFFFFFFFFFFFFF
 
@@ -190,8 +198,11 @@ class WeightPerturbation(torch.optim.Optimizer):
         self._rng.manual_seed(self.seed & 0x7FFFFFFFFFFFFFFF)
         self._backup: Dict[int, torch.Tensor] = {}
         self.step_count = 0
-        self.last_step_kind: Optional[str] = None  # "plain" | "adversarial" | "random" | "skipped"
-        self.counts = {"plain": 0, "adversarial": 0, "random": 0, "skipped": 0}
+        self.last_step_kind: Optional[str] = None  # "plain" | "adversarial" | "random"
+        self.counts = {"plain": 0, "adversarial": 0, "random": 0}
+        # 0-d bool device tensor: the last adversarial step's perturbation was skipped
+        # (non-finite first gradients, see the AMP recipe); None before the first one.
+        self.last_perturb_skipped: Optional[torch.Tensor] = None
 
     # ---- delegation to the base optimizer ----------------------------------
     @property
@@ -375,18 +386,29 @@ class WeightPerturbation(torch.optim.Optimizer):
                 params.append(p)
                 grads.append(p.grad)
         backup = self._backups(params)
+        # A non-finite first gradient skips the perturbation on the device (the
+        # op's rule); the restore below is exact either way (backup = weights).
         norms = awp_perturb_(params, grads, backup, gamma=self.gamma, eps=self.eps, sign=self.sign, backend=self.backend)
-        kind = "adversarial"
-        if self.scaler is not None and self.scaler.is_enabled() and len(params):
-            if not bool(torch.isfinite(norms[:, 1]).all()):  # scaled first backward overflowed
-                awp_restore_(params, backup, backend=self.backend)
-                kind = "skipped"
+        skipped = perturb_skipped(norms) if len(params) else None
+        self.last_perturb_skipped = skipped
         self.zero_grad()
         try:
             with self._norm_stats_frozen():
                 closure()
         finally:
-            if kind == "adversarial":
-                awp_restore_(params, backup, backend=self.backend)
+            awp_restore_(params, backup, backend=self.backend)
+        if skipped is not None and self.scaler is not None and self.scaler.is_enabled():
+            self._poison_first_grad(skipped)
         self._base_step()
-        return loss, kind
+        return loss, "adversarial"
+
+    def _poison_first_grad(self, skipped: torch.Tensor) -> None:
+        """First gradient element of the base optimizer's parameters <- NaN iff
+        ``skipped`` (on the device, no sync): GradScaler then skips the step and
+        lowers the scale (see the AMP recipe)."""
+        for group in self.base_optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.numel() > 0 and not p.grad.is_sparse:
+                    e = p.grad[(0,) * p.grad.dim()]  # a 0-d view, any strides
+                    e.copy_(torch.where(skipped.to(e.device), torch.full_like(e, float("nan")), e))
+                    return
