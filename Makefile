@@ -36,7 +36,7 @@ test: install
 	$(PY) -m pytest python_tests -q
 
 bench: install
-	$(PY) bench/run_all.py --out bench/out
+	$(VENV)/bin/vlmkern bench --out bench/out
 
 gpu-check:
 	bash bench/gpu_check.sh

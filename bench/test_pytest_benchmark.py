@@ -1,6 +1,6 @@
 """pytest-benchmark entry points for the quick cases of every op benchmark.
 
-    python -m pytest bench/test_pytest_benchmark.py --benchmark-enable
+    python -m pytest bench/test_pytest_benchmark.py --benchmark-enable   (from the repository root)
 
 (The main test run disables benchmarks: ``--benchmark-disable`` in pyproject,
 so there each case runs once as a smoke test.)
@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import importlib
 
-try:
-    import _path  # noqa: F401  (run as a script)
-except ImportError:  # imported as bench.<module>
-    from bench import _path  # noqa: F401
 import pytest
 import torch
 
-from bench.run_all import BENCHES
+from vlmkern.bench.run_all import BENCHES
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -25,7 +21,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 def _cases():
     for name in BENCHES:
         try:
-            mod = importlib.import_module(f"bench.{name}")
+            mod = importlib.import_module(f"vlmkern.bench.{name}")
         except ModuleNotFoundError:
             continue
         bench = mod.make_bench(True)

@@ -10,11 +10,6 @@ import sys
 from typing import List, Optional
 
 
-def _repo_root() -> Optional[str]:
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return here if os.path.isfile(os.path.join(here, "bench", "harness.py")) else None
-
-
 def cmd_info(args) -> int:
     import vlmkern
 
@@ -26,11 +21,9 @@ def cmd_info(args) -> int:
 
 
 def _run_bench(quick: bool, out: str, device: Optional[str], only: Optional[List[str]], targets: bool = False) -> int:
-    root = _repo_root()
-    if root is None:
-        print("vlmkern: the benchmarks live in the source tree (bench/); run from a checkout", file=sys.stderr)
-        return 2
-    cmd = [sys.executable, os.path.join(root, "bench", "run_all.py"), "--out", out]
+    """``vlmkern.bench.run_all`` in a child process (the benchmarks' memory peaks are then their own),
+    writing under ``out`` relative to the current folder; works from a checkout and from a wheel install."""
+    cmd = [sys.executable, "-m", "vlmkern.bench.run_all", "--out", out]
     if quick:
         cmd.append("--quick")
     if targets:
@@ -39,7 +32,13 @@ def _run_bench(quick: bool, out: str, device: Optional[str], only: Optional[List
         cmd += ["--device", device]
     if only:
         cmd += ["--only", *only]
-    return subprocess.call(cmd, cwd=root)
+    # the child imports this very vlmkern: the installed package as it is; a source tree (run with
+    # PYTHONPATH or from elsewhere) is put first on the child's path
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    if os.path.isfile(os.path.join(root, "pyproject.toml")):
+        env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return subprocess.call(cmd, env=env)
 
 
 def _banner(text: str) -> None:
@@ -116,10 +115,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     pf.add_argument("--report", default=None, help="markdown report path (default <out>/FIDELITY.md)")
     pf.add_argument("--reuse", action="store_true", help="read finished seeds' results.json instead of re-running")
     pf.set_defaults(fn=cmd_fidelity)
-    pb = sub.add_parser("bench", help="kernel microbenchmarks (bench/run_all.py)")
+    pb = sub.add_parser("bench", help="kernel microbenchmarks (vlmkern.bench.run_all)")
     pb.add_argument("--quick", action="store_true")
     pb.add_argument("--targets", action="store_true",
-                    help="only the sizes the issues' targets name, then bench/targets.py (TARGETS_<device>.md)")
+                    help="only the sizes the issues' targets name, then vlmkern.bench.targets (TARGETS_<device>.md)")
     pb.add_argument("--out", default="bench/out")
     pb.add_argument("--device", default=None)
     pb.add_argument("--only", nargs="*", default=None)

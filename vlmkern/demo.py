@@ -65,18 +65,12 @@ def labelled_source(sources) -> str:
     return "synthetic"
 
 
-def pretrain(s: Dict[str, Any], out: str, seed: int = 0, sources=None):
-    """Brief contrastive pretraining (CLIP loss, AdamW) on part of the synthetic
-    world plus real captioned images (Fashion-MNIST's training file, Tux Paint
-    stamps, photo crops) from ``sources`` (default: :func:`real_sources`)."""
-    from open_clip.loss import ClipLoss
-
+def pretrain_data(s: Dict[str, Any], seed: int = 0, sources=None):
+    """The pretraining set: part of the synthetic world (some shape/colour pairs held out) plus real
+    captioned images (Fashion-MNIST's training file, Tux Paint stamps, photo crops) from ``sources``
+    (default: :func:`real_sources`). Returns ``(dataset, info)``."""
     from .data import synthetic as S
-    from .methods.tuneclip import collate_pairs
-    from .models.clip import create_clip
 
-    torch.manual_seed(seed)
-    model, _, tok = create_clip(s["model"])
     held = [("circle", "red"), ("square", "blue"), ("triangle", "green")]
     data = S.pairs(s["pre_n"], seed=100 + seed, image_size=s["size"], holdout=held)
     sources = real_sources() if sources is None else sources
@@ -91,6 +85,20 @@ def pretrain(s: Dict[str, Any], out: str, seed: int = 0, sources=None):
         rp = real.caption_pairs(pre_sources, split="train", seed=seed, image_size=s["size"], per_source=per)
         n_real = len(rp)
         data = torch.utils.data.ConcatDataset([data, rp])
+    return data, {"held_out": held, "synthetic_pairs": s["pre_n"], "real_pairs": n_real,
+                  "real_sources": pre_sources}
+
+
+def pretrain(s: Dict[str, Any], out: str, seed: int = 0, sources=None):
+    """Brief contrastive pretraining (CLIP loss, AdamW) on :func:`pretrain_data`."""
+    from open_clip.loss import ClipLoss
+
+    from .methods.tuneclip import collate_pairs
+    from .models.clip import create_clip
+
+    torch.manual_seed(seed)
+    model, _, tok = create_clip(s["model"])
+    data, info = pretrain_data(s, seed, sources)
     loader = torch.utils.data.DataLoader(data, batch_size=s["batch"], shuffle=True, drop_last=True,
                                          collate_fn=collate_pairs, generator=torch.Generator().manual_seed(seed))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, foreach=True)
@@ -109,8 +117,74 @@ def pretrain(s: Dict[str, Any], out: str, seed: int = 0, sources=None):
             sched.step()
             losses.append(loss.item())
     torch.save(model.state_dict(), os.path.join(out, "pretrained.pt"))
-    return model, tok, {"held_out": held, "losses": losses, "synthetic_pairs": s["pre_n"], "real_pairs": n_real,
-                        "real_sources": pre_sources}
+    return model, tok, {**info, "losses": losses}
+
+
+def _fit(want_train: int, want_val: int, train_min: int, val_min, what: str, source: str):
+    """``(train, val)`` per class that ``source`` can supply: as asked when it can; else, from one
+    shared pool of ``train_min`` per class, both shrunk in proportion (separate pools: each capped)."""
+    if val_min is None:
+        if want_train + want_val <= train_min:
+            return want_train, want_val
+        val = want_val * train_min // (want_train + want_val)
+        train = train_min - val
+    else:
+        train, val = min(want_train, train_min), min(want_val, val_min)
+    if train < 1 or val < 1:
+        from .data import real
+
+        raise real.SourceUnavailable(
+            "fashion-mnist", f"{source} has only {train_min} images in its smallest class, too few for the "
+            f"{what} split ({want_train} training + {want_val} validation per class)", real._HOW["fashion-mnist"])
+    _log(f"{source} has {train_min} images in its smallest class: {what} uses {train} training (head) + {val} "
+         f"validation images per class instead of {want_train} + {want_val}"
+         + ("" if source == "fashion-mnist" else " (the Debian package dataset-fashion-mnist gives the full sizes)"))
+    return train, val
+
+
+def labelled_sizes(s: Dict[str, Any], source: str) -> Dict[str, int]:
+    """The labelled split sizes (``ap_head``, ``ap_vpc``, ``k_shots``, ``k_vpc``) that ``source`` can
+    supply at scale ``s``: the scale's own where it can, else smaller ones (with a notice)."""
+    sizes = {k: s[k] for k in ("ap_head", "ap_vpc", "k_shots", "k_vpc")}
+    if source == "synthetic":
+        return sizes
+    from .data import real
+
+    train_min, val_min = real.labelled_pool_sizes(source)
+    sizes["ap_head"], sizes["ap_vpc"] = _fit(s["ap_head"], s["ap_vpc"], train_min, val_min, "APFT", source)
+    sizes["k_shots"], sizes["k_vpc"] = _fit(s["k_shots"], s["k_vpc"], train_min, val_min, "Kalman", source)
+    return sizes
+
+
+def task_data(s: Dict[str, Any], seed: int = 0, sources=None) -> Dict[str, Any]:
+    """Every fine-tuning task's data at scale ``s``: ``tc`` (TuneCLIP pairs), ``ap`` (APFT long-tailed
+    labels), ``k`` (Kalman few-shot), ``cir`` (WRF4CIR triplets), each a (train, val) pair, plus
+    ``labelled_source`` and the ``labelled_sizes`` used (:func:`labelled_sizes`)."""
+    from .data import synthetic as S
+
+    sources = real_sources() if sources is None else sources
+    d: Dict[str, Any] = {}
+    d["tc"] = (S.pairs(s["tc_n"], seed=200 + seed, image_size=s["size"], dup_frac=0.3),
+               S.pairs(s["tc_val"], seed=300 + seed, image_size=s["size"]))
+    lsrc = labelled_source(sources)
+    d["labelled_source"] = lsrc
+    z = d["labelled_sizes"] = labelled_sizes(s, lsrc)
+    if lsrc == "synthetic":
+        d["ap"] = S.labelled(s["ap_n"], s["ap_val"], seed=400 + seed, image_size=s["size"],
+                             num_classes=s["ap_classes"])
+        d["k"] = S.labelled(s["k_classes"] * s["k_shots"], s["k_classes"] * 6, seed=700 + seed,
+                            image_size=s["size"], num_classes=s["k_classes"], zipf=0.0)
+    else:
+        from .data import real
+
+        # long-tailed training labels (Zipf, head = ap_head images), balanced validation
+        d["ap"] = real.labelled(lsrc, seed=400 + seed, image_size=s["size"], long_tail=True,
+                                train_per_class=z["ap_head"], val_per_class=z["ap_vpc"])
+        d["k"] = real.labelled(lsrc, seed=700 + seed, image_size=s["size"], shots=z["k_shots"],
+                               val_per_class=z["k_vpc"])
+    d["cir"] = (S.cir_triplets(s["cir_n"], seed=500 + seed, image_size=s["size"]),
+                S.cir_triplets(s["cir_val"], seed=600 + seed, image_size=s["size"]))
+    return d
 
 
 # Each run's step size (and WRF4CIR's perturbation size). DEFAULT_HPARAMS are the
@@ -159,35 +233,15 @@ def load_hparams(scale: str, path: str | None = None) -> Dict[str, Any]:
 
 def prepare(scale: str, seed: int, out: str) -> Dict[str, Any]:
     """Pretrain the seed's tiny CLIP and build every task's data (the shared start of all runs)."""
-    from .data import synthetic as S
-
     s = SCALES[scale]
     os.makedirs(out, exist_ok=True)
     _log(f"pretraining {s['model']} on the synthetic world ({s['pre_n']} pairs) and real captioned images "
          f"(up to {s['pre_real']}) x {s['pre_epochs']} epochs")
     sources = real_sources()
+    # the tasks' data first: a source too small for this scale says so before minutes of pretraining
+    data = task_data(s, seed, sources)
     base, tok, pre = pretrain(s, out, seed, sources)
-    ctx: Dict[str, Any] = {"s": s, "scale": scale, "seed": seed, "base": base, "tok": tok, "pretrain": pre}
-    ctx["tc"] = (S.pairs(s["tc_n"], seed=200 + seed, image_size=s["size"], dup_frac=0.3),
-                 S.pairs(s["tc_val"], seed=300 + seed, image_size=s["size"]))
-    lsrc = labelled_source(sources)
-    ctx["labelled_source"] = lsrc
-    if lsrc == "synthetic":
-        ctx["ap"] = S.labelled(s["ap_n"], s["ap_val"], seed=400 + seed, image_size=s["size"],
-                               num_classes=s["ap_classes"])
-        ctx["k"] = S.labelled(s["k_classes"] * s["k_shots"], s["k_classes"] * 6, seed=700 + seed,
-                              image_size=s["size"], num_classes=s["k_classes"], zipf=0.0)
-    else:
-        from .data import real
-
-        # long-tailed training labels (Zipf, head = ap_head images), balanced validation
-        ctx["ap"] = real.labelled(lsrc, seed=400 + seed, image_size=s["size"], long_tail=True,
-                                  train_per_class=s["ap_head"], val_per_class=s["ap_vpc"])
-        ctx["k"] = real.labelled(lsrc, seed=700 + seed, image_size=s["size"], shots=s["k_shots"],
-                                 val_per_class=s["k_vpc"])
-    ctx["cir"] = (S.cir_triplets(s["cir_n"], seed=500 + seed, image_size=s["size"]),
-                  S.cir_triplets(s["cir_val"], seed=600 + seed, image_size=s["size"]))
-    return ctx
+    return {"s": s, "scale": scale, "seed": seed, "base": base, "tok": tok, "pretrain": pre, **data}
 
 
 def run_one(ctx: Dict[str, Any], task: str, name: str, hp: Dict[str, float], out: str) -> Dict[str, Any]:
@@ -238,7 +292,7 @@ def run_demo(out: str = "runs/demo", scale: str = "default", seed: int = 0,
     ctx = prepare(scale, seed, out)
     s = ctx["s"]
     results: Dict[str, Any] = {"scale": scale, "seed": seed, "model": s["model"], "pretrain": ctx["pretrain"],
-                               "labelled_source": ctx["labelled_source"],
+                               "labelled_source": ctx["labelled_source"], "labelled_sizes": ctx["labelled_sizes"],
                                "hparams": dict(hp)}
     atr = ctx["ap"][0]
     results["apft_train_counts"] = [atr.labels.count(k) for k in range(len(atr.prompts()))]

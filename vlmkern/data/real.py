@@ -783,6 +783,36 @@ def labelled(name: str, **kwargs) -> Tuple[RealLabelledDataset, RealLabelledData
     return LABELLED_LOADERS[n](**kwargs)
 
 
+def labelled_pool_sizes(name: str, val_per_class: int = 2, root: Optional[str] = None) -> Tuple[int, Optional[int]]:
+    """What a labelled source can supply per class, to size a split before asking for it:
+    ``(train_min, val_min)``. With a separate validation file (Fashion-MNIST) ``train_min`` is the
+    smallest class of the training file and ``val_min`` that of the test file; with one shared pool
+    (digits, Tux Paint stamps) ``train_min`` is the smallest class of the pool (validation and
+    training both come out of it) and ``val_min`` is None. ``val_per_class`` only matters for Tux
+    Paint (categories with fewer than ``val_per_class + 1`` stamps are dropped, as in
+    :func:`tuxpaint_labelled`). Raises :class:`SourceUnavailable` when the source is missing."""
+    n = _canonical(name)  # each loader below raises SourceUnavailable for a missing source
+    if n == "sklearn-digits":
+        _, y = load_digits_arrays()
+        return int(np.bincount(y, minlength=len(DIGIT_CLASSES)).min()), None
+    if n == "fashion-mnist":
+        _, y = load_fashion_arrays("train", root)
+        _, vy = load_fashion_arrays("test", root)
+        k = len(FASHION_CLASSES)
+        return int(np.bincount(y, minlength=k).min()), int(np.bincount(vy, minlength=k).min())
+    if n == "tuxpaint-stamps":
+        r = tuxpaint_root(root)
+        stamps = scan_stamps(r) if os.path.isdir(r) else []
+        if not stamps:
+            raise SourceUnavailable(n, f"no captioned PNG stamps under {r}", _HOW[n])
+        sizes = [sum(s.category == c for s in stamps) for c in sorted({s.category for s in stamps})]
+        kept = [m for m in sizes if m >= val_per_class + 1]
+        if not kept:
+            raise SourceUnavailable(n, f"no category has {val_per_class + 1} stamps", _HOW[n])
+        return min(kept), None
+    raise KeyError(f"{n} has no labels; labelled sources: {', '.join(LABELLED_LOADERS)}")
+
+
 def first_labelled(prefer: Sequence[str] = ("fashion-mnist", "sklearn-digits"), **kwargs
                    ) -> Tuple[RealLabelledDataset, RealLabelledDataset]:
     """(train, val) from the first installed source in ``prefer`` (missing ones noted in one line each)."""

@@ -1,8 +1,8 @@
 """AWP weight perturbation (SPEC §4): fused vlmkern ops vs torch._foreach vs a per-tensor loop,
 and the wall-clock overhead of a full WeightPerturbation training step.
 
-    python bench/awp.py [--quick | --targets] [--device cpu|cuda] [--out bench/out]
-    python bench/awp.py --step [--quick]        # training-step overhead on a small CLIP
+    python -m vlmkern.bench.awp [--quick | --targets] [--device cpu|cuda] [--out bench/out]
+    python -m vlmkern.bench.awp --step [--quick]        # training-step overhead on a small CLIP
 
 Bench ``awp`` (harness): cases are parameter lists
   * ``vitb16``: the tensors AWP perturbs in ViT-B/16 CLIP, both towers (dim > 1:
@@ -28,15 +28,10 @@ from __future__ import annotations
 import math
 import sys
 
-try:
-    import _path  # noqa: F401  (run as a script)
-except ImportError:  # imported as bench.awp
-    from bench import _path  # noqa: F401
-
 import torch
 
 import vlmkern
-from bench.harness import Bench, Provider, main
+from vlmkern.bench.harness import Bench, Provider, main
 
 GAMMA = 1e-3
 EPS = 1e-12

@@ -1,12 +1,12 @@
 """Benchmark of the fused diagonal Kalman step (SPEC §3).
 
-    python bench/kalman.py [--quick | --targets] [--skip-100m] [--device cpu|cuda] [--out bench/out]
+    python -m vlmkern.bench.kalman [--quick | --targets] [--skip-100m] [--device cpu|cuda] [--out bench/out]
 
-``--targets``: only the 10M and 100M cases (issue 4's targets; ``bench/targets.py``
+``--targets``: only the 10M and 100M cases (issue 4's targets; ``vlmkern.bench.targets``
 judges them).  On CUDA every row also counts the device operations one step
 issues (``torch.profiler``): the fused step should issue one per pass.
 
-``--skip-100m`` (or ``VLMKERN_BENCH_SKIP_100M=1``, e.g. under ``bench/run_all.py``)
+``--skip-100m`` (or ``VLMKERN_BENCH_SKIP_100M=1``, e.g. under ``vlmkern.bench.run_all``)
 leaves out the 100M case, which on a small CPU takes a few minutes (the
 per-tensor loop needs ~2 s per step) and ~2 GiB of memory per provider.
 
@@ -43,15 +43,10 @@ import os
 import sys
 from typing import List, Tuple
 
-try:
-    import _path  # noqa: F401  (run as a script)
-except ImportError:  # imported as bench.kalman
-    from bench import _path  # noqa: F401
-
 import torch
 
 import vlmkern
-from bench.harness import Bench, Provider, main
+from vlmkern.bench.harness import Bench, Provider, main
 from vlmkern import backends
 
 BYTES_PER_ELEMENT = 28

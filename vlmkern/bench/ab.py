@@ -1,6 +1,6 @@
 """Interleaved A/B timing of two (or more) providers of one benchmark case.
 
-    python bench/ab.py awp --case list=vitb16 dtype=float16 --mode restore \
+    python -m vlmkern.bench.ab awp --case list=vitb16 dtype=float16 --mode restore \
         --providers loop vlmkern [--rounds 15] [--device cpu|cuda]
 
 On a machine whose memory bandwidth drifts (a shared VM: the harness's copy
@@ -20,14 +20,9 @@ import statistics
 import sys
 import time
 
-try:
-    import _path  # noqa: F401  (run as a script)
-except ImportError:  # imported as bench.ab
-    from bench import _path  # noqa: F401
-
 import torch
 
-from bench.harness import _sync
+from vlmkern.bench.harness import _sync
 
 
 def _parse_case(items):
@@ -40,7 +35,7 @@ def _parse_case(items):
 
 def ab(bench_name: str, case: dict, mode: str, providers, rounds: int = 15, warmup: int = 3,
        device: str = "cpu") -> dict:
-    mod = importlib.import_module(f"bench.{bench_name}")
+    mod = importlib.import_module(f"vlmkern.bench.{bench_name}")
     bench = mod.make_bench(False)
     dev = torch.device(device)
     by_name = {p.name: p for p in bench.providers}

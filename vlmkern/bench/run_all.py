@@ -1,10 +1,10 @@
-"""Run every op benchmark (bench/<op>.py exposing ``make_bench(quick)``).
+"""Run every op benchmark (vlmkern/bench/<op>.py exposing ``make_bench(quick)``).
 
-    python bench/run_all.py [--quick | --targets] [--device cpu|cuda] [--out bench/out] [--only hgcl kalman]
+    python -m vlmkern.bench.run_all [--quick | --targets] [--device cpu|cuda] [--out bench/out] [--only hgcl kalman]
 
 Writes <out>/<bench>_<device>.json/.md for each, and <out>/SUMMARY_<device>.md.
 ``--targets`` runs only the cases the issues' targets name and then judges them
-(bench/targets.py: <out>/TARGETS_<device>.md).
+(vlmkern.bench.targets: <out>/TARGETS_<device>.md).
 """
 
 from __future__ import annotations
@@ -15,14 +15,9 @@ import os
 import sys
 import traceback
 
-try:
-    import _path  # noqa: F401  (run as a script)
-except ImportError:  # imported as bench.<module>
-    from bench import _path  # noqa: F401
-
 import torch
 
-from bench.harness import markdown, run
+from vlmkern.bench.harness import markdown, run
 
 BENCHES = ["kalman", "awp", "hgcl"]
 
@@ -31,7 +26,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--targets", action="store_true", help="the target cases only, then bench/targets.py")
+    p.add_argument("--targets", action="store_true", help="the target cases only, then vlmkern.bench.targets")
     p.add_argument("--out", default="bench/out")
     p.add_argument("--only", nargs="*", default=None)
     args = p.parse_args(argv)
@@ -40,10 +35,10 @@ def main(argv=None) -> int:
     failed = []
     for name in args.only or BENCHES:
         try:
-            mod = importlib.import_module(f"bench.{name}")
+            mod = importlib.import_module(f"vlmkern.bench.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name == f"bench.{name}":
-                print(f"[run_all] bench/{name}.py does not exist yet: skipped", flush=True)
+            if exc.name == f"vlmkern.bench.{name}":
+                print(f"[run_all] vlmkern/bench/{name}.py does not exist yet: skipped", flush=True)
                 continue
             raise
         print(f"[run_all] {name} on {args.device}{' (quick)' if args.quick else ''}"
@@ -62,7 +57,7 @@ def main(argv=None) -> int:
     print("\n\n".join(summary))
     print(f"[run_all] wrote {path}")
     if args.targets:
-        from bench import targets
+        from vlmkern.bench import targets
 
         targets.write(args.out, torch.device(args.device).type)
     if failed:

@@ -1,1 +1,0 @@
-"""Kernel microbenchmarks: `python bench/<op>.py [--quick] [--device cuda]`; see bench/harness.py."""

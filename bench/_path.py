@@ -1,7 +1,0 @@
-"""Makes `import bench.harness` and `import vlmkern` work when a script in bench/ is run directly."""
-import os
-import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
