@@ -9,7 +9,7 @@ PIP    := $(PY) -m pip
 # nvcc on PATH may be a wrapper script: point CMake at the real toolkit when there is one.
 export CUDA_HOME ?= $(shell for d in /usr/local/cuda /opt/cuda; do [ -x $$d/bin/nvcc ] && readlink -f $$d && break; done)
 
-.PHONY: demo test install venv bench info clean gpu-check
+.PHONY: demo test test-pythons install venv bench info clean gpu-check
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ demo: install
 test: install
 	$(PY) -m pytest python_tests -q
 
+# The suite on the oldest and newest other supported Pythons (3.10, 3.13; from
+# PATH or pyenv), each in its own .venv-pyX.Y; CUDA sources off (see the script).
+test-pythons:
+	bash tools/test_pythons.sh
+
 bench: install
 	$(VENV)/bin/vlmkern bench --out bench/out
 
@@ -42,4 +47,4 @@ gpu-check:
 	bash bench/gpu_check.sh
 
 clean:
-	rm -rf build $(VENV) vlmkern/_C*.so bench/out
+	rm -rf build $(VENV) .venv-py3.* vlmkern/_C*.so bench/out
