@@ -49,7 +49,7 @@ def _mixed_list(seed=0):
     h = torch.tensor([6.0e-8, -6.0e-8, 65504.0, -65504.0, 1.0, 2.0**-14, 0.0, -0.0] * 3, dtype=torch.float16)
     ps.append(h)
     gs.append(torch.tensor([1.0, -1.0, 1.0, -1.0, 0.5, 1.0, 1.0, 1.0] * 3, dtype=torch.float16))
-    b = torch.tensor([1e-39, -1e-39, 3.0e38, -3.0e38, 1.0, 1.0, 0.0, -0.0] * 3, dtype=torch.bfloat16)
+    b = torch.tensor([1e-39, -1e-39, 5.0e18, -5.0e18, 1.0, 1.0, 0.0, -0.0] * 3, dtype=torch.bfloat16)
     ps.append(b)
     gs.append(torch.tensor([1.0, -1.0, 1.0, -1.0, 0.5, 1.0, 1.0, 1.0] * 3, dtype=torch.bfloat16))
     # misaligned views (odd element offsets)
@@ -122,15 +122,17 @@ def test_mixed_list_tails_and_misaligned_views(mode):
 
 def test_fp16_overflow_and_bf16_nan_rounding():
     """Rounding to the storage dtype: overflow to inf (fp16), NaN -> 0x7FC0
-    (bf16, as c10::BFloat16)."""
+    (bf16, as c10::BFloat16).  The NaN comes from eps = 0 with a zero direction
+    (scale inf times 0): a NaN weight would skip the perturbation (SPEC §4)."""
     w16 = torch.tensor([65504.0] * 20, dtype=torch.float16)
     g16 = torch.ones(20, dtype=torch.float16)
-    wb = torch.tensor([1.0] * 19 + [float("nan")], dtype=torch.bfloat16)
-    gb = torch.ones(20, dtype=torch.bfloat16)
+    wb = torch.tensor([1.0] * 20, dtype=torch.bfloat16)
+    gb = torch.zeros(20, dtype=torch.bfloat16)
     a, b = w16.clone(), wb.clone()
-    vlmkern.awp_perturb_([a, b], [g16, gb], [torch.empty_like(a), torch.empty_like(b)], gamma=0.01, backend="cpu")
+    vlmkern.awp_perturb_([a], [g16], [torch.empty_like(a)], gamma=0.01, backend="cpu")
+    vlmkern.awp_perturb_([b], [gb], [torch.empty_like(b)], gamma=0.01, eps=0.0, backend="cpu")
     assert torch.isinf(a).all() and (a > 0).all()  # 65504 + 655 rounds past the largest fp16
-    assert (_bits(b) == 0x7FC0).all()  # the bf16 tensor's norm is NaN: every element NaN, canonical
+    assert (_bits(b) == 0x7FC0).all()  # every element NaN, canonical
 
 
 @pytest.mark.parametrize("seed, index", [(1234, 3), (-1, 0), (2**63 + 12345, 7)])
