@@ -14,11 +14,13 @@
 #   VLMKERN_CUDA   default OFF here: the CUDA sources are compiled and tested by
 #                  `make test`; these runs check the Python code and the C++
 #                  build on each interpreter.
-#   PYTEST_ARGS    default "-q -x -p no:cacheprovider"
+#   PYTEST_ARGS    default "-q -x -p no:cacheprovider --ignore=python_tests/test_qemu_cpus.py"
+#                  (the qemu test runs the same C++ code under other CPU models;
+#                  `make test` runs it, once is enough: it costs ~3 min a run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export VLMKERN_CUDA="${VLMKERN_CUDA:-OFF}"
-PYTEST_ARGS="${PYTEST_ARGS:--q -x -p no:cacheprovider}"
+PYTEST_ARGS="${PYTEST_ARGS:--q -x -p no:cacheprovider --ignore=python_tests/test_qemu_cpus.py}"
 [ $# -gt 0 ] || set -- 3.10 3.13
 
 find_python() {  # $1 = X.Y; prints the interpreter's path or returns 1
