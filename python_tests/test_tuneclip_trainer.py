@@ -7,10 +7,10 @@ import torch
 
 pytest.importorskip("open_clip")
 
-from vlmkern.data import synthetic as S  # noqa: E402
-from vlmkern.methods.common import read_metrics  # noqa: E402
-from vlmkern.methods.tuneclip import TuneCLIPConfig, _Objective, collate_pairs, recover_statistics, train_tuneclip  # noqa: E402
-from vlmkern.models.clip import create_clip  # noqa: E402
+from vlmkern.app.data import synthetic as S  # noqa: E402
+from vlmkern.app.methods.common import read_metrics  # noqa: E402
+from vlmkern.app.methods.tuneclip import TuneCLIPConfig, _Objective, collate_pairs, recover_statistics, train_tuneclip  # noqa: E402
+from vlmkern.app.models.clip import create_clip  # noqa: E402
 
 os.environ.setdefault("VLMKERN_NO_PROGRESS", "1")
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..eval.metrics import caption_retrieval
-from ..reference import fastclip_gamma
+from vlmkern.reference import fastclip_gamma
 from .common import (RunLogger, allreduce_gradients, autocast, is_distributed, load_checkpoint, progress, rank, save_checkpoint,
                      seed_everything, world_size)
 
@@ -81,7 +81,7 @@ class _Objective:
             self.clip = ClipLoss(local_loss=False, gather_with_grad=True, rank=rank(), world_size=world_size())
             self.module = None
         else:
-            from ..ops.hgcl import GlobalContrastiveLoss
+            from vlmkern.ops.hgcl import GlobalContrastiveLoss
 
             self.module = GlobalContrastiveLoss(num_samples, tau=tau, gamma=1.0,
                                                 margin=cfg.margin if cfg.loss == "hgcl" else None,
