@@ -21,6 +21,20 @@ def _setup(seed=0):
     return m, tok, S.pairs(48, seed=1, image_size=16), S.pairs(24, seed=2, image_size=16)
 
 
+def test_gamma_schedule_matches_the_reference():
+    """The trainer's own gamma schedule (runtime code) agrees with the float64 oracle's copy."""
+    import math
+
+    from vlmkern import reference as R
+    from vlmkern.app.methods.tuneclip import fastclip_gamma
+
+    for decay in (1, 4, 10):
+        for gamma in (0.2, 0.9, 1.0):
+            for epoch in range(-1, 13):
+                assert math.isclose(fastclip_gamma(epoch, gamma, decay), R.fastclip_gamma(epoch, gamma, decay),
+                                    rel_tol=1e-15, abs_tol=0.0)
+
+
 def test_osr_freezes_weights_and_fills_moments_and_state():
     m, tok, tr, _ = _setup()
     w0 = {k: v.clone() for k, v in m.state_dict().items()}

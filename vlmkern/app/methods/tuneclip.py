@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..eval.metrics import caption_retrieval
-from vlmkern.reference import fastclip_gamma
 from .common import (RunLogger, allreduce_gradients, autocast, is_distributed, load_checkpoint, progress, rank, save_checkpoint,
                      seed_everything, world_size)
 
@@ -62,6 +61,16 @@ class TuneCLIPConfig:
             raise ValueError(f"loss must be hgcl, gcl or clip, got {self.loss!r}")
         if self.osr_epochs < 0 or self.epochs < 0:
             raise ValueError("osr_epochs and epochs must be >= 0")
+
+
+def fastclip_gamma(epoch: int, gamma: float, decay_epochs: int) -> float:
+    """FastCLIP's gamma schedule (SPEC §1): 1 at epoch 0, cosine down to ``gamma`` at ``decay_epochs``, then
+    ``gamma``. (The float64 oracle has its own copy, ``vlmkern.reference.fastclip_gamma``, for the tests.)"""
+    if epoch <= 0:
+        return 1.0
+    if epoch >= decay_epochs:
+        return gamma
+    return 0.5 * (1 + math.cos(math.pi * epoch / decay_epochs)) * (1 - gamma) + gamma
 
 
 def collate_pairs(batch):
