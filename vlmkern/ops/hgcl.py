@@ -41,7 +41,6 @@ _INFO = backends.register_op(
     OP,
     compiled=("vlmkern::hgcl_stats", "vlmkern::hgcl_state_update_", "vlmkern::hgcl_grad"),
     triton=True,
-    doc="hinged / plain global contrastive loss with per-sample u (SPEC §1)",
     cuda=False,  # no CUDA kernels: CUDA tensors take the Triton kernels
 )
 
