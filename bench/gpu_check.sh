@@ -22,13 +22,13 @@
 #           a GPU is present - and the build checks of test_foundation.py; ~190
 #           tests, ~250 Triton compilations, in 4 pytest-xdist workers when xdist
 #           is installed); no -x, so one failure hides nothing
-#   bench   vlmkern.bench.run_all --device cuda --targets, one process  logs/bench_<name>.txt,
+#   bench   vlmkern.app.bench.run_all --device cuda --targets, one process  logs/bench_<name>.txt,
 #           per benchmark, hgcl first (its Triton kernels have never run bench/, SUMMARY_cuda.md
 #           on a GPU): only the sizes the issues' targets name (HGCL
 #           B = 16k / 64k / 256k with eager, ClipLoss and Inf-CL; Kalman
 #           10M / 100M vs foreach and fused AdamW, with device-op counts;
 #           AWP on ViT-B/16's list), at most ~30 s of timed calls per row
-#   targets vlmkern.bench.targets: every target met / missed / not measured  TARGETS_cuda.md
+#   targets vlmkern.app.bench.targets: every target met / missed / not measured  TARGETS_cuda.md
 # Later calls (a fresh machine each time: each call builds again, ~1 min):
 #   --full-tests   the whole test suite (no -k) instead of the device subset
 #   --full-bench   every benchmark case at full size instead of the target sizes
@@ -230,7 +230,7 @@ if [ "$DO_BENCH" = 1 ]; then
     rest=$((rest - 1))
     rm -f "$OUT/bench/SUMMARY_$dev_type.md"
     run_stage "bench-$b" "$(bench_cap "$b")" $((rest * 30 + 10)) "$OUT/logs/bench_$b.txt" \
-      "$PY" -m vlmkern.bench.run_all --device "$BENCH_DEVICE" $PROFILE --only "$b" --out "$OUT/bench"
+      "$PY" -m vlmkern.app.bench.run_all --device "$BENCH_DEVICE" $PROFILE --only "$b" --out "$OUT/bench"
     if [ -s "$OUT/bench/SUMMARY_$dev_type.md" ]; then
       { cat "$OUT/bench/SUMMARY_$dev_type.md"; echo; echo; } >>"$OUT/SUMMARY_$dev_type.md"
     else
@@ -240,7 +240,7 @@ if [ "$DO_BENCH" = 1 ]; then
   [ -f "$OUT/SUMMARY_$dev_type.md" ] && cat "$OUT/SUMMARY_$dev_type.md"
   if [ "$PROFILE" = "--targets" ]; then  # verdicts from whatever the stages above measured
     run_stage targets 30 0 "$OUT/logs/targets.txt" \
-      "$PY" -m vlmkern.bench.targets --results "$OUT/bench" --device "$dev_type"
+      "$PY" -m vlmkern.app.bench.targets --results "$OUT/bench" --device "$dev_type"
     cp "$OUT/bench/TARGETS_$dev_type.md" "$OUT/" 2>/dev/null && cat "$OUT/TARGETS_$dev_type.md"
   fi
 fi

@@ -13,7 +13,7 @@ import importlib
 import pytest
 import torch
 
-from vlmkern.bench.run_all import BENCHES
+from vlmkern.app.bench.run_all import BENCHES
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -21,7 +21,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 def _cases():
     for name in BENCHES:
         try:
-            mod = importlib.import_module(f"vlmkern.bench.{name}")
+            mod = importlib.import_module(f"vlmkern.app.bench.{name}")
         except ModuleNotFoundError:
             continue
         bench = mod.make_bench(True)

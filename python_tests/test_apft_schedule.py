@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from vlmkern.methods.apft_schedule import (APFTConfig, APFTSchedule, coefficient_of_variation,
+from vlmkern.app.methods.apft_schedule import (APFTConfig, APFTSchedule, coefficient_of_variation,
                                            mean_pairwise_improvement, slope)
 
 

@@ -8,11 +8,11 @@ import torch
 
 pytest.importorskip("open_clip")
 
-from vlmkern.data import synthetic as S  # noqa: E402
-from vlmkern.methods.apft import APFTTrainConfig, train_apft  # noqa: E402
-from vlmkern.methods.apft_schedule import APFTConfig  # noqa: E402
-from vlmkern.methods.common import read_metrics  # noqa: E402
-from vlmkern.models.clip import create_clip  # noqa: E402
+from vlmkern.app.data import synthetic as S  # noqa: E402
+from vlmkern.app.methods.apft import APFTTrainConfig, train_apft  # noqa: E402
+from vlmkern.app.methods.apft_schedule import APFTConfig  # noqa: E402
+from vlmkern.app.methods.common import read_metrics  # noqa: E402
+from vlmkern.app.models.clip import create_clip  # noqa: E402
 
 os.environ.setdefault("VLMKERN_NO_PROGRESS", "1")
 

@@ -1,4 +1,4 @@
-"""vlmkern.bench.targets (the issues' speed / memory targets judged from benchmark
+"""vlmkern.app.bench.targets (the issues' speed / memory targets judged from benchmark
 results), the harness's time budget and device-op count, and the ``--targets``
 case lists of the three op benchmarks."""
 
@@ -10,8 +10,8 @@ import os
 import pytest
 import torch
 
-from vlmkern.bench import targets
-from vlmkern.bench.harness import Bench, Provider, count_device_ops, run, time_callable
+from vlmkern.app.bench import targets
+from vlmkern.app.bench.harness import Bench, Provider, count_device_ops, run, time_callable
 
 
 def _rec(provider, case, median_s=None, mode="full", peak=None, floor_fraction=None, skipped=None, **extra):
@@ -147,11 +147,11 @@ def test_device_op_count_is_cuda_only_and_harness_records_it():
 
 @pytest.mark.parametrize("name", ["hgcl", "kalman", "awp"])
 def test_target_profiles_cover_the_cpu_targets(name):
-    """``--targets`` runs exactly the cases vlmkern.bench.targets judges on the CPU."""
+    """``--targets`` runs exactly the cases vlmkern.app.bench.targets judges on the CPU."""
     import importlib
 
     pytest.importorskip("open_clip")
-    mod = importlib.import_module(f"vlmkern.bench.{name}")
+    mod = importlib.import_module(f"vlmkern.app.bench.{name}")
     bench = mod.make_bench(False, targets=True)
     cpu = torch.device("cpu")
     cases = [c for c in bench.cases if bench.case_ok(c, cpu)[0]]
@@ -169,7 +169,7 @@ def test_target_profiles_cover_the_cpu_targets(name):
 
 
 def test_ab_interleaves_providers_of_one_case(capsys):
-    from vlmkern.bench import ab
+    from vlmkern.app.bench import ab
 
     med = ab.ab("awp", {"list": "synthetic", "n": 8, "dtype": "float32"}, "restore", ["loop", "vlmkern"],
                 rounds=3, warmup=1)
@@ -180,7 +180,7 @@ def test_ab_interleaves_providers_of_one_case(capsys):
 
 
 def test_awp_synthetic_lists_of_different_lengths_do_not_share_shapes():
-    from vlmkern.bench import awp
+    from vlmkern.app.bench import awp
 
     assert len(awp.shapes_of({"list": "synthetic", "n": 8})) == 8
     assert len(awp.shapes_of({"list": "synthetic", "n": 12})) == 12
@@ -189,14 +189,14 @@ def test_awp_synthetic_lists_of_different_lengths_do_not_share_shapes():
 def test_cli_bench_passes_targets_to_run_all(monkeypatch):
     import subprocess
 
-    from vlmkern import cli
+    from vlmkern.app import cli
 
     calls = []
     monkeypatch.setattr(subprocess, "call", lambda cmd, env=None: calls.append((cmd, env)) or 0)
     assert cli.main(["bench", "--targets", "--only", "kalman", "--device", "cpu", "--out", "/tmp/x"]) == 0
     ((cmd, env),) = calls
-    assert cmd[1:3] == ["-m", "vlmkern.bench.run_all"]  # the package's harness: no source tree needed
+    assert cmd[1:3] == ["-m", "vlmkern.app.bench.run_all"]  # the package's harness: no source tree needed
     assert "--targets" in cmd and "--quick" not in cmd and cmd[cmd.index("--only") + 1] == "kalman"
     # run from a source tree, the child imports that tree's vlmkern first
-    root = os.path.dirname(os.path.dirname(os.path.abspath(cli.__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(cli.__file__))))
     assert env["PYTHONPATH"].split(os.pathsep)[0] == root

@@ -11,8 +11,8 @@ import torch
 PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
-from vlmkern.data import BadSampleError, CIRTriplets, ImageTextCSV, LabelledImages, WebDatasetTar  # noqa: E402
-from vlmkern.data import default_transform  # noqa: E402
+from vlmkern.app.data import BadSampleError, CIRTriplets, ImageTextCSV, LabelledImages, WebDatasetTar  # noqa: E402
+from vlmkern.app.data import default_transform  # noqa: E402
 
 TF = default_transform(16, normalize=False)
 
@@ -23,7 +23,7 @@ def _img(path, color=(255, 0, 0), size=(20, 12)):
 
 
 def test_default_transform_normalizes_by_default(tmp_path):
-    from vlmkern.data.synthetic import normalize
+    from vlmkern.app.data.synthetic import normalize
 
     p = str(tmp_path / "a.png")
     _img(p, (255, 128, 0), (16, 16))

@@ -13,7 +13,7 @@ pytest.importorskip("open_clip")
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from vlmkern.demo import run_demo
+    from vlmkern.app.demo import run_demo
 
     os.environ.setdefault("VLMKERN_NO_PROGRESS", "1")
     out = tmp_path_factory.mktemp("demo")
@@ -36,7 +36,7 @@ def test_demo_tiny(tiny_run):
 
 
 def test_demo_uses_real_images_when_installed(tiny_run):
-    from vlmkern.data import real
+    from vlmkern.app.data import real
 
     _, r = tiny_run
     installed = real.available(quiet=True)
@@ -52,7 +52,7 @@ def test_demo_uses_real_images_when_installed(tiny_run):
 
 
 def test_fidelity_verdicts():
-    from vlmkern.fidelity import verdict
+    from vlmkern.app.fidelity import verdict
 
     assert verdict([0.1, 0.2, 0.05], +1) == "reproduced"
     assert verdict([0.3, -0.1, 0.05], +1) == "partly reproduced"
@@ -63,7 +63,7 @@ def test_fidelity_verdicts():
 
 
 def test_fidelity_report_from_runs(tiny_run, tmp_path):
-    from vlmkern.fidelity import CLAIMS, _steps_to, evaluate_claims, write_report
+    from vlmkern.app.fidelity import CLAIMS, _steps_to, evaluate_claims, write_report
 
     _, r = tiny_run
     r2 = copy.deepcopy(r)
@@ -106,7 +106,7 @@ def test_demo_report_lists_settings(tiny_run):
 
 
 def test_load_hparams_tuned_and_default(tmp_path):
-    from vlmkern.demo import DEFAULT_HPARAMS, load_hparams
+    from vlmkern.app.demo import DEFAULT_HPARAMS, load_hparams
 
     missing = load_hparams("default", path=str(tmp_path / "none.json"))
     assert missing["_source"] == "default" and missing["kalman"] == DEFAULT_HPARAMS["kalman"]
@@ -123,7 +123,7 @@ def test_load_hparams_tuned_and_default(tmp_path):
 def test_tune_picks_best_grid_point(tmp_path, monkeypatch):
     """Tuning trains each grid point once on its own seed, keeps the best by the task's selection
     score, writes it for the scale, and a partial re-tune keeps the other tasks' choices."""
-    from vlmkern import demo, fidelity
+    from vlmkern.app import demo, fidelity
 
     monkeypatch.setattr(demo, "TUNING_GRIDS", {"kalman": {"adamw": {"lr": [1e-4, 3e-3]},
                                                           "kalman": {"p0": [0.01, 0.3]}},

@@ -1,4 +1,4 @@
-"""The demo's data preparation (``vlmkern.demo.prepare`` without the training) at the DEFAULT scale,
+"""The demo's data preparation (``vlmkern.app.demo.prepare`` without the training) at the DEFAULT scale,
 with each optional real-image source missing in turn, with all of them missing, with whatever is
 installed (all five when the Debian packages and both wheels are there), and with small fabricated
 stand-ins for the two Debian packages.
@@ -17,9 +17,9 @@ import torch
 
 pytest.importorskip("open_clip")
 
-from vlmkern import demo  # noqa: E402
-from vlmkern.data import real as R  # noqa: E402
-from vlmkern.methods.tuneclip import collate_pairs  # noqa: E402
+from vlmkern.app import demo  # noqa: E402
+from vlmkern.app.data import real as R  # noqa: E402
+from vlmkern.app.methods.tuneclip import collate_pairs  # noqa: E402
 
 DEMO_SOURCES = ("fashion-mnist", "tuxpaint-stamps", "sklearn-photos", "skimage-photos", "sklearn-digits")
 # what each simulated absence removes

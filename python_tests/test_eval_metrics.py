@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from vlmkern.eval import (caption_retrieval, cir_recall, frequency_groups, grouped_label_retrieval,
+from vlmkern.app.eval import (caption_retrieval, cir_recall, frequency_groups, grouped_label_retrieval,
                           retrieval_metrics, zero_shot_accuracy)
 
 

@@ -118,7 +118,7 @@ def test_fallback_without_compiled_library_warns_once():
 
 
 def test_bench_harness_records_and_markdown(tmp_path):
-    from vlmkern.bench.harness import Bench, Provider, run
+    from vlmkern.app.bench.harness import Bench, Provider, run
 
     def make(scale):
         def mk(case, mode, dev):
@@ -148,7 +148,7 @@ def test_bench_peak_memory_sees_large_allocation():
     new allocation reuses unseen; the benchmark scripts import the harness first,
     which pins glibc's mmap threshold, so their large tensors are always mapped anew.
     """
-    code = ("import torch\nfrom vlmkern.bench.harness import peak_memory\n"
+    code = ("import torch\nfrom vlmkern.app.bench.harness import peak_memory\n"
             "print(peak_memory(lambda: torch.ones(32 << 20, dtype=torch.uint8), torch.device('cpu')))")
     r = _run(["-c", code])
     assert r.returncode == 0, r.stderr

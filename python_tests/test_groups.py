@@ -5,7 +5,7 @@ import torch
 
 open_clip = pytest.importorskip("open_clip")
 
-from vlmkern.models.groups import apft_phases, clip_layer_groups, set_trainable_phase  # noqa: E402
+from vlmkern.app.models.groups import apft_phases, clip_layer_groups, set_trainable_phase  # noqa: E402
 
 
 def tiny_clip(vlayers=3, tlayers=2):

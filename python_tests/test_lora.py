@@ -1,4 +1,4 @@
-"""Tests of ``vlmkern.models.lora`` on tiny open_clip models built offline."""
+"""Tests of ``vlmkern.app.models.lora`` on tiny open_clip models built offline."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 open_clip = pytest.importorskip("open_clip")
 
-from vlmkern.models import lora as L  # noqa: E402
+from vlmkern.app.models import lora as L  # noqa: E402
 
 
 def tiny_clip(custom: bool = False, seed: int = 0):

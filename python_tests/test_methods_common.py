@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from vlmkern.methods.common import (RunLogger, autocast, load_checkpoint, read_metrics, save_checkpoint,
+from vlmkern.app.methods.common import (RunLogger, autocast, load_checkpoint, read_metrics, save_checkpoint,
                                     seed_everything)
 
 
@@ -36,7 +36,7 @@ def test_autocast_arg_checked():
 
 def test_create_clip_tiny_and_local_checkpoint(tmp_path):
     pytest.importorskip("open_clip")
-    from vlmkern.models.clip import create_clip
+    from vlmkern.app.models.clip import create_clip
 
     m, preprocess, tok = create_clip("vlmkern-micro-ViT")
     assert tok(["a red cube"]).shape == (1, 16)

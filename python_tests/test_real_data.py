@@ -1,4 +1,4 @@
-"""Real images from installed packages (vlmkern.data.real).
+"""Real images from installed packages (vlmkern.app.data.real).
 
 The file-format parsers (idx, Tux Paint stamp folders) are tested on tiny
 fabricated fixtures, so they run everywhere. The installed data is tested as
@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from vlmkern.data import real as R
-from vlmkern.data.synthetic import normalize
-from vlmkern.eval.metrics import frequency_groups
+from vlmkern.app.data import real as R
+from vlmkern.app.data.synthetic import normalize
+from vlmkern.app.eval.metrics import frequency_groups
 
 
 def _status(name):

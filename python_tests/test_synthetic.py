@@ -2,7 +2,7 @@
 
 import torch
 
-from vlmkern.data import synthetic as S
+from vlmkern.app.data import synthetic as S
 
 
 def test_pairs_deterministic_with_holdout_and_duplicates():

@@ -7,9 +7,9 @@ import torch
 
 pytest.importorskip("open_clip")
 
-from vlmkern.data import synthetic as S  # noqa: E402
-from vlmkern.methods.common import read_metrics  # noqa: E402
-from vlmkern.models.clip import create_clip  # noqa: E402
+from vlmkern.app.data import synthetic as S  # noqa: E402
+from vlmkern.app.methods.common import read_metrics  # noqa: E402
+from vlmkern.app.models.clip import create_clip  # noqa: E402
 
 os.environ.setdefault("VLMKERN_NO_PROGRESS", "1")
 
@@ -22,7 +22,7 @@ def _clip(seed=0):
 
 @pytest.mark.parametrize("gamma,random_ratio,combiner", [(0.0, 0.0, "sum"), (1e-2, 0.5, "learned")])
 def test_wrf4cir_runs_and_logs_gap(tmp_path, gamma, random_ratio, combiner):
-    from vlmkern.methods.wrf4cir import WRF4CIRConfig, train_wrf4cir
+    from vlmkern.app.methods.wrf4cir import WRF4CIRConfig, train_wrf4cir
 
     m, tok = _clip()
     tr = S.cir_triplets(32, seed=1, image_size=16)
@@ -40,9 +40,9 @@ def test_evaluate_cir_equal_gallery_for_the_gap():
     """Training recall for the gap uses as many queries and gallery images as validation has:
     the first n triplets' own images, then other gallery images; the indices are remapped so
     that recall equals a direct computation on that sub-gallery."""
-    from vlmkern.eval.metrics import cir_recall
-    from vlmkern.methods.wrf4cir import CIRModel, evaluate_cir
-    from vlmkern.models.cir import SumCombiner
+    from vlmkern.app.eval.metrics import cir_recall
+    from vlmkern.app.methods.wrf4cir import CIRModel, evaluate_cir
+    from vlmkern.app.models.cir import SumCombiner
 
     m, tok = _clip()
     model = CIRModel(m, SumCombiner())
@@ -68,7 +68,7 @@ def test_evaluate_cir_equal_gallery_for_the_gap():
 
 def test_wrf4cir_gamma_zero_equals_plain_adamw(tmp_path):
     """gamma = 0: the wrapper takes exactly the base optimizer's steps."""
-    from vlmkern.methods.wrf4cir import WRF4CIRConfig, train_wrf4cir
+    from vlmkern.app.methods.wrf4cir import WRF4CIRConfig, train_wrf4cir
 
     tr = S.cir_triplets(16, seed=1, image_size=16)
     va = S.cir_triplets(8, seed=2, image_size=16)
@@ -85,7 +85,7 @@ def test_wrf4cir_gamma_zero_equals_plain_adamw(tmp_path):
 
 @pytest.mark.parametrize("optimizer", ["kalman", "adamw"])
 def test_kalman_trainer_curve(tmp_path, optimizer):
-    from vlmkern.methods.kalman import KalmanTrainConfig, train_kalman
+    from vlmkern.app.methods.kalman import KalmanTrainConfig, train_kalman
 
     m, tok = _clip()
     tr, va = S.labelled(24, 12, seed=1, image_size=16, num_classes=6)
@@ -128,7 +128,7 @@ def test_cli_train_then_eval_each_checkpoint_kind(tmp_path):
 
 
 def test_wrf4cir_resume_matches_uninterrupted(tmp_path):
-    from vlmkern.methods.wrf4cir import WRF4CIRConfig, train_wrf4cir
+    from vlmkern.app.methods.wrf4cir import WRF4CIRConfig, train_wrf4cir
 
     tr = S.cir_triplets(16, seed=1, image_size=16)
     va = S.cir_triplets(8, seed=2, image_size=16)
@@ -143,7 +143,7 @@ def test_wrf4cir_resume_matches_uninterrupted(tmp_path):
 
 
 def test_kalman_resume_matches_uninterrupted(tmp_path):
-    from vlmkern.methods.kalman import KalmanTrainConfig, train_kalman
+    from vlmkern.app.methods.kalman import KalmanTrainConfig, train_kalman
 
     tr, va = S.labelled(20, 12, seed=1, image_size=16, num_classes=6)
     cfg = KalmanTrainConfig(steps=6, batch_size=8, eval_every=2)  # 3 batches per pass: resume mid-pass

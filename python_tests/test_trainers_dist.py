@@ -23,20 +23,20 @@ def _free_port():
 
 
 def _train(method, out_dir):
-    from vlmkern.data import synthetic as S
-    from vlmkern.models.clip import create_clip
+    from vlmkern.app.data import synthetic as S
+    from vlmkern.app.models.clip import create_clip
 
     torch.manual_seed(0)  # same initial weights on every rank
     m, _, tok = create_clip("vlmkern-micro-ViT")
     if method == "tuneclip":
-        from vlmkern.methods.tuneclip import TuneCLIPConfig, train_tuneclip
+        from vlmkern.app.methods.tuneclip import TuneCLIPConfig, train_tuneclip
 
         res = train_tuneclip(m, tok, S.pairs(32, seed=1, image_size=16), S.pairs(8, seed=2, image_size=16),
                              TuneCLIPConfig(loss="hgcl", osr_epochs=1, epochs=1, batch_size=8, lr=1e-3), out_dir)
         info = res["osr_steps"]
     elif method == "apft":
-        from vlmkern.methods.apft import APFTTrainConfig, train_apft
-        from vlmkern.methods.apft_schedule import APFTConfig
+        from vlmkern.app.methods.apft import APFTTrainConfig, train_apft
+        from vlmkern.app.methods.apft_schedule import APFTConfig
 
         tr, va = S.labelled(32, 12, seed=1, image_size=16, num_classes=6)
         sched = APFTConfig(window=2, tau_vol=0.0, patience=50, min_epochs=1)  # transition at epoch 2
@@ -44,14 +44,14 @@ def _train(method, out_dir):
                                                                        schedule=sched, eval_ks=(1,)), out_dir)
         info = res["phases_used"]
     elif method == "wrf4cir":
-        from vlmkern.methods.wrf4cir import WRF4CIRConfig, train_wrf4cir
+        from vlmkern.app.methods.wrf4cir import WRF4CIRConfig, train_wrf4cir
 
         res = train_wrf4cir(m, tok, S.cir_triplets(32, seed=1, image_size=16), S.cir_triplets(8, seed=2, image_size=16),
                             WRF4CIRConfig(epochs=1, batch_size=8, lr=1e-4, gamma=1e-2, warmup_epochs=0, ks=(1,)),
                             out_dir)
         info = len(res["history"])
     else:
-        from vlmkern.methods.kalman import KalmanTrainConfig, train_kalman
+        from vlmkern.app.methods.kalman import KalmanTrainConfig, train_kalman
 
         tr, va = S.labelled(32, 12, seed=1, image_size=16, num_classes=6)
         res = train_kalman(m, tok, tr, va, tr.prompts(), KalmanTrainConfig(steps=4, batch_size=8, eval_every=2),
@@ -94,12 +94,12 @@ def test_two_gloo_ranks_stay_identical(tmp_path, method, expected):
     assert i0 == i1 == expected
     assert torch.equal(w0, w1), f"{method}: ranks diverged"
     torch.manual_seed(0)
-    from vlmkern.methods.common import seed_everything
-    from vlmkern.models.clip import create_clip
+    from vlmkern.app.methods.common import seed_everything
+    from vlmkern.app.models.clip import create_clip
 
     fresh = create_clip("vlmkern-micro-ViT")[0]
     if method == "kalman":  # the trainer seeds, then adds LoRA adapters: rebuild that initial state
-        from vlmkern.models.lora import add_lora
+        from vlmkern.app.models.lora import add_lora
 
         seed_everything(0)
         add_lora(fresh, rank=4, alpha=8.0)

@@ -7,10 +7,10 @@ import torch
 
 pytest.importorskip("open_clip")
 
-from vlmkern.data import synthetic as S  # noqa: E402
-from vlmkern.methods.common import read_metrics  # noqa: E402
-from vlmkern.methods.tuneclip import TuneCLIPConfig, _Objective, collate_pairs, recover_statistics, train_tuneclip  # noqa: E402
-from vlmkern.models.clip import create_clip  # noqa: E402
+from vlmkern.app.data import synthetic as S  # noqa: E402
+from vlmkern.app.methods.common import read_metrics  # noqa: E402
+from vlmkern.app.methods.tuneclip import TuneCLIPConfig, _Objective, collate_pairs, recover_statistics, train_tuneclip  # noqa: E402
+from vlmkern.app.models.clip import create_clip  # noqa: E402
 
 os.environ.setdefault("VLMKERN_NO_PROGRESS", "1")
 
@@ -19,6 +19,20 @@ def _setup(seed=0):
     torch.manual_seed(seed)
     m, _, tok = create_clip("vlmkern-micro-ViT")
     return m, tok, S.pairs(48, seed=1, image_size=16), S.pairs(24, seed=2, image_size=16)
+
+
+def test_gamma_schedule_matches_the_reference():
+    """The trainer's own gamma schedule (runtime code) agrees with the float64 oracle's copy."""
+    import math
+
+    from vlmkern import reference as R
+    from vlmkern.app.methods.tuneclip import fastclip_gamma
+
+    for decay in (1, 4, 10):
+        for gamma in (0.2, 0.9, 1.0):
+            for epoch in range(-1, 13):
+                assert math.isclose(fastclip_gamma(epoch, gamma, decay), R.fastclip_gamma(epoch, gamma, decay),
+                                    rel_tol=1e-15, abs_tol=0.0)
 
 
 def test_osr_freezes_weights_and_fills_moments_and_state():

@@ -1,7 +1,7 @@
 """The user's path after ``pip install --no-build-isolation .``: a regular (non-editable) wheel,
 installed into a fresh virtual environment and run from a folder outside any checkout. ``vlmkern
 bench`` and ``vlmkern demo`` must work there: the benchmark harness ships inside the package
-(``vlmkern.bench``). Slow (a wheel build, incremental when the build folder is warm, and a real
+(``vlmkern.app.bench``). Slow (a wheel build, incremental when the build folder is warm, and a real
 benchmark and a tiny demo): marked ``slow``, and it runs in CI (``make test`` runs every test)."""
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def _run(installed, *args, timeout=900):
 
 def test_wheel_installs_the_package_not_the_checkout(installed):
     vdir, work, env = installed
-    code = ("import os, vlmkern, vlmkern.bench.run_all as r; from vlmkern import _C_loader; "
+    code = ("import os, vlmkern, vlmkern.app.bench.run_all as r; from vlmkern import _C_loader; "
             "print(os.path.dirname(vlmkern.__file__)); print(r.BENCHES); print(_C_loader.load())")
     r = subprocess.run([str(vdir / "bin" / "python"), "-c", code], cwd=str(work), env=env, capture_output=True,
                        text=True, timeout=300)

@@ -13,7 +13,7 @@ that nothing spills registers.  For each ``d`` this script
    family at a time - compiles, checks the outputs against the reference
    (relative error 1e-4 for the statistics, 2e-2 for bf16 / fp16 gradients,
    whose dS operand is rounded per tile; 1e-4 in fp32) and times it (median of
-   ``vlmkern.bench.harness.time_callable``'s CUDA-event timings after a warm-up call; a candidate that fails to compile, e.g. out
+   ``vlmkern.app.bench.harness.time_callable``'s CUDA-event timings after a warm-up call; a candidate that fails to compile, e.g. out
    of shared memory, is recorded as failed);
 3. keeps the fastest correct candidate of each family.
 
@@ -91,7 +91,7 @@ def tune(B: int, dims, dtype: str, gpu: bool, budget_s: float, max_configs: int,
     import torch
     import torch.nn.functional as Fn
 
-    from vlmkern.bench.harness import time_callable
+    from vlmkern.app.bench.harness import time_callable
     from vlmkern.kernels.triton import hgcl as K
 
     dt = getattr(torch, dtype)

@@ -9,7 +9,8 @@ Public ops (each with ``backend=`` to force one of cuda / triton / cpu / torch):
   perturbation with an exact restore (WRF4CIR / AWP).
 
 ``vlmkern.info()`` (or ``vlmkern info`` on the command line) says which
-backends are live for which op.
+backends are live for which op.  The float64 oracle the tests compare against,
+:mod:`vlmkern.reference`, is not imported here: ``from vlmkern import reference``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from . import _C_loader
 
 _C_loader.load()
 
-from . import backends, reference  # noqa: E402
+from . import backends  # noqa: E402
 from .backends import BackendUnavailableError  # noqa: E402
 from .info import info  # noqa: E402
 from .ops.hgcl import GlobalContrastiveLoss, hgcl_loss  # noqa: E402
@@ -30,7 +31,6 @@ from .ops.awp import awp_perturb_, awp_restore_  # noqa: E402
 __all__ = [
     "__version__",
     "backends",
-    "reference",
     "BackendUnavailableError",
     "info",
     "kalman_step_",

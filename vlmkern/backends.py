@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -52,7 +52,6 @@ class OpInfo:
     name: str
     compiled: Tuple[str, ...] = ()
     triton: bool = False
-    doc: str = ""
     cuda: bool = True
     triton_import_error: Optional[str] = field(default=None, repr=False)
 
@@ -60,9 +59,8 @@ class OpInfo:
 _OPS: Dict[str, OpInfo] = {}
 
 
-def register_op(name: str, compiled: Tuple[str, ...] = (), triton: bool = False, doc: str = "",
-                cuda: bool = True) -> OpInfo:
-    info = OpInfo(name=name, compiled=tuple(compiled), triton=triton, doc=doc, cuda=cuda)
+def register_op(name: str, compiled: Tuple[str, ...] = (), triton: bool = False, cuda: bool = True) -> OpInfo:
+    info = OpInfo(name=name, compiled=tuple(compiled), triton=triton, cuda=cuda)
     _OPS[name] = info
     return info
 
@@ -188,10 +186,3 @@ def compiled_cuda() -> bool:
         return False
     return bool(getattr(_C_loader.module(), "with_cuda", 0))
 
-
-def dispatch(op: str, device, backend: Optional[str], impls: Dict[str, Callable]) -> Tuple[str, Callable]:
-    """Choose a backend and return ``(name, impl)`` from ``impls``."""
-    name = choose(op, device, backend)
-    if name not in impls:  # registered as available but the op module lacks it
-        raise BackendUnavailableError(f"vlmkern.{op}: no implementation for backend {name!r}")
-    return name, impls[name]

@@ -49,7 +49,6 @@ struct TensorListMeta {
   int32_t list_index[kCapacity];  // position of the tensor in the caller's list
   uint8_t dtype[kCapacity];       // op-defined dtype tag
   int32_t ntensors;
-  int32_t launch_index;  // which launch of the pass this is (0, 1, ...)
 };
 static_assert(sizeof(TensorListMeta<3>) + kParamReserve <= kMaxParamBytes, "table too large");
 static_assert(sizeof(TensorListMeta<4>) + kParamReserve <= kMaxParamBytes, "table too large");
@@ -88,7 +87,6 @@ int for_each_launch(const std::vector<TensorRef>& refs, int64_t chunk_size, F&& 
     if (n == 0) return;
     meta.ntensors = n;
     meta.chunk_start[n] = static_cast<int32_t>(chunks);
-    meta.launch_index = launches;
     f(meta, static_cast<int32_t>(chunks));
     ++launches;
     n = 0;
@@ -108,25 +106,6 @@ int for_each_launch(const std::vector<TensorRef>& refs, int64_t chunk_size, F&& 
   }
   flush();
   return launches;
-}
-
-// Number of launches for_each_launch<NLists> will make (to size per-launch buffers).
-template <int NLists>
-int count_launches(const std::vector<TensorRef>& refs, int64_t chunk_size) {
-  int launches = 0, n = 0;
-  int64_t chunks = 0;
-  for (const TensorRef& r : refs) {
-    if (r.numel == 0) continue;
-    const int64_t c = (r.numel + chunk_size - 1) / chunk_size;
-    if (n == Capacity<NLists> || chunks + c > INT32_MAX / 2) {
-      ++launches;
-      n = 0;
-      chunks = 0;
-    }
-    chunks += c;
-    ++n;
-  }
-  return launches + (n > 0 ? 1 : 0);
 }
 
 }  // namespace vlmkern::mta

@@ -52,7 +52,6 @@ OP = "awp"
 backends.register_op(
     OP,
     compiled=("vlmkern::awp_perturb_", "vlmkern::awp_restore_"),
-    doc="layerwise-normalised weight perturbation + exact restore (SPEC §4)",
 )
 
 MODES = {"adversarial": 0, "random": 1}

@@ -41,7 +41,6 @@ _INFO = backends.register_op(
     OP,
     compiled=("vlmkern::hgcl_stats", "vlmkern::hgcl_state_update_", "vlmkern::hgcl_grad"),
     triton=True,
-    doc="hinged / plain global contrastive loss with per-sample u (SPEC §1)",
     cuda=False,  # no CUDA kernels: CUDA tensors take the Triton kernels
 )
 
@@ -465,8 +464,8 @@ class GlobalContrastiveLoss(torch.nn.Module):
     concatenated batch, so DDP's gradient *averaging* yields exactly the
     global-batch parameter gradient.
 
-    ``gamma`` is settable between steps (e.g. FastCLIP's schedule,
-    :func:`vlmkern.reference.fastclip_gamma`).  ``margin=None`` gives GCL.
+    ``gamma`` is settable between steps (e.g. FastCLIP's cosine schedule, SPEC §1, which the
+    TuneCLIP trainer sets every epoch).  ``margin=None`` gives GCL.
     """
 
     def __init__(self, num_samples: int, tau: float, gamma: float, margin: Optional[float] = 0.1,

@@ -25,7 +25,7 @@ from .. import backends
 from ._common import FLOAT_DTYPES, as_list, check_same_shapes, device_of, scalar_tensor
 
 OP = "kalman"
-backends.register_op(OP, compiled=("vlmkern::kalman_step_",), doc="diagonal Kalman step (SPEC §3)")
+backends.register_op(OP, compiled=("vlmkern::kalman_step_",))
 
 _DEFAULT_VAR_FLOOR = 1e-12
 

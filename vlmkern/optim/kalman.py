@@ -68,7 +68,7 @@ class KalmanOptimizer(torch.optim.Optimizer):
             of the step (every group), because there is one scalar observation.
         p0: initial variance of every parameter (> 0): the learning-rate knob
             (see above; tune it like a learning rate).  Default ``0.1``, the
-            better of the two settings in ``vlmkern/bench/kalman_method_check.py``
+            better of the two settings in ``vlmkern/app/bench/kalman_method_check.py``
             (LoRA on a tiny CLIP, cross-entropy loss).
         process_noise: ``q >= 0`` added to every variance before each update.
             Default 0.  Groups with different ``q`` cost two extra passes over

@@ -1,7 +1,7 @@
 """Method-fidelity check: each paper's central claim, tested on the embedded
 data over several seeds (``vlmkern fidelity``).
 
-Runs the demo (:func:`vlmkern.demo.run_demo`) once per seed and reads, from
+Runs the demo (:func:`vlmkern.app.demo.run_demo`) once per seed and reads, from
 its results, one paired difference per claim (method minus baseline, same
 seed, same pretrained model). A claim is
 
@@ -140,7 +140,7 @@ def write_report(rows: List[Dict[str, Any]], runs: Sequence[Dict[str, Any]], pat
         f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}). Seeds {[r['seed'] for r in runs]}; scale "
         f"`{r0['scale']}`, model `{r0['model']}` pretrained per seed on {r0['pretrain']['synthetic_pairs']} "
         f"synthetic + {r0['pretrain']['real_pairs']} real captioned images; APFT and Kalman on "
-        f"`{r0.get('labelled_source', 'synthetic')}` (see docs/DATA.md and `vlmkern/demo.py`).",
+        f"`{r0.get('labelled_source', 'synthetic')}` (see docs/DATA.md and `vlmkern/app/demo.py`).",
         "",
         "Each value is a paired difference (method minus baseline, same seed and pretrained model), in percentage "
         "points unless it counts iterations. Verdict: *reproduced* = the mean points the paper's way and every "
@@ -231,13 +231,13 @@ SELECTION: Dict[str, Any] = {
 
 def tune(scale: str = "default", seed: int = 100, out: str = "runs/tune", path: str | None = None,
          command: str = "vlmkern fidelity --tune", tasks: Sequence[str] | None = None) -> Dict[str, Any]:
-    """Pick every run's step sizes from :data:`vlmkern.demo.TUNING_GRIDS` on tuning seed ``seed``.
+    """Pick every run's step sizes from :data:`vlmkern.app.demo.TUNING_GRIDS` on tuning seed ``seed``.
 
     One pretrained model and one draw of every task's data, from ``seed`` (the report's
     seeds are 0, 1, 2, ...: keep ``seed`` away from them); each run of each task (method
     and baselines alike) is trained once per grid point and the point with the best
     :data:`SELECTION` score wins (ties: the first). The choice is written under ``scale``
-    into ``path`` (default vlmkern/tuned_hparams.json), which the demo then reads.
+    into ``path`` (default vlmkern/app/tuned_hparams.json), which the demo then reads.
     """
     from .demo import TUNED_PATH, TUNING_GRIDS, _hp_text, _slug, prepare, run_one
 

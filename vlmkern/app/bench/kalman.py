@@ -1,12 +1,12 @@
 """Benchmark of the fused diagonal Kalman step (SPEC §3).
 
-    python -m vlmkern.bench.kalman [--quick | --targets] [--skip-100m] [--device cpu|cuda] [--out bench/out]
+    python -m vlmkern.app.bench.kalman [--quick | --targets] [--skip-100m] [--device cpu|cuda] [--out bench/out]
 
-``--targets``: only the 10M and 100M cases (issue 4's targets; ``vlmkern.bench.targets``
+``--targets``: only the 10M and 100M cases (issue 4's targets; ``vlmkern.app.bench.targets``
 judges them).  On CUDA every row also counts the device operations one step
 issues (``torch.profiler``): the fused step should issue one per pass.
 
-``--skip-100m`` (or ``VLMKERN_BENCH_SKIP_100M=1``, e.g. under ``vlmkern.bench.run_all``)
+``--skip-100m`` (or ``VLMKERN_BENCH_SKIP_100M=1``, e.g. under ``vlmkern.app.bench.run_all``)
 leaves out the 100M case, which on a small CPU takes a few minutes (the
 per-tensor loop needs ~2 s per step) and ~2 GiB of memory per provider.
 
@@ -25,7 +25,7 @@ Providers, all doing one optimizer step in place on the same parameter list:
 
 Cases: parameter lists shaped like ViT-B/16 CLIP (open_clip), fp32:
 
-* ``lora-r8``: the LoRA adapters ``vlmkern.models.lora`` adds to ViT-B/16 CLIP
+* ``lora-r8``: the LoRA adapters ``vlmkern.app.models.lora`` adds to ViT-B/16 CLIP
   with rank 8 on attention qkv/out and MLP fc/proj of both towers
   (2.2M parameters in 192 tensors: the optimizer's actual use case);
 * ``prefix-1M / 10M / 100M``: the first N parameters of ViT-B/16 CLIP's full
@@ -46,7 +46,7 @@ from typing import List, Tuple
 import torch
 
 import vlmkern
-from vlmkern.bench.harness import Bench, Provider, main
+from vlmkern.app.bench.harness import Bench, Provider, main
 from vlmkern import backends
 
 BYTES_PER_ELEMENT = 28
@@ -204,8 +204,10 @@ def _adamw(case, mode, device):
 
 
 def _reference(case, mode, device):
+    from vlmkern import reference  # the float64 oracle as a baseline (import vlmkern does not load it)
+
     params, grads, variances, e, R = make_state(case, torch.device("cpu"))
-    return lambda: vlmkern.reference.kalman_step(params, grads, variances, e, R, process_noise=Q)
+    return lambda: reference.kalman_step(params, grads, variances, e, R, process_noise=Q)
 
 
 def _fused_ok(case, device):

@@ -17,11 +17,11 @@ Five sources, each read from an installed package (see :func:`sources` and
   800 PNG cut-outs (photos and drawings with alpha), 785 of them with an
   English sentence caption in ``<name>.txt`` (:func:`scan_stamps`).
 
-Loaders return datasets with the interfaces of :mod:`vlmkern.data.synthetic`:
+Loaders return datasets with the interfaces of :mod:`vlmkern.app.data.synthetic`:
 labelled sets yield ``(image, label, index)`` and have ``.labels``,
 ``.classes`` and ``.prompts(template)``; pair sets yield ``(image, caption,
 index)`` with stable indices. Images are RGB ``[3, S, S]`` float32,
-CLIP-normalised (:func:`vlmkern.data.synthetic.normalize`); every choice
+CLIP-normalised (:func:`vlmkern.app.data.synthetic.normalize`); every choice
 (splits, subsampling, backgrounds, crops) is a pure function of ``seed``.
 
 A missing source raises :class:`SourceUnavailable`, whose message names the
@@ -132,7 +132,7 @@ class SourceUnavailable(RuntimeError):
 
 
 def _notice(msg: str) -> None:
-    print(f"[vlmkern.data] {msg}", file=sys.stderr)
+    print(f"[vlmkern.app.data] {msg}", file=sys.stderr)
 
 
 def _package_dir(module: str) -> Optional[str]:
@@ -843,7 +843,7 @@ class RealPairsDataset(torch.utils.data.Dataset):
     """Image-caption pairs ``(image, caption, index)`` from real images, with
     stable indices (position in the dataset). ``source[i]`` names the item's
     source; ``render(i)`` gives the [0, 1] image; ``tokenizer`` as in
-    :class:`vlmkern.data.synthetic.PairsDataset`."""
+    :class:`vlmkern.app.data.synthetic.PairsDataset`."""
 
     def __init__(self, items: List[_Item], sources_of: List[str], stamps: List[Stamp], gray: Dict[str, np.ndarray],
                  photos: List[Photo], seed: int, image_size: int, background: str, tokenizer=None):

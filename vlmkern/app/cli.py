@@ -21,9 +21,9 @@ def cmd_info(args) -> int:
 
 
 def _run_bench(quick: bool, out: str, device: Optional[str], only: Optional[List[str]], targets: bool = False) -> int:
-    """``vlmkern.bench.run_all`` in a child process (the benchmarks' memory peaks are then their own),
+    """``vlmkern.app.bench.run_all`` in a child process (the benchmarks' memory peaks are then their own),
     writing under ``out`` relative to the current folder; works from a checkout and from a wheel install."""
-    cmd = [sys.executable, "-m", "vlmkern.bench.run_all", "--out", out]
+    cmd = [sys.executable, "-m", "vlmkern.app.bench.run_all", "--out", out]
     if quick:
         cmd.append("--quick")
     if targets:
@@ -34,7 +34,9 @@ def _run_bench(quick: bool, out: str, device: Optional[str], only: Optional[List
         cmd += ["--only", *only]
     # the child imports this very vlmkern: the installed package as it is; a source tree (run with
     # PYTHONPATH or from elsewhere) is put first on the child's path
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import vlmkern
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(vlmkern.__file__)))
     env = dict(os.environ)
     if os.path.isfile(os.path.join(root, "pyproject.toml")):
         env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -106,7 +108,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     pf.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2],
                     help="seeds of the report (none: only --tune)")
     pf.add_argument("--tune", action="store_true",
-                    help="first pick every run's step sizes on --tune-seed (writes vlmkern/tuned_hparams.json)")
+                    help="first pick every run's step sizes on --tune-seed (writes vlmkern/app/tuned_hparams.json)")
     pf.add_argument("--tune-seed", type=int, default=100)
     pf.add_argument("--tune-tasks", nargs="*", default=None, choices=("tuneclip", "apft", "wrf4cir", "kalman"),
                     help="re-tune only these tasks (the others keep their tuned values)")
@@ -115,10 +117,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     pf.add_argument("--report", default=None, help="markdown report path (default <out>/FIDELITY.md)")
     pf.add_argument("--reuse", action="store_true", help="read finished seeds' results.json instead of re-running")
     pf.set_defaults(fn=cmd_fidelity)
-    pb = sub.add_parser("bench", help="kernel microbenchmarks (vlmkern.bench.run_all)")
+    pb = sub.add_parser("bench", help="kernel microbenchmarks (vlmkern.app.bench.run_all)")
     pb.add_argument("--quick", action="store_true")
     pb.add_argument("--targets", action="store_true",
-                    help="only the sizes the issues' targets name, then vlmkern.bench.targets (TARGETS_<device>.md)")
+                    help="only the sizes the issues' targets name, then vlmkern.app.bench.targets (TARGETS_<device>.md)")
     pb.add_argument("--out", default="bench/out")
     pb.add_argument("--device", default=None)
     pb.add_argument("--only", nargs="*", default=None)

@@ -1,6 +1,6 @@
 """AWP CPU kernels against the per-tensor loop and the copy bandwidth, one process.
 
-    python -m vlmkern.bench.awp_cpu_versions [--list vitb16] [--rounds 5] [--dtypes float32 ...]
+    python -m vlmkern.app.bench.awp_cpu_versions [--list vitb16] [--rounds 5] [--dtypes float32 ...]
 
 For comparing two builds of the library (e.g. before / after a kernel change):
 run this once per build, alternating, and compare the ``vs loop`` and ``% copy``
@@ -8,7 +8,7 @@ columns (the loop and the copy ceiling are measured in the same process, so
 drift of a shared machine's memory bandwidth cancels).  Per dtype: the copy
 ceiling (harness.measure_ceilings: a 256 MiB ``copy_``), then perturb, restore
 and random mode, each an interleaved A/B of ``loop`` and ``vlmkern``
-(vlmkern/bench/ab.py).  ``% copy`` = the bytes of SPEC §4 (vlmkern/bench/awp.py ``bytes_moved``)
+(vlmkern/app/bench/ab.py).  ``% copy`` = the bytes of SPEC §4 (vlmkern/app/bench/awp.py ``bytes_moved``)
 at the copy bandwidth over the median time.
 """
 
@@ -18,9 +18,9 @@ import argparse
 
 import torch
 
-from vlmkern.bench import awp
-from vlmkern.bench.ab import ab
-from vlmkern.bench.harness import measure_ceilings
+from vlmkern.app.bench import awp
+from vlmkern.app.bench.ab import ab
+from vlmkern.app.bench.harness import measure_ceilings
 
 
 def main(argv=None) -> int:

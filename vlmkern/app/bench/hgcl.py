@@ -18,10 +18,10 @@ Providers:
   are fp32 / TF32, not bf16) and runs three sweeps per direction (lse, dq, dk:
   10 B^2 d, 20 B^2 d for the two directions, against 12 B^2 d here).
 
-``python -m vlmkern.bench.hgcl [--quick | --targets] [--device cpu|cuda] [--out bench/out]``.
+``python -m vlmkern.app.bench.hgcl [--quick | --targets] [--device cpu|cuda] [--out bench/out]``.
 ``--targets``: only the sizes issue 3's targets name (CPU: B = 8192, d = 512;
 GPU: B = 16k at d = 512 / 768, 64k and 256k at d = 512), at most ~30 s of timed
-calls per row; ``vlmkern.bench.targets`` judges the results.
+calls per row; ``vlmkern.app.bench.targets`` judges the results.
 Cases: B in {1k, 4k, 16k, 64k} (+256k on GPU) x d in {512, 768}, HGCL (margin
 0.1), tau 0.05, gamma 0.9; bf16 on GPU, fp32 on CPU.  On the CPU only
 B in {1024, 4096, 8192} at d = 512 run (B = 8192 is the CPU target size);
@@ -47,7 +47,7 @@ import os
 import torch
 import torch.nn.functional as Fn
 
-from vlmkern.bench.harness import Bench, Provider, main
+from vlmkern.app.bench.harness import Bench, Provider, main
 from vlmkern import backends, hgcl_loss
 
 TAU, GAMMA, MARGIN = 0.05, 0.9, 0.1

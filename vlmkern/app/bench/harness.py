@@ -23,14 +23,14 @@ mode) the harness
   by :func:`measure_ceilings` (a large device copy; a large matrix product in
   the benchmark's dtype), ``fraction = floor / median``.
 
-The benchmarks are modules of the package (``vlmkern/bench/<op>.py``, so they run from
-an installed wheel too); each imports ``from vlmkern.bench.harness import Bench, Provider, main``.
+The benchmarks are modules of the package (``vlmkern/app/bench/<op>.py``, so they run from
+an installed wheel too); each imports ``from vlmkern.app.bench.harness import Bench, Provider, main``.
 
 Results go to ``<out>/<bench>.json`` (every record, plus the machine and the
 ceilings) and ``<out>/<bench>.md`` (a markdown table).  Each benchmark script
 exposes ``make_bench(quick: bool) -> Bench`` and calls :func:`main` so that
-``python -m vlmkern.bench.<op> --quick --out bench/out`` runs it; ``vlmkern bench``
-(``python -m vlmkern.bench.run_all``) runs them all; ``bench/test_pytest_benchmark.py``
+``python -m vlmkern.app.bench.<op> --quick --out bench/out`` runs it; ``vlmkern bench``
+(``python -m vlmkern.app.bench.run_all``) runs them all; ``bench/test_pytest_benchmark.py``
 in a checkout exposes the same quick cases
 to ``pytest-benchmark``.
 """
@@ -487,12 +487,12 @@ def markdown(result: Dict[str, Any]) -> str:
 
 
 def main(make_bench: Callable[[bool], Bench], argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """Command-line entry point shared by every ``vlmkern/bench/<op>.py``."""
+    """Command-line entry point shared by every ``vlmkern/app/bench/<op>.py``."""
     p = argparse.ArgumentParser(description=(make_bench.__doc__ or "").strip().splitlines()[0] if make_bench.__doc__ else None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small cases and few repeats (CI / demo)")
     p.add_argument("--targets", action="store_true",
-                   help="only the cases the issues' speed / memory targets name (vlmkern.bench.targets judges them)")
+                   help="only the cases the issues' speed / memory targets name (vlmkern.app.bench.targets judges them)")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--out", default="bench/out", help="folder for <bench>_<device>.json and .md")

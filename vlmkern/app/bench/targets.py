@@ -1,8 +1,8 @@
 """Judge the speed / memory targets of issues 3 (HGCL), 4 (Kalman) and 5 (AWP)
 from benchmark results.
 
-    python -m vlmkern.bench.run_all --targets [--device cpu|cuda] --out bench/out   # runs the benches, then this
-    python -m vlmkern.bench.targets [--results bench/out] [--device cpu|cuda]        # judge existing results
+    python -m vlmkern.app.bench.run_all --targets [--device cpu|cuda] --out bench/out   # runs the benches, then this
+    python -m vlmkern.app.bench.targets [--results bench/out] [--device cpu|cuda]        # judge existing results
 
 Reads ``<results>/{hgcl,kalman,awp}_<device>.json`` (written by the harness)
 and writes ``<results>/TARGETS_<device>.md`` and ``.json``: one row per target
@@ -131,7 +131,7 @@ class Judge:
     def markdown(self, device: str, sources: Dict[str, str]) -> str:
         counts = {k: sum(r["verdict"] == k for r in self.rows) for k in (MET, MISSED, NOT_MEASURED, REPORTED)}
         lines = [f"# Targets on {device}", "",
-                 f"Judged by `python -m vlmkern.bench.targets --device {device}` from the results of "
+                 f"Judged by `python -m vlmkern.app.bench.targets --device {device}` from the results of "
                  + ", ".join(f"`{k}` ({v})" for k, v in sources.items()) + ".", "",
                  f"{counts[MET]} met, {counts[MISSED]} missed, {counts[NOT_MEASURED]} not measured, "
                  f"{counts[REPORTED]} reported.", "",

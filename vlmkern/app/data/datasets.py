@@ -46,7 +46,7 @@ def _pil():
     try:
         from PIL import Image
     except ImportError as exc:  # pragma: no cover
-        raise ImportError("vlmkern.data needs Pillow: pip install pillow") from exc
+        raise ImportError("vlmkern.app.data needs Pillow: pip install pillow") from exc
     return Image
 
 

@@ -124,7 +124,7 @@ def train_wrf4cir(clip, tokenizer, train_ds, val_ds, cfg: WRF4CIRConfig, run_dir
                   device: str | torch.device = "cpu", resume: bool = False,
                   stop_after: Optional[int] = None) -> Dict[str, Any]:
     """Fine-tune for composed retrieval; ``stop_after`` ends after that many epochs (resumable)."""
-    from ..optim.weight_perturbation import WeightPerturbation
+    from vlmkern.optim.weight_perturbation import WeightPerturbation
 
     device = torch.device(device)
     seed_everything(cfg.seed)

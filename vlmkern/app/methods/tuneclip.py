@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..eval.metrics import caption_retrieval
-from ..reference import fastclip_gamma
 from .common import (RunLogger, allreduce_gradients, autocast, is_distributed, load_checkpoint, progress, rank, save_checkpoint,
                      seed_everything, world_size)
 
@@ -64,6 +63,16 @@ class TuneCLIPConfig:
             raise ValueError("osr_epochs and epochs must be >= 0")
 
 
+def fastclip_gamma(epoch: int, gamma: float, decay_epochs: int) -> float:
+    """FastCLIP's gamma schedule (SPEC §1): 1 at epoch 0, cosine down to ``gamma`` at ``decay_epochs``, then
+    ``gamma``. (The float64 oracle has its own copy, ``vlmkern.reference.fastclip_gamma``, for the tests.)"""
+    if epoch <= 0:
+        return 1.0
+    if epoch >= decay_epochs:
+        return gamma
+    return 0.5 * (1 + math.cos(math.pi * epoch / decay_epochs)) * (1 - gamma) + gamma
+
+
 def collate_pairs(batch):
     images = torch.stack([b[0] for b in batch])
     caps = [b[1] for b in batch]
@@ -81,7 +90,7 @@ class _Objective:
             self.clip = ClipLoss(local_loss=False, gather_with_grad=True, rank=rank(), world_size=world_size())
             self.module = None
         else:
-            from ..ops.hgcl import GlobalContrastiveLoss
+            from vlmkern.ops.hgcl import GlobalContrastiveLoss
 
             self.module = GlobalContrastiveLoss(num_samples, tau=tau, gamma=1.0,
                                                 margin=cfg.margin if cfg.loss == "hgcl" else None,

@@ -48,7 +48,7 @@ def _log(msg: str) -> None:
 
 
 def real_sources():
-    """The installed real-image sources the demo uses (``vlmkern.data.real``), or [] without scikit-learn."""
+    """The installed real-image sources the demo uses (``vlmkern.app.data.real``), or [] without scikit-learn."""
     try:
         from .data import real
     except ImportError as exc:  # scikit-learn / scikit-image missing
@@ -190,7 +190,7 @@ def task_data(s: Dict[str, Any], seed: int = 0, sources=None) -> Dict[str, Any]:
 # Each run's step size (and WRF4CIR's perturbation size). DEFAULT_HPARAMS are the
 # hand-set values; ``vlmkern fidelity --tune`` picks each run's values from
 # TUNING_GRIDS on a separate tuning seed (never one the report uses) and writes
-# them to vlmkern/tuned_hparams.json, which the demo reads for that scale.
+# them to vlmkern/app/tuned_hparams.json, which the demo reads for that scale.
 DEFAULT_HPARAMS: Dict[str, Dict[str, Dict[str, float]]] = {
     "tuneclip": {"CLIP loss": {"lr": 1e-4}, "GCL": {"lr": 1e-4}, "HGCL (no OSR)": {"lr": 1e-4},
                  "TuneCLIP (OSR + HGCL)": {"lr": 1e-4}},
@@ -213,7 +213,7 @@ TUNED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned_hpa
 
 def load_hparams(scale: str, path: str | None = None) -> Dict[str, Any]:
     """Per-run hyperparameters for ``scale``: the tuned ones where ``path`` (default
-    vlmkern/tuned_hparams.json) has them, else :data:`DEFAULT_HPARAMS`. The result carries
+    vlmkern/app/tuned_hparams.json) has them, else :data:`DEFAULT_HPARAMS`. The result carries
     ``"_source"`` (``"tuned"`` or ``"default"``) and, when tuned, ``"_tuning"`` (seed, command)."""
     hp = copy.deepcopy(DEFAULT_HPARAMS)
     path = TUNED_PATH if path is None else path
@@ -476,6 +476,6 @@ def _hparams_sentence(hp: Dict[str, Any]) -> str:
         t = hp.get("_tuning", {})
         return (f"Step sizes (column *setting*) were chosen per run from a grid on tuning seed {t.get('seed')} "
                 f"(`{t.get('command', 'vlmkern fidelity --tune')}`), a seed whose pretraining and data this "
-                "report does not use (vlmkern/tuned_hparams.json).")
-    return ("Step sizes (column *setting*) are the hand-set defaults (vlmkern.demo.DEFAULT_HPARAMS); "
+                "report does not use (vlmkern/app/tuned_hparams.json).")
+    return ("Step sizes (column *setting*) are the hand-set defaults (vlmkern.app.demo.DEFAULT_HPARAMS); "
             "`vlmkern fidelity --tune` picks them per run on a separate seed.")

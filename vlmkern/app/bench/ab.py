@@ -1,6 +1,6 @@
 """Interleaved A/B timing of two (or more) providers of one benchmark case.
 
-    python -m vlmkern.bench.ab awp --case list=vitb16 dtype=float16 --mode restore \
+    python -m vlmkern.app.bench.ab awp --case list=vitb16 dtype=float16 --mode restore \
         --providers loop vlmkern [--rounds 15] [--device cpu|cuda]
 
 On a machine whose memory bandwidth drifts (a shared VM: the harness's copy
@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from vlmkern.bench.harness import _sync
+from vlmkern.app.bench.harness import _sync
 
 
 def _parse_case(items):
@@ -35,7 +35,7 @@ def _parse_case(items):
 
 def ab(bench_name: str, case: dict, mode: str, providers, rounds: int = 15, warmup: int = 3,
        device: str = "cpu") -> dict:
-    mod = importlib.import_module(f"vlmkern.bench.{bench_name}")
+    mod = importlib.import_module(f"vlmkern.app.bench.{bench_name}")
     bench = mod.make_bench(False)
     dev = torch.device(device)
     by_name = {p.name: p for p in bench.providers}

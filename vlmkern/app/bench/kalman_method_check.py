@@ -1,7 +1,7 @@
 """A small, honest method check: LoRA fine-tuning of a tiny CLIP for few-shot
 classification, KalmanOptimizer vs AdamW (CPU, offline, ~2 minutes).
 
-    python -m vlmkern.bench.kalman_method_check [--seeds 0 1] [--iters 60] [--out bench/out]
+    python -m vlmkern.app.bench.kalman_method_check [--seeds 0 1] [--iters 60] [--out bench/out]
 
 No pretrained weights can be downloaded here, so the "pretrained" CLIP is made
 on the spot: a tiny open_clip CLIP (ViT 3x64 on 32x32 images, text 2x64) is
@@ -31,7 +31,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from vlmkern.models.lora import add_lora, lora_parameters
+from vlmkern.app.models.lora import add_lora, lora_parameters
 from vlmkern.optim import KalmanOptimizer
 
 COLORS = {

@@ -1,10 +1,10 @@
-"""Run every op benchmark (vlmkern/bench/<op>.py exposing ``make_bench(quick)``).
+"""Run every op benchmark (vlmkern/app/bench/<op>.py exposing ``make_bench(quick)``).
 
-    python -m vlmkern.bench.run_all [--quick | --targets] [--device cpu|cuda] [--out bench/out] [--only hgcl kalman]
+    python -m vlmkern.app.bench.run_all [--quick | --targets] [--device cpu|cuda] [--out bench/out] [--only hgcl kalman]
 
 Writes <out>/<bench>_<device>.json/.md for each, and <out>/SUMMARY_<device>.md.
 ``--targets`` runs only the cases the issues' targets name and then judges them
-(vlmkern.bench.targets: <out>/TARGETS_<device>.md).
+(vlmkern.app.bench.targets: <out>/TARGETS_<device>.md).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import traceback
 
 import torch
 
-from vlmkern.bench.harness import markdown, run
+from vlmkern.app.bench.harness import markdown, run
 
 BENCHES = ["kalman", "awp", "hgcl"]
 
@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--targets", action="store_true", help="the target cases only, then vlmkern.bench.targets")
+    p.add_argument("--targets", action="store_true", help="the target cases only, then vlmkern.app.bench.targets")
     p.add_argument("--out", default="bench/out")
     p.add_argument("--only", nargs="*", default=None)
     args = p.parse_args(argv)
@@ -35,10 +35,10 @@ def main(argv=None) -> int:
     failed = []
     for name in args.only or BENCHES:
         try:
-            mod = importlib.import_module(f"vlmkern.bench.{name}")
+            mod = importlib.import_module(f"vlmkern.app.bench.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name == f"vlmkern.bench.{name}":
-                print(f"[run_all] vlmkern/bench/{name}.py does not exist yet: skipped", flush=True)
+            if exc.name == f"vlmkern.app.bench.{name}":
+                print(f"[run_all] vlmkern/app/bench/{name}.py does not exist yet: skipped", flush=True)
                 continue
             raise
         print(f"[run_all] {name} on {args.device}{' (quick)' if args.quick else ''}"
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     print("\n\n".join(summary))
     print(f"[run_all] wrote {path}")
     if args.targets:
-        from vlmkern.bench import targets
+        from vlmkern.app.bench import targets
 
         targets.write(args.out, torch.device(args.device).type)
     if failed:

@@ -17,11 +17,11 @@ class prompt (``logit_scale * f_img . f_class``), i.e. retrieval of the right
 label text; validation loss is the same on the validation set.
 
 ``strategy``:
-* ``"apft"`` - the method above (:class:`~vlmkern.methods.apft_schedule.APFTSchedule`).
+* ``"apft"`` - the method above (:class:`~vlmkern.app.methods.apft_schedule.APFTSchedule`).
 * ``"fixed"`` - progressive unfreezing on a fixed schedule (a phase every
   ``fixed_every`` epochs), same LR/WD adaptation - the paper's ablation.
 * ``"full"`` - full fine-tuning, OneCycleLR over the whole run.
-* ``"lora"`` - LoRA adapters (``vlmkern.models.lora``) only, OneCycleLR.
+* ``"lora"`` - LoRA adapters (``vlmkern.app.models.lora``) only, OneCycleLR.
 
 Every epoch is logged (JSON lines) with the phase, the trigger, LR, WD and
 the trainable-parameter fraction; evaluation reports I2T / T2I Recall, mAP

@@ -61,7 +61,7 @@ def train_kalman(model, tokenizer, train_ds, val_ds, prompts: List[str], cfg: Ka
                  stop_after: Optional[int] = None) -> Dict[str, Any]:
     """LoRA few-shot fine-tuning; ``stop_after`` ends after that many steps (resumable exactly)."""
     from ..models.lora import add_lora, lora_parameters
-    from ..optim.kalman import KalmanOptimizer
+    from vlmkern.optim.kalman import KalmanOptimizer
 
     device = torch.device(device)
     seed_everything(cfg.seed)

@@ -1,8 +1,8 @@
 """AWP weight perturbation (SPEC §4): fused vlmkern ops vs torch._foreach vs a per-tensor loop,
 and the wall-clock overhead of a full WeightPerturbation training step.
 
-    python -m vlmkern.bench.awp [--quick | --targets] [--device cpu|cuda] [--out bench/out]
-    python -m vlmkern.bench.awp --step [--quick]        # training-step overhead on a small CLIP
+    python -m vlmkern.app.bench.awp [--quick | --targets] [--device cpu|cuda] [--out bench/out]
+    python -m vlmkern.app.bench.awp --step [--quick]        # training-step overhead on a small CLIP
 
 Bench ``awp`` (harness): cases are parameter lists
   * ``vitb16``: the tensors AWP perturbs in ViT-B/16 CLIP, both towers (dim > 1:
@@ -31,7 +31,7 @@ import sys
 import torch
 
 import vlmkern
-from vlmkern.bench.harness import Bench, Provider, main
+from vlmkern.app.bench.harness import Bench, Provider, main
 
 GAMMA = 1e-3
 EPS = 1e-12

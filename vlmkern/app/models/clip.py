@@ -1,7 +1,7 @@
 """Building open_clip models: any architecture, a pretrained tag or a local checkpoint.
 
 Tiny architectures for tests and the demo ship with vlmkern
-(``vlmkern/models/configs/*.json``, registered with open_clip on import):
+(``vlmkern/app/models/configs/*.json``, registered with open_clip on import):
 
 * ``vlmkern-micro-ViT``: 16 px images, 2+2 layers of width 64 (tests)
 * ``vlmkern-tiny-ViT``: 32 px images, 4+4 layers of width 128 (demo)
@@ -24,7 +24,7 @@ def _open_clip():
     try:
         import open_clip
     except ImportError as exc:  # pragma: no cover
-        raise ImportError("vlmkern.models needs open_clip_torch: pip install open_clip_torch torchvision") from exc
+        raise ImportError("vlmkern.app.models needs open_clip_torch: pip install open_clip_torch torchvision") from exc
     global _registered
     if not _registered:
         open_clip.add_model_config(CONFIG_DIR)
