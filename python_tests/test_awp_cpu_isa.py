@@ -1,10 +1,9 @@
 """AWP CPU kernels: the bf16 / fp16 conversions and the perturbation rounding
 against torch on every bit pattern, the random direction bit for bit equal to
 the PyTorch fallback's generator, the accuracy of that generator against the
-float64 definition, determinism across thread counts.  The kernels are
-multiversioned (baseline x86-64 / AVX2 / AVX-512F, chosen by the loader from
-cpuid); this file tests the version this CPU runs, and test_qemu_cpus.py runs
-the others under emulated CPUs and compares their bits with this one's."""
+float64 definition, determinism across thread counts.  test_qemu_cpus.py runs
+the kernels under emulated CPUs without AVX-512 / AVX2 and compares their bits
+with this CPU's."""
 
 from __future__ import annotations
 

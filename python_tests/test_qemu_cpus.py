@@ -1,8 +1,8 @@
 """The compiled library on CPUs this machine does not have (issue 14).
 
-The AWP CPU kernels are multiversioned (baseline x86-64 / AVX2 / AVX-512F,
-chosen by the loader from cpuid) and nothing else in the library is compiled
-for more than baseline x86-64.  This test runs the compiled ops in one
+The library is compiled for baseline x86-64 (no -march flag, no hand-written
+SIMD), but torch picks its own kernels by CPU, and a stray instruction-set flag
+or intrinsic would only show on a CPU without it.  This test runs the compiled ops in one
 subprocess per CPU model under ``qemu-x86_64 -cpu MODEL`` (user-mode
 emulation: the same Python, torch and vlmkern, on an emulated CPU):
 

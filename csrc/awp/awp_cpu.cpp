@@ -16,15 +16,14 @@
 // Non-contiguous tensors go through contiguous copies written back.
 //
 // Instruction sets: the kernels are plain element loops (no intrinsics) that
-// the compiler vectorizes; bf16 and fp16 are converted with integer code that
-// vectorizes too.  On x86-64 each kernel is compiled three times by GCC's /
-// Clang's `target_clones` (baseline x86-64, AVX2, AVX-512F) and the loader
-// picks the widest version the CPU has (an ifunc resolved with cpuid), so no
-// instruction the CPU lacks ever runs; the rest of the library keeps baseline
-// flags.  Lanes are independent and nothing is contracted into an FMA
-// (-ffp-contract=off for this file), so every version gives the same bits
-// (python_tests/test_qemu_cpus.py runs them on CPUs without AVX-512 / AVX2).
-// bench/RESULTS_awp.md has the measurements behind this choice.
+// the compiler vectorizes for baseline x86-64 (SSE2), like the rest of the
+// library, so they run on every x86-64 CPU; bf16 and fp16 are converted with
+// integer code that vectorizes too.  Compiling them also for AVX2 and AVX-512
+// (GCC target_clones) was measured and bought nothing: the passes are
+// memory-bound, and fp16 is limited by its conversion in every version
+// (bench/RESULTS_awp.md).  Nothing is contracted into an FMA
+// (-ffp-contract=off for this file), so the CPU and CUDA kernels give the same
+// bits (python_tests/test_qemu_cpus.py runs them on CPUs without AVX-512 / AVX2).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -41,16 +40,9 @@
 #include "awp/awp_host.h"
 #include "awp/awp_math.h"
 
-// Multiversioned kernels; flatten inlines every helper into each version, so
-// the helpers are compiled for that version's instruction set too.
-#if defined(__x86_64__) && defined(__has_attribute)
-#if __has_attribute(target_clones)
-#define VLMKERN_AWP_KERNEL __attribute__((target_clones("default", "avx2", "avx512f"), flatten))
-#endif
-#endif
-#ifndef VLMKERN_AWP_KERNEL
+// flatten inlines every helper (conversions, the Gaussian) into the kernel, so
+// the whole loop body is visible to the vectorizer.
 #define VLMKERN_AWP_KERNEL __attribute__((flatten))
-#endif
 
 namespace vlmkern::awp {
 namespace {

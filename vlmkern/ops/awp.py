@@ -21,9 +21,9 @@ product and one for the sum.  The norms are accumulated in double across
 blocks (fixed order: deterministic).  ``backup`` receives the weights bit for
 bit and :func:`awp_restore_` copies them back bit for bit.
 
-CPU kernels: plain loops compiled for baseline x86-64, AVX2 and AVX-512F
-(``target_clones``); the loader picks the widest version the CPU has (the same
-bits from each), so they run on any x86-64 CPU.
+CPU kernels: plain loops the compiler vectorizes for baseline x86-64, so they
+run on any x86-64 CPU (wider instruction sets were measured to buy nothing on
+these memory-bound passes: bench/RESULTS_awp.md).
 
 Bad input (SPEC §4): shapes, dtypes, devices and the scalar arguments are
 checked on the host (errors name the argument).  Values are checked on the
