@@ -171,7 +171,6 @@ class TaskData:
 @dataclass
 class DemoContext(TaskData):
     """The shared start of every run of one seed (:func:`prepare`)."""
-    scale: str
     settings: Dict[str, Any]  # SCALES[scale]
     seed: int
     pretrained_model: Any
@@ -261,7 +260,7 @@ def prepare(scale: str, seed: int, out: str) -> DemoContext:
     # the tasks' data first: a source too small for this scale says so before minutes of pretraining
     data = task_data(s, seed, sources)
     base, tok, pre = pretrain(s, out, seed, sources)
-    return DemoContext(**vars(data), scale=scale, settings=s, seed=seed, pretrained_model=base, tokenizer=tok,
+    return DemoContext(**vars(data), settings=s, seed=seed, pretrained_model=base, tokenizer=tok,
                        pretrain_info=pre)
 
 

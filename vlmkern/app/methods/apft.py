@@ -63,8 +63,7 @@ class APFTTrainConfig:
     eval_ks: Sequence[int] = (1, 5, 10, 20)
     num_workers: int = 0
     t0_epochs: int = field(default=5, metadata={"help": "CosineAnnealingWarmRestarts period"})
-    # the loss is per-sample: accumulation is exact
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step (exact: per-sample loss)"})
     tensorboard: bool = False
 
     def __post_init__(self):

@@ -1,14 +1,11 @@
 """``vlmkern train <method>``: one subcommand per trainer; flags (or ``--config file.yaml``) -> a run.
 
-A method's own flags are its config dataclass's fields (:func:`add_config_flags`): field ``max_epochs``
-is ``--max-epochs`` unless ``metadata["flag"]`` names another, ``metadata["help"]`` is its help and a
-``Literal`` type its choices; a nested config dataclass gets its own group. Tuple-valued fields and
-fields with ``metadata["cli"] = False`` stay off the command line. A ``--config`` file holds the same
+A method's own flags are its config dataclass's scalar fields (:func:`add_config_flags`; ``metadata``
+``flag``, ``help`` and ``cli=False`` rename, describe or hide one). A ``--config`` file holds the same
 options under the flags' names (``awp_gamma: 1e-3``); flags given override it.
 
-Data: ``--data synthetic`` (the embedded world, no downloads) or real files:
-image-text CSV/TSV (``--train-csv``, ``--val-csv``, ``--img-key``, ``--caption-key``)
-or webdataset shards (``--train-shards``) for TuneCLIP; class folders
+Data: ``--data synthetic`` (the embedded world, no downloads) or ``--data files``: image-text CSV/TSV
+(``--train-csv``, ``--val-csv``) or webdataset shards (``--train-shards``) for TuneCLIP; class folders
 (``--train-dir``, ``--val-dir``) or labelled CSVs for APFT and Kalman; ``--cir-root`` for WRF4CIR.
 """
 
@@ -78,7 +75,8 @@ def _add(p, defaults: Dict[str, Any], flag: str, default, **kw) -> None:
 
 
 def add_config_flags(p, cls, defaults: Dict[str, Any]) -> None:
-    """One flag per scalar field of the config dataclass ``cls`` (see the module docstring)."""
+    """One flag per scalar field of the config dataclass ``cls`` (``Literal``: choices; bool: ``--x/--no-x``;
+    a nested config dataclass: its own group; tuples: Python API and ``--config`` only)."""
     group = p.add_argument_group(f"{cls.__name__} options")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -105,10 +103,9 @@ def add_config_flags(p, cls, defaults: Dict[str, Any]) -> None:
 
 def config_from(cls, o: Dict[str, Any]):
     """``cls`` built from the options ``o`` (keyed by flag name, as :func:`add_config_flags` names them)."""
-    kw = {}
+    kw, hints = {}, typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        t = typing.get_type_hints(cls)[f.name]
-        key = f.metadata.get("flag", f.name).replace("-", "_")
+        t, key = hints[f.name], f.metadata.get("flag", f.name).replace("-", "_")
         if dataclasses.is_dataclass(t):
             kw[f.name] = config_from(t, o)
         elif key in o:
@@ -159,6 +156,13 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _reported(tr, va):
+    for name, d in (("train", tr), ("val", va)):
+        if d.bad:
+            print(f"{name}: {d.report()}")
+    return tr, va
+
+
 def _pairs_data(o, size):
     from ..data import ImageTextCSV, WebDatasetTar, default_transform
     from ..data import synthetic as S
@@ -175,10 +179,7 @@ def _pairs_data(o, size):
             raise SystemExit("vlmkern train tuneclip: --data files needs --train-csv/--val-csv or --train-shards/--val-shards")
         kw = dict(img_key=o["img_key"], caption_key=o["caption_key"], transform=tf, on_error=o["on_error"])
         tr, va = ImageTextCSV(o["train_csv"], **kw), ImageTextCSV(o["val_csv"], **kw)
-    for name, d in (("train", tr), ("val", va)):
-        if d.bad:
-            print(f"{name}: {d.report()}")
-    return tr, va
+    return _reported(tr, va)
 
 
 def _labelled_data(o, size):
@@ -196,10 +197,7 @@ def _labelled_data(o, size):
         kw = dict(img_key=o["img_key"], label_key=o["label_key"], transform=tf, on_error=o["on_error"])
         tr = LabelledImages(csv_path=o["train_csv"], **kw)
         va = LabelledImages(csv_path=o["val_csv"], classes=tr.classes, **kw)
-    for name, d in (("train", tr), ("val", va)):
-        if d.bad:
-            print(f"{name}: {d.report()}")
-    return tr, va, tr.prompts()
+    return (*_reported(tr, va), tr.prompts())
 
 
 def _cir_data(o, size):
@@ -214,7 +212,4 @@ def _cir_data(o, size):
     tf = default_transform(size)
     tr = CIRTriplets(o["cir_root"], split="train", layout=o["cir_layout"], transform=tf, on_error=o["on_error"])
     va = CIRTriplets(o["cir_root"], split="val", layout=o["cir_layout"], transform=tf, on_error=o["on_error"])
-    for name, d in (("train", tr), ("val", va)):
-        if d.bad:
-            print(f"{name}: {d.report()}")
-    return tr, va
+    return _reported(tr, va)
