@@ -100,8 +100,8 @@ def test_demo_data_default_scale(case, tmp_path, monkeypatch, capsys):
         assert f"skipping {name}" in err.err  # each absence is named, with how to install it
 
     # pretraining: the synthetic world plus every installed captioned source (digits only when not held out)
-    assert ctx["labelled_source"] == expected_labelled
-    info = ctx["pretrain"]
+    assert ctx.labelled_source == expected_labelled
+    info = ctx.pretrain_info
     pre_expected = present - ({"sklearn-digits"} if expected_labelled == "sklearn-digits" else set())
     assert set(info["real_sources"]) == pre_expected
     assert (info["real_pairs"] > 0) == bool(pre_expected) and info["real_pairs"] <= s["pre_real"]
@@ -110,13 +110,13 @@ def test_demo_data_default_scale(case, tmp_path, monkeypatch, capsys):
     assert images.shape == (s["batch"], 3, s["size"], s["size"]) and all(isinstance(c, str) and c for c in caps)
 
     # TuneCLIP and WRF4CIR: synthetic, always the scale's sizes
-    assert [len(d) for d in ctx["tc"]] == [s["tc_n"], s["tc_val"]]
-    assert [len(d) for d in ctx["cir"]] == [s["cir_n"], s["cir_val"]]
+    assert [len(d) for d in ctx.tuneclip] == [s["tc_n"], s["tc_val"]]
+    assert [len(d) for d in ctx.wrf4cir] == [s["cir_n"], s["cir_val"]]
 
     # APFT (long-tailed) and Kalman (few-shot) on the labelled source, at sizes it can supply
-    atr, ava = ctx["ap"]
-    ktr, kva = ctx["k"]
-    z = ctx["labelled_sizes"]
+    atr, ava = ctx.apft
+    ktr, kva = ctx.kalman
+    z = ctx.labelled_sizes
     for d in (atr, ava, ktr, kva):
         _check_items(d, s["size"])
     if expected_labelled == "synthetic":
@@ -163,9 +163,9 @@ def test_demo_data_small_fashion_folder(tmp_path, monkeypatch):
     assert R.labelled_pool_sizes("fashion-mnist") == (20, 7)
     s = demo.SCALES["default"]
     d = demo.task_data(s, 0, ["fashion-mnist"])
-    assert d["labelled_source"] == "fashion-mnist"
-    assert d["labelled_sizes"] == {"ap_head": 20, "ap_vpc": 7, "k_shots": 16, "k_vpc": 7}
-    assert max(d["ap"][0].counts()) == 20 and set(d["ap"][1].counts()) == {7}
+    assert d.labelled_source == "fashion-mnist"
+    assert d.labelled_sizes == {"ap_head": 20, "ap_vpc": 7, "k_shots": 16, "k_vpc": 7}
+    assert max(d.apft[0].counts()) == 20 and set(d.apft[1].counts()) == {7}
 
 
 def test_demo_data_too_small_source_says_what_to_install(monkeypatch):

@@ -127,6 +127,18 @@ def test_cli_train_then_eval_each_checkpoint_kind(tmp_path):
     assert ev["loaded"] == "clip" and 0 <= ev["metrics"]["mean_R"] <= 1
 
 
+def test_cli_train_lists_only_the_methods_own_flags(capsys):
+    from vlmkern.app import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "kalman", "--help"])
+    out = capsys.readouterr().out
+    assert "--p0" in out and "--steps" in out and "--n-train" in out
+    assert "--awp-gamma" not in out and "--strategy" not in out and "--osr-epochs" not in out
+    with pytest.raises(SystemExit):
+        cli.main(["train", "kalman", "--awp-gamma", "0"])
+
+
 def test_wrf4cir_resume_matches_uninterrupted(tmp_path):
     from vlmkern.app.methods.wrf4cir import WRF4CIRConfig, train_wrf4cir
 

@@ -25,7 +25,8 @@ import copy
 import json
 import os
 import time
-from typing import Any, Dict
+from dataclasses import dataclass
+from typing import Any, Dict, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -156,35 +157,53 @@ def labelled_sizes(s: Dict[str, Any], source: str) -> Dict[str, int]:
     return sizes
 
 
-def task_data(s: Dict[str, Any], seed: int = 0, sources=None) -> Dict[str, Any]:
-    """Every fine-tuning task's data at scale ``s``: ``tc`` (TuneCLIP pairs), ``ap`` (APFT long-tailed
-    labels), ``k`` (Kalman few-shot), ``cir`` (WRF4CIR triplets), each a (train, val) pair, plus
-    ``labelled_source`` and the ``labelled_sizes`` used (:func:`labelled_sizes`)."""
+@dataclass
+class TaskData:
+    """Every fine-tuning task's ``(train, val)`` data at one scale."""
+    tuneclip: Tuple[Any, Any]  # image-text pairs with near-duplicate false negatives
+    apft: Tuple[Any, Any]  # long-tailed labelled images, balanced validation
+    kalman: Tuple[Any, Any]  # few-shot labelled images
+    wrf4cir: Tuple[Any, Any]  # composed-retrieval triplets
+    labelled_source: str  # where APFT's and Kalman's images come from (:func:`labelled_source`)
+    labelled_sizes: Dict[str, int]  # the split sizes used (:func:`labelled_sizes`)
+
+
+@dataclass
+class DemoContext(TaskData):
+    """The shared start of every run of one seed (:func:`prepare`)."""
+    settings: Dict[str, Any]  # SCALES[scale]
+    seed: int
+    pretrained_model: Any
+    tokenizer: Any
+    pretrain_info: Dict[str, Any]  # :func:`pretrain_data`'s info and the pretraining losses
+
+
+def task_data(s: Dict[str, Any], seed: int = 0, sources=None) -> TaskData:
+    """Every fine-tuning task's data at scale ``s``."""
     from .data import synthetic as S
 
     sources = real_sources() if sources is None else sources
-    d: Dict[str, Any] = {}
-    d["tc"] = (S.pairs(s["tc_n"], seed=200 + seed, image_size=s["size"], dup_frac=0.3),
-               S.pairs(s["tc_val"], seed=300 + seed, image_size=s["size"]))
+    pairs = (S.pairs(s["tc_n"], seed=200 + seed, image_size=s["size"], dup_frac=0.3),
+             S.pairs(s["tc_val"], seed=300 + seed, image_size=s["size"]))
     lsrc = labelled_source(sources)
-    d["labelled_source"] = lsrc
-    z = d["labelled_sizes"] = labelled_sizes(s, lsrc)
+    z = labelled_sizes(s, lsrc)
     if lsrc == "synthetic":
-        d["ap"] = S.labelled(s["ap_n"], s["ap_val"], seed=400 + seed, image_size=s["size"],
-                             num_classes=s["ap_classes"])
-        d["k"] = S.labelled(s["k_classes"] * s["k_shots"], s["k_classes"] * 6, seed=700 + seed,
-                            image_size=s["size"], num_classes=s["k_classes"], zipf=0.0)
+        longtail = S.labelled(s["ap_n"], s["ap_val"], seed=400 + seed, image_size=s["size"],
+                              num_classes=s["ap_classes"])
+        fewshot = S.labelled(s["k_classes"] * s["k_shots"], s["k_classes"] * 6, seed=700 + seed,
+                             image_size=s["size"], num_classes=s["k_classes"], zipf=0.0)
     else:
         from .data import real
 
         # long-tailed training labels (Zipf, head = ap_head images), balanced validation
-        d["ap"] = real.labelled(lsrc, seed=400 + seed, image_size=s["size"], long_tail=True,
-                                train_per_class=z["ap_head"], val_per_class=z["ap_vpc"])
-        d["k"] = real.labelled(lsrc, seed=700 + seed, image_size=s["size"], shots=z["k_shots"],
-                               val_per_class=z["k_vpc"])
-    d["cir"] = (S.cir_triplets(s["cir_n"], seed=500 + seed, image_size=s["size"]),
-                S.cir_triplets(s["cir_val"], seed=600 + seed, image_size=s["size"]))
-    return d
+        longtail = real.labelled(lsrc, seed=400 + seed, image_size=s["size"], long_tail=True,
+                                 train_per_class=z["ap_head"], val_per_class=z["ap_vpc"])
+        fewshot = real.labelled(lsrc, seed=700 + seed, image_size=s["size"], shots=z["k_shots"],
+                                val_per_class=z["k_vpc"])
+    cir = (S.cir_triplets(s["cir_n"], seed=500 + seed, image_size=s["size"]),
+           S.cir_triplets(s["cir_val"], seed=600 + seed, image_size=s["size"]))
+    return TaskData(tuneclip=pairs, apft=longtail, kalman=fewshot, wrf4cir=cir, labelled_source=lsrc,
+                    labelled_sizes=z)
 
 
 # Each run's step size (and WRF4CIR's perturbation size). DEFAULT_HPARAMS are the
@@ -231,7 +250,7 @@ def load_hparams(scale: str, path: str | None = None) -> Dict[str, Any]:
     return hp
 
 
-def prepare(scale: str, seed: int, out: str) -> Dict[str, Any]:
+def prepare(scale: str, seed: int, out: str) -> DemoContext:
     """Pretrain the seed's tiny CLIP and build every task's data (the shared start of all runs)."""
     s = SCALES[scale]
     os.makedirs(out, exist_ok=True)
@@ -241,10 +260,11 @@ def prepare(scale: str, seed: int, out: str) -> Dict[str, Any]:
     # the tasks' data first: a source too small for this scale says so before minutes of pretraining
     data = task_data(s, seed, sources)
     base, tok, pre = pretrain(s, out, seed, sources)
-    return {"s": s, "scale": scale, "seed": seed, "base": base, "tok": tok, "pretrain": pre, **data}
+    return DemoContext(**vars(data), settings=s, seed=seed, pretrained_model=base, tokenizer=tok,
+                       pretrain_info=pre)
 
 
-def run_one(ctx: Dict[str, Any], task: str, name: str, hp: Dict[str, float], out: str) -> Dict[str, Any]:
+def run_one(ctx: DemoContext, task: str, name: str, hp: Dict[str, float], out: str) -> Dict[str, Any]:
     """One fine-tuning run (``task`` / ``name`` as in :data:`DEFAULT_HPARAMS`) from a fresh copy of the
     pretrained model, with the step sizes ``hp``; returns the trainer's result."""
     from .methods.apft import APFTTrainConfig, train_apft
@@ -253,16 +273,16 @@ def run_one(ctx: Dict[str, Any], task: str, name: str, hp: Dict[str, float], out
     from .methods.tuneclip import TuneCLIPConfig, train_tuneclip
     from .methods.wrf4cir import WRF4CIRConfig, train_wrf4cir
 
-    s, seed, tok, b = ctx["s"], ctx["seed"], ctx["tok"], ctx["s"]["batch"]
-    model = copy.deepcopy(ctx["base"])
+    s, seed, tok, b = ctx.settings, ctx.seed, ctx.tokenizer, ctx.settings["batch"]
+    model = copy.deepcopy(ctx.pretrained_model)
     run_dir = os.path.join(out, task, _slug(name))
     if task == "tuneclip":
         loss, osr = {"CLIP loss": ("clip", 0), "GCL": ("gcl", 0), "HGCL (no OSR)": ("hgcl", 0),
                      "TuneCLIP (OSR + HGCL)": ("hgcl", 1)}[name]
         cfg = TuneCLIPConfig(loss=loss, osr_epochs=osr, epochs=s["tc_epochs"], batch_size=b, lr=hp["lr"], seed=seed)
-        return train_tuneclip(model, tok, *ctx["tc"], cfg, run_dir)
+        return train_tuneclip(model, tok, *ctx.tuneclip, cfg, run_dir)
     if task == "apft":
-        atr, ava = ctx["ap"]
+        atr, ava = ctx.apft
         cfg = APFTTrainConfig(strategy=name, max_epochs=s["ap_epochs"], batch_size=b // 2, lr=hp["lr"],
                               schedule=APFTConfig(window=3, patience=5, min_epochs=10), seed=seed, eval_ks=(1, 5, 10))
         return train_apft(model, tok, atr, ava, atr.prompts(), cfg, run_dir)
@@ -270,9 +290,9 @@ def run_one(ctx: Dict[str, Any], task: str, name: str, hp: Dict[str, float], out
         rr = {"plain": 0.0, "WRF4CIR adversarial": 0.0, "WRF4CIR random": 1.0}[name]
         cfg = WRF4CIRConfig(epochs=s["cir_epochs"], batch_size=b // 2, lr=hp["lr"], gamma=hp.get("gamma", 0.0),
                             random_ratio=rr, warmup_epochs=1 if s["cir_epochs"] > 1 else 0, seed=seed, ks=(1, 5, 10))
-        return train_wrf4cir(model, tok, *ctx["cir"], cfg, run_dir)
+        return train_wrf4cir(model, tok, *ctx.wrf4cir, cfg, run_dir)
     if task == "kalman":
-        ktr, kva = ctx["k"]
+        ktr, kva = ctx.kalman
         cfg = KalmanTrainConfig(optimizer=name, steps=s["k_steps"], batch_size=min(b, len(ktr)),
                                 eval_every=s["k_eval"], seed=seed, **hp)
         return train_kalman(model, tok, ktr, kva, ktr.prompts(), cfg, run_dir)
@@ -290,11 +310,10 @@ def run_demo(out: str = "runs/demo", scale: str = "default", seed: int = 0,
     t0 = time.time()
     hp = load_hparams(scale) if hparams is None else hparams
     ctx = prepare(scale, seed, out)
-    s = ctx["s"]
-    results: Dict[str, Any] = {"scale": scale, "seed": seed, "model": s["model"], "pretrain": ctx["pretrain"],
-                               "labelled_source": ctx["labelled_source"], "labelled_sizes": ctx["labelled_sizes"],
-                               "hparams": dict(hp)}
-    atr = ctx["ap"][0]
+    results: Dict[str, Any] = {"scale": scale, "seed": seed, "model": ctx.settings["model"],
+                               "pretrain": ctx.pretrain_info, "labelled_source": ctx.labelled_source,
+                               "labelled_sizes": ctx.labelled_sizes, "hparams": dict(hp)}
+    atr = ctx.apft[0]
     results["apft_train_counts"] = [atr.labels.count(k) for k in range(len(atr.prompts()))]
     for task in ("tuneclip", "apft", "wrf4cir", "kalman"):
         results[task] = {}

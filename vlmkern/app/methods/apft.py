@@ -34,7 +34,7 @@ import copy
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Literal, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -42,14 +42,14 @@ from torch.utils.data import DataLoader
 from ..eval.metrics import frequency_groups, grouped_label_retrieval
 from ..models.groups import apft_phases, clip_layer_groups, set_trainable_phase
 from .apft_schedule import APFTConfig, APFTSchedule
-from .common import (RunLogger, allreduce_gradients, autocast, encode_labelled, load_checkpoint, make_sampler,
+from .common import (Amp, RunLogger, allreduce_gradients, autocast, encode_labelled, load_checkpoint, make_sampler,
                      progress, prompt_classification_loss, save_checkpoint, seed_everything)
 
 
 @dataclass
 class APFTTrainConfig:
-    strategy: str = "apft"
-    max_epochs: int = 30
+    strategy: Literal["apft", "fixed", "full", "lora"] = "apft"
+    max_epochs: int = field(default=30, metadata={"flag": "epochs"})
     batch_size: int = 32
     lr: float = 1e-5
     wd: float = 1e-2
@@ -58,12 +58,12 @@ class APFTTrainConfig:
     schedule: APFTConfig = field(default_factory=APFTConfig)
     lora_rank: int = 8
     lora_alpha: float = 16.0
-    amp: Optional[str] = None
+    amp: Amp = None
     seed: int = 0
     eval_ks: Sequence[int] = (1, 5, 10, 20)
     num_workers: int = 0
-    t0_epochs: int = 5  # CosineAnnealingWarmRestarts period
-    grad_accum: int = 1  # micro-batches per optimizer step (the loss is per-sample: accumulation is exact)
+    t0_epochs: int = field(default=5, metadata={"help": "CosineAnnealingWarmRestarts period"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step (exact: per-sample loss)"})
     tensorboard: bool = False
 
     def __post_init__(self):

@@ -40,8 +40,8 @@ class APFTConfig:
     tau_slope: float = 1e-4
     tau_imp: float = 1e-4
     delta_min: float = 1e-3
-    lr0: float = 1e-5
-    wd0: float = 1e-2
+    lr0: float = field(default=1e-5, metadata={"cli": False})  # the trainer sets lr0, wd0 from its lr, wd
+    wd0: float = field(default=1e-2, metadata={"cli": False})
     phase_decay: float = 0.5
     stability_min: float = 0.1
     window_ref: int = 10

@@ -1,66 +1,116 @@
-"""``vlmkern train <method>``: flags (or ``--config file.yaml``) -> a trainer run.
+"""``vlmkern train <method>``: one subcommand per trainer; flags (or ``--config file.yaml``) -> a run.
 
-Data: ``--data synthetic`` (the embedded world, no downloads) or real files:
-image-text CSV/TSV (``--train-csv``, ``--val-csv``, ``--img-key``, ``--caption-key``)
-or webdataset shards (``--train-shards``) for TuneCLIP; class folders
-(``--train-dir``, ``--val-dir``) or labelled CSVs for APFT.
+A method's own flags are its config dataclass's scalar fields (:func:`add_config_flags`; ``metadata``
+``flag``, ``help`` and ``cli=False`` rename, describe or hide one). A ``--config`` file holds the same
+options under the flags' names (``awp_gamma: 1e-3``); flags given override it.
+
+Data: ``--data synthetic`` (the embedded world, no downloads) or ``--data files``: image-text CSV/TSV
+(``--train-csv``, ``--val-csv``) or webdataset shards (``--train-shards``) for TuneCLIP; class folders
+(``--train-dir``, ``--val-dir``) or labelled CSVs for APFT and Kalman; ``--cir-root`` for WRF4CIR.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import importlib
 import json
 import os
+import typing
 from typing import Any, Dict, Optional
 
-METHODS = ("tuneclip", "apft", "wrf4cir", "kalman")
+# method: (config class, data kind, help)
+METHODS = {
+    "tuneclip": ("TuneCLIPConfig", "pairs", "TuneCLIP: OSR + HGCL fine-tuning on image-text pairs"),
+    "apft": ("APFTTrainConfig", "labels", "APFT: adaptive progressive fine-tuning on long-tailed labels"),
+    "wrf4cir": ("WRF4CIRConfig", "cir", "WRF4CIR: weight-perturbed composed image retrieval"),
+    "kalman": ("KalmanTrainConfig", "labels", "Kalman/LoKO: LoRA + Kalman optimizer, few-shot labels"),
+}
+_SHARED = (  # (flag, default, argparse keywords)
+    ("--model", "vlmkern-tiny-ViT", dict(help="open_clip architecture")),
+    ("--pretrained", None, dict(help="open_clip tag or local checkpoint path")),
+    ("--data", "synthetic", dict(help="'synthetic' or 'files'")),
+    ("--n-train", 512, dict(type=int)), ("--n-val", 128, dict(type=int)),
+    ("--image-size", None, dict(type=int, help="input size (default: the model's)")),
+    ("--on-error", "skip", dict(choices=("skip", "raise"))),
+    ("--device", None, {}),
+    ("--out", None, dict(help="run folder (default runs/<method>)")),
+    ("--resume", False, dict(action="store_true")),
+)
+_CSV = (("--train-csv", None, {}), ("--val-csv", None, {}), ("--img-key", "filepath", {}))
+_DATA = {
+    "pairs": _CSV + (("--caption-key", "title", {}), ("--train-shards", None, dict(nargs="*")),
+                     ("--val-shards", None, dict(nargs="*"))),
+    "labels": _CSV + (("--label-key", "label", {}), ("--train-dir", None, {}), ("--val-dir", None, {})),
+    "cir": (("--cir-root", None, dict(help="FashionIQ/CIRR root (--data files)")),
+            ("--cir-layout", "fashioniq", dict(choices=("fashioniq", "cirr")))),
+}
+
+
+def _config_class(method: str):
+    return getattr(importlib.import_module(f".{method}", __package__), METHODS[method][0])
 
 
 def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="fine-tune with one of the methods (" + ", ".join(METHODS) + ")")
-    p.add_argument("method", choices=METHODS)
-    p.add_argument("--config", default=None, help="YAML/JSON file of the same options (flags override it)")
-    p.add_argument("--model", default="vlmkern-tiny-ViT", help="open_clip architecture")
-    p.add_argument("--pretrained", default=None, help="open_clip tag or local checkpoint path")
-    p.add_argument("--data", default="synthetic", help="'synthetic' or 'files'")
-    p.add_argument("--train-csv"), p.add_argument("--val-csv")
-    p.add_argument("--train-shards", nargs="*"), p.add_argument("--val-shards", nargs="*")
-    p.add_argument("--train-dir"), p.add_argument("--val-dir")
-    p.add_argument("--img-key", default="filepath"), p.add_argument("--caption-key", default="title")
-    p.add_argument("--label-key", default="label")
-    p.add_argument("--on-error", default="skip", choices=("skip", "raise"))
-    p.add_argument("--n-train", type=int, default=512), p.add_argument("--n-val", type=int, default=128)
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=None), p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None), p.add_argument("--wd", type=float, default=None)
-    p.add_argument("--amp", default=None, choices=(None, "bf16", "fp16"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", default=None, help="run folder (default runs/<method>)")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard events (if installed)")
-    p.add_argument("--grad-accum", type=int, default=None, help="APFT: micro-batches per optimizer step")
-    # TuneCLIP
-    p.add_argument("--loss", default=None, choices=("hgcl", "gcl", "clip"))
-    p.add_argument("--osr-epochs", type=int, default=None)
-    p.add_argument("--margin", type=float, default=None), p.add_argument("--gamma", type=float, default=None)
-    p.add_argument("--tau", type=float, default=None)
-    # APFT
-    p.add_argument("--strategy", default=None, choices=("apft", "fixed", "full", "lora"))
-    p.add_argument("--window", type=int, default=None)
-    p.add_argument("--patience", type=int, default=None)
-    # WRF4CIR
-    p.add_argument("--awp-gamma", type=float, default=None, help="perturbation size (0 = plain fine-tuning)")
-    p.add_argument("--random-ratio", type=float, default=None)
-    p.add_argument("--warmup-epochs", type=int, default=None)
-    p.add_argument("--combiner", default=None, choices=("sum", "learned"))
-    p.add_argument("--cir-root", default=None, help="FashionIQ/CIRR root (--data files)")
-    p.add_argument("--cir-layout", default="fashioniq", choices=("fashioniq", "cirr"))
-    # Kalman
-    p.add_argument("--optimizer", default=None, choices=("kalman", "adamw"))
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--p0", type=float, default=None)
-    p.add_argument("--lora-rank", type=int, default=None)
-    p.set_defaults(fn=cmd_train)
+    methods = p.add_subparsers(dest="method", required=True, metavar="{" + ",".join(METHODS) + "}")
+    for method, (_, kind, text) in METHODS.items():
+        m = methods.add_parser(method, help=text, description=text)
+        m.add_argument("--config", default=None, help="YAML/JSON file of the same options (flags override it)")
+        defaults: Dict[str, Any] = {}
+        for flag, default, kw in _SHARED + _DATA[kind]:
+            _add(m, defaults, flag, default, **kw)
+        add_config_flags(m, _config_class(method), defaults)
+        m.set_defaults(fn=cmd_train, defaults=defaults)
+
+
+def _add(p, defaults: Dict[str, Any], flag: str, default, **kw) -> None:
+    """``p.add_argument(flag)`` that leaves the option out of the namespace unless given; its default goes
+    to ``defaults`` (so a ``--config`` file is overridden only by flags the user gave)."""
+    dest = flag[2:].replace("-", "_")
+    defaults[dest] = default
+    if default is not None and default is not False:
+        kw["help"] = f"{kw.get('help') or ''} (default: {default})".strip()
+    p.add_argument(flag, dest=dest, default=argparse.SUPPRESS, **kw)
+
+
+def add_config_flags(p, cls, defaults: Dict[str, Any]) -> None:
+    """One flag per scalar field of the config dataclass ``cls`` (``Literal``: choices; bool: ``--x/--no-x``;
+    a nested config dataclass: its own group; tuples: Python API and ``--config`` only)."""
+    group = p.add_argument_group(f"{cls.__name__} options")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            add_config_flags(p, t, defaults)
+            continue
+        if not f.metadata.get("cli", True):
+            continue
+        if typing.get_origin(t) is typing.Union:  # Optional[X]
+            t = next(a for a in typing.get_args(t) if a is not type(None))
+        kw: Dict[str, Any] = {"help": f.metadata.get("help")}
+        if typing.get_origin(t) is typing.Literal:
+            kw["choices"] = typing.get_args(t)
+            t = type(kw["choices"][0])
+        if t is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif t in (int, float, str):
+            kw["type"] = t
+        else:  # tuples: Python API and --config file only
+            continue
+        _add(group, defaults, "--" + f.metadata.get("flag", f.name.replace("_", "-")), f.default, **kw)
+
+
+def config_from(cls, o: Dict[str, Any]):
+    """``cls`` built from the options ``o`` (keyed by flag name, as :func:`add_config_flags` names them)."""
+    kw, hints = {}, typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        t, key = hints[f.name], f.metadata.get("flag", f.name).replace("-", "_")
+        if dataclasses.is_dataclass(t):
+            kw[f.name] = config_from(t, o)
+        elif key in o:
+            kw[f.name] = tuple(o[key]) if isinstance(o[key], list) else o[key]
+    return cls(**kw)
 
 
 def _load_config(path: Optional[str]) -> Dict[str, Any]:
@@ -75,17 +125,14 @@ def _load_config(path: Optional[str]) -> Dict[str, Any]:
     return json.loads(text)
 
 
-def _merge(args) -> Dict[str, Any]:
-    cfg = _load_config(args.config)
-    for k, v in vars(args).items():
-        if k in ("fn", "command", "config"):
-            continue
-        if v is not None or k not in cfg:
-            if v is not None:
-                cfg[k] = v
-            else:
-                cfg.setdefault(k, v)
-    return cfg
+_SUMMARY = {
+    "tuneclip": lambda r: {"final": r["final"], "osr_steps": r["osr_steps"]},
+    "apft": lambda r: {"strategy": r["strategy"], "best_epoch": r["best_epoch"], "phases_used": r["phases_used"],
+                       "val_loss": r["final"]["val_loss"],
+                       "t2i_mAP10": {g: m["mAP"].get(10) for g, m in r["final"]["retrieval"]["t2i"].items()}},
+    "wrf4cir": lambda r: {"final": r["final"]},
+    "kalman": lambda r: {"optimizer": r["optimizer"], "curve": r["curve"]},
+}
 
 
 def cmd_train(args) -> int:
@@ -93,61 +140,27 @@ def cmd_train(args) -> int:
 
     from ..models.clip import create_clip
 
-    o = _merge(args)
-    device = o.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    method = args.method
+    o = {**args.defaults, **_load_config(args.config), **{k: v for k, v in vars(args).items() if k in args.defaults}}
+    cfg = config_from(_config_class(method), o)
+    device = o["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(o["seed"])
-    model, preprocess, tok = create_clip(o["model"], pretrained=o.get("pretrained"))
+    model, preprocess, tok = create_clip(o["model"], pretrained=o["pretrained"])
     vis = model.visual.image_size
-    size = o.get("image_size") or (vis[0] if isinstance(vis, (tuple, list)) else vis)
-    out = o.get("out") or os.path.join("runs", o["method"])
-    if o["method"] == "tuneclip":
-        from .tuneclip import TuneCLIPConfig, train_tuneclip
-
-        tr, va = _pairs_data(o, size)
-        cfg = TuneCLIPConfig(**{k: v for k, v in dict(
-            loss=o.get("loss"), osr_epochs=o.get("osr_epochs"), epochs=o.get("epochs"),
-            batch_size=o.get("batch_size"), lr=o.get("lr"), wd=o.get("wd"), margin=o.get("margin"),
-            gamma=o.get("gamma"), tau=o.get("tau"), amp=o.get("amp"), seed=o["seed"], tensorboard=o.get("tensorboard") or None).items() if v is not None})
-        res = train_tuneclip(model, tok, tr, va, cfg, out, device=device, resume=o.get("resume", False))
-        print(json.dumps({"run": out, "final": res["final"], "osr_steps": res["osr_steps"]}, indent=1))
-        return 0
-    if o["method"] == "wrf4cir":
-        from .wrf4cir import WRF4CIRConfig, train_wrf4cir
-
-        tr, va = _cir_data(o, size)
-        cfg = WRF4CIRConfig(**{k: v for k, v in dict(
-            epochs=o.get("epochs"), batch_size=o.get("batch_size"), lr=o.get("lr"), wd=o.get("wd"),
-            gamma=o.get("awp_gamma"), random_ratio=o.get("random_ratio"), warmup_epochs=o.get("warmup_epochs"),
-            combiner=o.get("combiner"), amp=o.get("amp"), seed=o["seed"], tensorboard=o.get("tensorboard") or None).items() if v is not None})
-        res = train_wrf4cir(model, tok, tr, va, cfg, out, device=device, resume=o.get("resume", False))
-        print(json.dumps({"run": out, "final": res["final"]}, indent=1))
-        return 0
-    if o["method"] == "kalman":
-        from .kalman import KalmanTrainConfig, train_kalman
-
-        tr, va, prompts = _labelled_data(o, size)
-        cfg = KalmanTrainConfig(**{k: v for k, v in dict(
-            optimizer=o.get("optimizer"), steps=o.get("steps"), batch_size=o.get("batch_size"), lr=o.get("lr"),
-            p0=o.get("p0"), lora_rank=o.get("lora_rank"), amp=o.get("amp"), seed=o["seed"], tensorboard=o.get("tensorboard") or None).items() if v is not None})
-        res = train_kalman(model, tok, tr, va, prompts, cfg, out, device=device, resume=o.get("resume", False))
-        print(json.dumps({"run": out, "optimizer": res["optimizer"], "curve": res["curve"]}, indent=1))
-        return 0
-    from .apft import APFTTrainConfig, train_apft
-    from .apft_schedule import APFTConfig
-
-    tr, va, prompts = _labelled_data(o, size)
-    sched = APFTConfig(**{k: v for k, v in dict(window=o.get("window"), patience=o.get("patience")).items()
-                          if v is not None})
-    cfg = APFTTrainConfig(**{k: v for k, v in dict(
-        strategy=o.get("strategy"), max_epochs=o.get("epochs"), batch_size=o.get("batch_size"), lr=o.get("lr"),
-        wd=o.get("wd"), amp=o.get("amp"), seed=o["seed"], schedule=sched, grad_accum=o.get("grad_accum"),
-        tensorboard=o.get("tensorboard") or None).items() if v is not None})
-    res = train_apft(model, tok, tr, va, prompts, cfg, out, device=device, resume=o.get("resume", False))
-    summary = {"run": out, "strategy": res["strategy"], "best_epoch": res["best_epoch"],
-               "phases_used": res["phases_used"], "val_loss": res["final"]["val_loss"],
-               "t2i_mAP10": {g: m["mAP"].get(10) for g, m in res["final"]["retrieval"]["t2i"].items()}}
-    print(json.dumps(summary, indent=1))
+    size = o["image_size"] or (vis[0] if isinstance(vis, (tuple, list)) else vis)
+    out = o["out"] or os.path.join("runs", method)
+    data = {"pairs": _pairs_data, "labels": _labelled_data, "cir": _cir_data}[METHODS[method][1]](o, size)
+    train = getattr(importlib.import_module(f".{method}", __package__), f"train_{method}")
+    res = train(model, tok, *data, cfg, out, device=device, resume=o["resume"])
+    print(json.dumps({"run": out, **_SUMMARY[method](res)}, indent=1))
     return 0
+
+
+def _reported(tr, va):
+    for name, d in (("train", tr), ("val", va)):
+        if d.bad:
+            print(f"{name}: {d.report()}")
+    return tr, va
 
 
 def _pairs_data(o, size):
@@ -166,10 +179,7 @@ def _pairs_data(o, size):
             raise SystemExit("vlmkern train tuneclip: --data files needs --train-csv/--val-csv or --train-shards/--val-shards")
         kw = dict(img_key=o["img_key"], caption_key=o["caption_key"], transform=tf, on_error=o["on_error"])
         tr, va = ImageTextCSV(o["train_csv"], **kw), ImageTextCSV(o["val_csv"], **kw)
-    for name, d in (("train", tr), ("val", va)):
-        if d.bad:
-            print(f"{name}: {d.report()}")
-    return tr, va
+    return _reported(tr, va)
 
 
 def _labelled_data(o, size):
@@ -187,10 +197,7 @@ def _labelled_data(o, size):
         kw = dict(img_key=o["img_key"], label_key=o["label_key"], transform=tf, on_error=o["on_error"])
         tr = LabelledImages(csv_path=o["train_csv"], **kw)
         va = LabelledImages(csv_path=o["val_csv"], classes=tr.classes, **kw)
-    for name, d in (("train", tr), ("val", va)):
-        if d.bad:
-            print(f"{name}: {d.report()}")
-    return tr, va, tr.prompts()
+    return (*_reported(tr, va), tr.prompts())
 
 
 def _cir_data(o, size):
@@ -205,7 +212,4 @@ def _cir_data(o, size):
     tf = default_transform(size)
     tr = CIRTriplets(o["cir_root"], split="train", layout=o["cir_layout"], transform=tf, on_error=o["on_error"])
     va = CIRTriplets(o["cir_root"], split="val", layout=o["cir_layout"], transform=tf, on_error=o["on_error"])
-    for name, d in (("train", tr), ("val", va)):
-        if d.bad:
-            print(f"{name}: {d.report()}")
-    return tr, va
+    return _reported(tr, va)

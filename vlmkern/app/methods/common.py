@@ -16,10 +16,12 @@ import json
 import os
 import random
 import time
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, Literal, Optional
 
 import torch
 import torch.distributed as dist
+
+Amp = Optional[Literal["bf16", "fp16"]]  # mixed precision of the forward pass (None: fp32)
 
 
 def seed_everything(seed: int) -> None:
@@ -127,7 +129,7 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def autocast(device: torch.device | str, amp: Optional[str]):
+def autocast(device: torch.device | str, amp: Amp):
     """``amp`` in (None, "bf16", "fp16"): an autocast context for the forward pass."""
     if amp in (None, "", "none", "fp32"):
         return contextlib.nullcontext()

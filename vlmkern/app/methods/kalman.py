@@ -13,26 +13,26 @@ accuracy" can be read off the metrics log.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Literal, Optional
 
 import torch
 from torch.utils.data import DataLoader
 
 from ..eval.metrics import zero_shot_accuracy
-from .common import (RunLogger, allreduce_gradients, autocast, encode_labelled, is_distributed, load_checkpoint,
+from .common import (Amp, RunLogger, allreduce_gradients, autocast, encode_labelled, is_distributed, load_checkpoint,
                      make_sampler, progress, prompt_classification_loss, save_checkpoint, seed_everything)
 
 
 @dataclass
 class KalmanTrainConfig:
-    optimizer: str = "kalman"
+    optimizer: Literal["kalman", "adamw"] = "kalman"
     steps: int = 200
     batch_size: int = 16
     lora_rank: int = 4
     lora_alpha: float = 8.0
-    # KalmanOptimizer (see its docstring: p0 is the learning-rate knob)
-    p0: float = 1e-2
+    # KalmanOptimizer (see its docstring)
+    p0: float = field(default=1e-2, metadata={"help": "initial covariance: the learning-rate knob"})
     process_noise: float = 0.0
     obs_noise0: float = 1.0
     obs_noise_beta: float = 0.9
@@ -43,7 +43,7 @@ class KalmanTrainConfig:
     wd: float = 0.0
     eval_every: int = 20
     tensorboard: bool = False
-    amp: Optional[str] = None
+    amp: Amp = None
     seed: int = 0
 
     def __post_init__(self):

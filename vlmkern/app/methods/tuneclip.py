@@ -24,22 +24,22 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
-from typing import Any, Dict, Optional, Tuple
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..eval.metrics import caption_retrieval
-from .common import (RunLogger, allreduce_gradients, autocast, is_distributed, load_checkpoint, progress, rank, save_checkpoint,
+from .common import (Amp, RunLogger, allreduce_gradients, autocast, is_distributed, load_checkpoint, progress, rank, save_checkpoint,
                      seed_everything, world_size)
 
 
 @dataclass
 class TuneCLIPConfig:
-    loss: str = "hgcl"
-    osr_epochs: int = 1
+    loss: Literal["hgcl", "gcl", "clip"] = "hgcl"
+    osr_epochs: int = field(default=1, metadata={"help": "optimizer statistics recovery epochs (0: off)"})
     epochs: int = 5
     batch_size: int = 64
     lr: float = 1e-5
@@ -48,10 +48,10 @@ class TuneCLIPConfig:
     margin: float = 0.1
     gamma: float = 0.9
     gamma_decay_epochs: int = 2
-    tau: Optional[float] = None
+    tau: Optional[float] = field(default=None, metadata={"help": "temperature (default: the checkpoint's)"})
     eps: float = 1e-14
     warmup_steps: int = 0
-    amp: Optional[str] = None
+    amp: Amp = None
     seed: int = 0
     num_workers: int = 0
     tensorboard: bool = False

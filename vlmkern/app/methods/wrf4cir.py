@@ -17,8 +17,8 @@ weight perturbation narrows).
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
-from typing import Any, Dict, Optional, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from ..eval.metrics import cir_recall
 from ..models.cir import LearnedCombiner, SumCombiner, cir_loss
-from .common import (GradSync, RunLogger, autocast, load_checkpoint, make_sampler, progress, save_checkpoint,
+from .common import (Amp, GradSync, RunLogger, autocast, load_checkpoint, make_sampler, progress, save_checkpoint,
                      seed_everything)
 
 
@@ -36,12 +36,13 @@ class WRF4CIRConfig:
     batch_size: int = 32
     lr: float = 2e-5
     wd: float = 0.05
-    gamma: float = 1e-3
+    gamma: float = field(default=1e-3, metadata={"flag": "awp-gamma",
+                                                 "help": "perturbation size (0: plain fine-tuning)"})
     random_ratio: float = 0.0
     warmup_epochs: int = 1
-    combiner: str = "sum"
+    combiner: Literal["sum", "learned"] = "sum"
     train_image_tower: bool = True
-    amp: Optional[str] = None
+    amp: Amp = None
     seed: int = 0
     ks: Sequence[int] = (1, 5, 10, 50)
     tensorboard: bool = False
