@@ -90,7 +90,7 @@ def _sources_hash() -> str:
 def _define_schemas():
     """The vlmkern_emu ops take the real ops' schemas."""
     global _lib
-    import vlmkern  # noqa: F401  (loads vlmkern._C, which defines torch.ops.vlmkern)
+    import vlmkern  # noqa: F401  (vlmkern.ops defines the torch.ops.vlmkern schemas)
 
     _lib = torch.library.Library("vlmkern_emu", "FRAGMENT")
     for op in OPS:
