@@ -35,10 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 EMU = ROOT / "tools" / "cuda_emu"
 
-# (source, rewritten name) of the translation units built on the emulator.
-KERNEL_SOURCES = ["kalman/kalman_cuda.cu", "awp/awp_cuda.cu"]  # relative to csrc/
-HOST_SOURCES = ["kalman/kalman_cuda.cpp", "awp/awp_cuda.cpp"]
-OPS = ["kalman_step_", "awp_perturb_", "awp_restore_"]
+# Every op's CUDA translation units (relative to csrc/), and the ops their host
+# code registers: a new op's csrc/<op>/<op>_cuda.{cu,cpp} is picked up as is.
+KERNEL_SOURCES = sorted(str(p.relative_to(CSRC)) for p in CSRC.glob("*/*_cuda.cu"))
+HOST_SOURCES = sorted(str(p.relative_to(CSRC)) for p in CSRC.glob("*/*_cuda.cpp"))
+OPS = [name for rel in HOST_SOURCES for name in re.findall(r'm\.impl\("(\w+)"', (CSRC / rel).read_text())]
 
 _LAUNCH = re.compile(r"(\b[A-Za-z_]\w*(?:<[^<>;(){}]*>)?)\s*<<<(.*?)>>>\s*\((\s*\))?", re.S)
 
