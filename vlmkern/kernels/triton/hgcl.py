@@ -69,7 +69,7 @@ Launch configuration: :func:`_default_config`, overridden by the table
 applied only on the architecture it was tuned on) and by
 ``VLMKERN_HGCL_TRITON_CONFIG`` (JSON, e.g. ``{"grad": {"BLOCK_L": 64, "num_stages": 2}}``).
 ``tools/triton_sm90_check.py`` compiles every launch variant for sm_90 on a CPU.
-The ops ``vlmkern::hgcl_stats_triton`` / ``hgcl_grad_triton`` are ``triton_op``\ s
+The ops ``vlmkern::hgcl_stats_triton`` / ``hgcl_grad_triton`` are ``triton_op`` ops
 (they trace into ``torch.compile`` graphs); on CPU tensors they run only under
 ``TRITON_INTERPRET=1``.
 """
