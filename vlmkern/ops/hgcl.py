@@ -248,7 +248,8 @@ def _core_setup(ctx, inputs, output):
 def _core_backward(ctx, grad):
     img, txt, all_img, all_txt, ld1, ld2 = ctx.saved_tensors
     offset, tau, margin, hinge, backend = ctx.args
-    gF, gG, gFg, gGg = _grad(backend, img, txt, all_img, all_txt, ld1, ld2, grad, offset, tau, margin, hinge)
+    with torch.autocast(img.device.type, enabled=False):
+        gF, gG, gFg, gGg = _grad(backend, img, txt, all_img, all_txt, ld1, ld2, grad, offset, tau, margin, hinge)
     # Bad input (NaN logden, see _guarded_state_update): every entry of every
     # gradient is NaN, whatever the kernel's arithmetic does with it, so that any
     # inf/NaN check (GradScaler's included) sees it.
@@ -436,7 +437,9 @@ def hgcl_loss(
     hinge = margin is not None
     m = float(margin) if hinge else 0.0
     b = img.shape[0]
-    with torch.no_grad():
+    # fp32 accumulation is the op's own business: an enclosing autocast region must not
+    # re-type the matmuls inside the kernels (the CPU kernel's BLAS tiles)
+    with torch.no_grad(), torch.autocast(img.device.type, enabled=False):
         lphi1, lphi2 = _stats(name, img.detach(), txt.detach(),
                               None if all_img is None else all_img.detach(),
                               None if all_txt is None else all_txt.detach(),
