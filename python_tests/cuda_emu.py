@@ -39,6 +39,9 @@ EMU = ROOT / "tools" / "cuda_emu"
 # code registers: a new op's csrc/<op>/<op>_cuda.{cu,cpp} is picked up as is.
 KERNEL_SOURCES = sorted(str(p.relative_to(CSRC)) for p in CSRC.glob("*/*_cuda.cu"))
 HOST_SOURCES = sorted(str(p.relative_to(CSRC)) for p in CSRC.glob("*/*_cuda.cpp"))
+# Shared headers that launch kernels: rewritten like the kernel sources into
+# build/.../src/<same path>, which the rewritten sources include first.
+KERNEL_HEADERS = ["common/multi_tensor_apply.cuh"]
 OPS = [name for rel in HOST_SOURCES for name in re.findall(r'm\.impl\("(\w+)"', (CSRC / rel).read_text())]
 
 _LAUNCH = re.compile(r"(\b[A-Za-z_]\w*(?:<[^<>;(){}]*>)?)\s*<<<(.*?)>>>\s*\((\s*\))?", re.S)
@@ -116,6 +119,10 @@ def load(verbose: bool = False):
         path = gen / (src.stem + "_kernels_emu.cpp")
         path.write_text(rewrite_kernels(src.read_text(), src.name))
         sources.append(path)
+    for rel in KERNEL_HEADERS:
+        path = gen / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(rewrite_kernels((CSRC / rel).read_text(), rel))
     for rel in HOST_SOURCES:
         path = gen / (Path(rel).stem + "_host_emu.cpp")
         path.write_text(rewrite_host((CSRC / rel).read_text(), rel))
@@ -124,7 +131,7 @@ def load(verbose: bool = False):
     cpp_extension.load(
         name=f"vlmkern_cuda_emu_{key}",
         sources=[str(s) for s in sources],
-        extra_include_paths=[str(EMU / "include"), str(CSRC)],
+        extra_include_paths=[str(EMU / "include"), str(gen), str(CSRC)],
         extra_cflags=_cflags(),
         build_directory=str(build),
         is_python_module=False,
