@@ -1,7 +1,7 @@
 // vlmkern._C is a Python extension module only so that `import vlmkern._C`
-// loads the shared library; the ops themselves are registered by the static
-// TORCH_LIBRARY initialisers (registration.cpp and the *_cpu.cpp / *_cuda.cpp
-// files) and reached through torch.ops.vlmkern.
+// loads the shared library; the kernels are registered by the static
+// TORCH_LIBRARY_IMPL initialisers of the *_cpu.cpp / *_cuda.cpp files for the
+// schemas that vlmkern/ops/<op>.py defines, and reached through torch.ops.vlmkern.
 #include <Python.h>
 
 #include "common/outputs.h"

@@ -35,10 +35,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 EMU = ROOT / "tools" / "cuda_emu"
 
-# (source, rewritten name) of the translation units built on the emulator.
-KERNEL_SOURCES = ["kalman/kalman_cuda.cu", "awp/awp_cuda.cu"]  # relative to csrc/
-HOST_SOURCES = ["kalman/kalman_cuda.cpp", "awp/awp_cuda.cpp"]
-OPS = ["kalman_step_", "awp_perturb_", "awp_restore_"]
+# Every op's CUDA translation units (relative to csrc/), and the ops their host
+# code registers: a new op's csrc/<op>/<op>_cuda.{cu,cpp} is picked up as is.
+KERNEL_SOURCES = sorted(str(p.relative_to(CSRC)) for p in CSRC.glob("*/*_cuda.cu"))
+HOST_SOURCES = sorted(str(p.relative_to(CSRC)) for p in CSRC.glob("*/*_cuda.cpp"))
+# Shared headers that launch kernels: rewritten like the kernel sources into
+# build/.../src/<same path>, which the rewritten sources include first.
+KERNEL_HEADERS = ["common/multi_tensor_apply.cuh"]
+OPS = [name for rel in HOST_SOURCES for name in re.findall(r'm\.impl\("(\w+)"', (CSRC / rel).read_text())]
 
 _LAUNCH = re.compile(r"(\b[A-Za-z_]\w*(?:<[^<>;(){}]*>)?)\s*<<<(.*?)>>>\s*\((\s*\))?", re.S)
 
@@ -90,7 +94,7 @@ def _sources_hash() -> str:
 def _define_schemas():
     """The vlmkern_emu ops take the real ops' schemas."""
     global _lib
-    import vlmkern  # noqa: F401  (loads vlmkern._C, which defines torch.ops.vlmkern)
+    import vlmkern  # noqa: F401  (vlmkern.ops defines the torch.ops.vlmkern schemas)
 
     _lib = torch.library.Library("vlmkern_emu", "FRAGMENT")
     for op in OPS:
@@ -115,6 +119,10 @@ def load(verbose: bool = False):
         path = gen / (src.stem + "_kernels_emu.cpp")
         path.write_text(rewrite_kernels(src.read_text(), src.name))
         sources.append(path)
+    for rel in KERNEL_HEADERS:
+        path = gen / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(rewrite_kernels((CSRC / rel).read_text(), rel))
     for rel in HOST_SOURCES:
         path = gen / (Path(rel).stem + "_host_emu.cpp")
         path.write_text(rewrite_host((CSRC / rel).read_text(), rel))
@@ -123,7 +131,7 @@ def load(verbose: bool = False):
     cpp_extension.load(
         name=f"vlmkern_cuda_emu_{key}",
         sources=[str(s) for s in sources],
-        extra_include_paths=[str(EMU / "include"), str(CSRC)],
+        extra_include_paths=[str(EMU / "include"), str(gen), str(CSRC)],
         extra_cflags=_cflags(),
         build_directory=str(build),
         is_python_module=False,

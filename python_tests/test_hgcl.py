@@ -731,3 +731,24 @@ def test_triton_cuda_plain_clip_matches_infcl(dtype):
     assert abs(loss.item() - 2 * tau * (cl.item() - math.log(b - 1))) < tol * 2 * tau * max(1.0, abs(cl.item()))
     assert rel_err(a.grad.float(), 2 * tau * ai.grad.float()) < tol
     assert rel_err(t.grad.float(), 2 * tau * at.grad.float()) < tol
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autocast_region_gives_the_same_loss_state_and_gradients(backend, dtype):
+    """Inside an autocast region (open_clip calls the loss inside --precision amp)
+    the op keeps its own fp32 accumulation: same bits as outside it."""
+    require_backend("hgcl", backend, "cpu")
+    g = torch.Generator().manual_seed(11)
+    img0 = torch.nn.functional.normalize(torch.randn(9, 6, generator=g), dim=1).to(dtype)
+    txt0 = torch.nn.functional.normalize(torch.randn(9, 6, generator=g), dim=1).to(dtype)
+    out = []
+    for amp in (True, False):
+        loss_fn = GlobalContrastiveLoss(20, tau=0.05, gamma=0.8, backend=backend)
+        img, txt = img0.clone().requires_grad_(), txt0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.float16, enabled=amp):
+            loss = loss_fn(img, txt, torch.arange(9) * 2)
+        loss.backward()
+        out.append((loss.detach(), img.grad, txt.grad, loss_fn.log_u_img.clone(), loss_fn.log_u_txt.clone()))
+    for a, b in zip(*out):
+        assert torch.equal(a, b)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -40,27 +40,52 @@ class BackendUnavailableError(RuntimeError):
 
 @dataclass
 class OpInfo:
-    """What implementations an op has.
+    """An op's implementations, by step and backend.
 
-    ``compiled``: qualified names of the ``torch.ops.vlmkern`` ops the compiled
-    backends call (all must have a kernel for the device's dispatch key).
-    ``triton``: whether a Triton implementation exists.
-    ``cuda``: whether the compiled ops have CUDA kernels (False: CUDA tensors
-    use ``triton``, and ``availability`` says so).
+    ``steps[step][backend]`` is either a callable or the name of a compiled
+    ``torch.ops.vlmkern`` op (looked up at every call, so a test can route
+    ``torch.ops.vlmkern`` elsewhere).  A backend missing from a step runs the
+    step's ``torch`` implementation.  ``triton``: whether the op has Triton
+    kernels; ``cuda``: whether its compiled ops have CUDA kernels (False: CUDA
+    tensors use ``triton``, and ``availability`` says so).
     """
 
     name: str
-    compiled: Tuple[str, ...] = ()
     triton: bool = False
     cuda: bool = True
+    steps: Dict[str, Dict[str, Union[str, Callable]]] = field(default_factory=dict)
     triton_import_error: Optional[str] = field(default=None, repr=False)
+
+    @property
+    def compiled(self) -> Tuple[str, ...]:
+        """Qualified names of the compiled ops the ``cpu``/``cuda`` backends call."""
+        names = {f"vlmkern::{impl}" for step in self.steps.values() for b, impl in step.items()
+                 if b in ("cpu", "cuda") and isinstance(impl, str)}
+        return tuple(sorted(names))
+
+    def step(self, step: str, **impls: Union[str, Callable]) -> Callable:
+        """Register one step's implementations (``cpu=``, ``cuda=``, ``triton=``,
+        ``torch=``); returns ``run(backend, *args, **kwargs)``, the one dispatch
+        every op uses."""
+        if "torch" not in impls:
+            raise ValueError(f"vlmkern: step {self.name}.{step} needs a torch implementation")
+        self.steps[step] = dict(impls)
+
+        def run(backend: str, *args, **kwargs):
+            impl = impls.get(backend, impls["torch"])
+            if isinstance(impl, str):
+                impl = getattr(torch.ops.vlmkern, impl)
+            return impl(*args, **kwargs)
+
+        run.__name__ = f"{self.name}_{step}"
+        return run
 
 
 _OPS: Dict[str, OpInfo] = {}
 
 
-def register_op(name: str, compiled: Tuple[str, ...] = (), triton: bool = False, cuda: bool = True) -> OpInfo:
-    info = OpInfo(name=name, compiled=tuple(compiled), triton=triton, cuda=cuda)
+def register_op(name: str, triton: bool = False, cuda: bool = True) -> OpInfo:
+    info = OpInfo(name=name, triton=triton, cuda=cuda)
     _OPS[name] = info
     return info
 

@@ -13,7 +13,7 @@
 //   restore pass : w <- backup (bit copy, memcpy).
 // Random mode regenerates the Gaussian direction (awp_math.h) in both passes,
 // kFlush elements at a time into a stack buffer; nothing is stored.
-// Non-contiguous tensors go through contiguous copies written back.
+// Non-contiguous tensors go through contiguous working copies (common/host.h).
 //
 // Instruction sets: the kernels are plain element loops (no intrinsics) that
 // the compiler vectorizes for baseline x86-64 (SSE2), like the rest of the
@@ -37,8 +37,9 @@
 #include <optional>
 #include <vector>
 
-#include "awp/awp_host.h"
 #include "awp/awp_math.h"
+#include "common/checks.h"
+#include "common/host.h"
 
 // flatten inlines every helper (conversions, the Gaussian) into the kernel, so
 // the whole loop body is visible to the vectorizer.
@@ -177,27 +178,6 @@ VLMKERN_AWP_KERNEL void perturb_random(void* wv, void* bkv, int64_t begin, int64
   }
 }
 
-// One dtype's kernels; index 0 = float32, 1 = bfloat16, 2 = float16.
-struct Kernels {
-  double (*sumsq)(const void* x, int64_t n);
-  void (*perturb)(void* w, const void* g, void* bk, int64_t n, float s);
-  void (*perturb_random)(void* w, void* bk, int64_t begin, int64_t end, float s, uint32_t key);
-};
-template <typename E>
-constexpr Kernels kernels_of() {
-  return {&sumsq<E>, &perturb<E>, &perturb_random<E>};
-}
-const Kernels kKernels[3] = {kernels_of<F32>(), kernels_of<BF16>(), kernels_of<FP16>()};
-
-int dtype_index(c10::ScalarType t) {
-  switch (t) {
-    case c10::kFloat: return 0;
-    case c10::kBFloat16: return 1;
-    case c10::kHalf: return 2;
-    default: TORCH_CHECK(false, "vlmkern.awp: unsupported dtype ", t);
-  }
-}
-
 struct Item {
   int32_t tensor;
   int64_t begin, end;
@@ -243,17 +223,21 @@ int64_t total_elems(const std::vector<at::Tensor>& w) {
 at::Tensor awp_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList backup,
                            double gamma, double eps, double sign, int64_t mode, int64_t seed,
                            const std::optional<at::Tensor>& found_inf) {
-  check_perturb_args(params, grads, backup, gamma, eps, sign, mode, found_inf);
+  constexpr const char* op = "vlmkern.awp_perturb_";
+  TORCH_CHECK(mode == kModeAdversarial || mode == kModeRandom, op,
+              ": direction must be 0 (adversarial) or 1 (random), got ", mode);
   const bool random = mode == kModeRandom;
+  check_float_list(op, params, "params");
+  if (!random) check_list_like(op, params, "params", grads, "grads");
+  check_list_like(op, params, "params", backup, "backup");
+  check_not_aliased(op, params, "params", backup, "backup");
+  if (!params.empty()) check_scalar_tensor(op, found_inf, "found_inf", params[0].device());
   const size_t n = params.size();
-  std::vector<at::Tensor> w(n), g(random ? 0 : n), bk(n);
-  std::vector<int> dt(n);
-  for (size_t i = 0; i < n; ++i) {
-    w[i] = params[i].contiguous();
-    if (!random) g[i] = grads[i].contiguous();
-    bk[i] = backup[i].is_contiguous() ? backup[i] : at::empty(w[i].sizes(), w[i].options());
-    dt[i] = dtype_index(w[i].scalar_type());
-  }
+  WorkingCopies wc;
+  const std::vector<at::Tensor> w = wc.inout(params), bk = wc.out(backup);
+  const std::vector<at::Tensor> g = random ? std::vector<at::Tensor>{} : WorkingCopies::in(grads);
+  std::vector<DType> dt;
+  for (const at::Tensor& t : w) dt.push_back(dtype_of(t.scalar_type()));
   const uint64_t useed = static_cast<uint64_t>(seed);
   std::vector<uint32_t> keys(n, 0u);
   if (random) {
@@ -270,11 +254,12 @@ at::Tensor awp_perturb_cpu(at::TensorList params, at::TensorList grads, at::Tens
     const int t = it.tensor;
     const int64_t es = w[t].element_size();
     const int64_t len = it.end - it.begin;
-    const Kernels& K = kKernels[dt[t]];
-    part[2 * j] = K.sumsq(static_cast<const char*>(w[t].const_data_ptr()) + it.begin * es, len);
-    part[2 * j + 1] =
-        random ? sumsq_random(keys[t], it.begin, it.end)
-               : K.sumsq(static_cast<const char*>(g[t].const_data_ptr()) + it.begin * es, len);
+    VLMKERN_DISPATCH_DTYPE(dt[t], F32, BF16, FP16, E, {
+      part[2 * j] = sumsq<E>(static_cast<const char*>(w[t].const_data_ptr()) + it.begin * es, len);
+      part[2 * j + 1] =
+          random ? sumsq_random(keys[t], it.begin, it.end)
+                 : sumsq<E>(static_cast<const char*>(g[t].const_data_ptr()) + it.begin * es, len);
+    });
   });
   at::Tensor norms = at::zeros({static_cast<int64_t>(n), 2}, params.empty()
                                                               ? at::TensorOptions().dtype(c10::kFloat)
@@ -307,31 +292,28 @@ at::Tensor awp_perturb_cpu(at::TensorList params, at::TensorList grads, at::Tens
                   static_cast<const char*>(w[t].const_data_ptr()) + it.begin * es,
                   (it.end - it.begin) * es);
     } else if (random) {
-      kKernels[dt[t]].perturb_random(w[t].mutable_data_ptr(), bk[t].mutable_data_ptr(), it.begin,
-                                     it.end, scales[t], keys[t]);
+      VLMKERN_DISPATCH_DTYPE(dt[t], F32, BF16, FP16, E,
+                             perturb_random<E>(w[t].mutable_data_ptr(), bk[t].mutable_data_ptr(),
+                                               it.begin, it.end, scales[t], keys[t]));
     } else {
       const int64_t es = w[t].element_size();
-      kKernels[dt[t]].perturb(static_cast<char*>(w[t].mutable_data_ptr()) + it.begin * es,
-                              static_cast<const char*>(g[t].const_data_ptr()) + it.begin * es,
-                              static_cast<char*>(bk[t].mutable_data_ptr()) + it.begin * es,
-                              it.end - it.begin, scales[t]);
+      VLMKERN_DISPATCH_DTYPE(dt[t], F32, BF16, FP16, E,
+                             perturb<E>(static_cast<char*>(w[t].mutable_data_ptr()) + it.begin * es,
+                                        static_cast<const char*>(g[t].const_data_ptr()) + it.begin * es,
+                                        static_cast<char*>(bk[t].mutable_data_ptr()) + it.begin * es,
+                                        it.end - it.begin, scales[t]));
     }
   });
-  for (size_t i = 0; i < n; ++i) {
-    if (!w[i].is_same(params[i])) params[i].copy_(w[i]);
-    if (!bk[i].is_same(backup[i])) backup[i].copy_(bk[i]);
-  }
+  wc.copy_back();
   return norms;
 }
 
 void awp_restore_cpu(at::TensorList params, at::TensorList backup) {
-  check_restore_args(params, backup);
-  const size_t n = params.size();
-  std::vector<at::Tensor> w(n), bk(n);
-  for (size_t i = 0; i < n; ++i) {
-    w[i] = params[i].is_contiguous() ? params[i] : at::empty(params[i].sizes(), params[i].options());
-    bk[i] = backup[i].contiguous();
-  }
+  constexpr const char* op = "vlmkern.awp_restore_";
+  check_list_like(op, params, "params", backup, "backup");
+  check_same_device(op, params, "params");
+  WorkingCopies wc;
+  const std::vector<at::Tensor> w = wc.out(params), bk = WorkingCopies::in(backup);
   const std::vector<Item> items = make_items(w);
   for_each_item(static_cast<int64_t>(items.size()), total_elems(w), [&](int64_t j) {
     const Item& it = items[j];
@@ -340,9 +322,7 @@ void awp_restore_cpu(at::TensorList params, at::TensorList backup) {
                 static_cast<const char*>(bk[it.tensor].const_data_ptr()) + it.begin * es,
                 static_cast<size_t>((it.end - it.begin) * es));
   });
-  for (size_t i = 0; i < n; ++i) {
-    if (!w[i].is_same(params[i])) params[i].copy_(w[i]);
-  }
+  wc.copy_back();
 }
 
 }  // namespace

@@ -40,12 +40,13 @@ struct Cfg {
   float inv_tau;
 };
 
-// Validates the features and returns (b, B, d).
+// Checks shapes, dtypes and devices of the features (value ranges: the Python
+// wrapper) and returns (b, B, d).
 std::tuple<int64_t, int64_t, int64_t> check_features(const char* op, const at::Tensor& img,
                                                      const at::Tensor& txt,
                                                      const std::optional<at::Tensor>& all_img,
                                                      const std::optional<at::Tensor>& all_txt,
-                                                     int64_t offset, double tau, double margin) {
+                                                     int64_t offset) {
   TORCH_CHECK(img.dim() == 2, op, ": img must be 2-D [b, d], got shape ", img.sizes());
   TORCH_CHECK(txt.sizes() == img.sizes(), op, ": txt has shape ", txt.sizes(),
               " but img has shape ", img.sizes());
@@ -57,8 +58,6 @@ std::tuple<int64_t, int64_t, int64_t> check_features(const char* op, const at::T
               ": img and txt must be CPU tensors");
   TORCH_CHECK(all_img.has_value() == all_txt.has_value(), op,
               ": give both all_img and all_txt or neither");
-  TORCH_CHECK(tau > 0.0, op, ": tau must be > 0, got ", tau);
-  TORCH_CHECK(margin >= 0.0, op, ": margin must be >= 0, got ", margin);
   const int64_t b = img.size(0), d = img.size(1);
   int64_t B = b;
   if (all_img.has_value()) {
@@ -143,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor> hgcl_stats_cpu(const at::Tensor& img, const a
                                                    int64_t offset, double tau, double margin,
                                                    bool hinge) {
   constexpr const char* op = "vlmkern.hgcl_stats";
-  auto [b, B, d] = check_features(op, img, txt, all_img, all_txt, offset, tau, margin);
+  auto [b, B, d] = check_features(op, img, txt, all_img, all_txt, offset);
   const Cfg c{hinge, static_cast<float>(margin), static_cast<float>(1.0 / tau)};
   auto opts = img.options().dtype(at::kFloat);
   at::Tensor lphi1 = empty_output({b}, opts), lphi2 = empty_output({b}, opts);
@@ -194,8 +193,6 @@ at::Tensor hgcl_state_update_cpu(at::Tensor& log_u, const at::Tensor& index,
                   log_phi.scalar_type() == at::kFloat,
               op, ": log_phi must be float32 [", index.size(0), "], got ", log_phi.scalar_type(),
               " of shape ", log_phi.sizes());
-  TORCH_CHECK(gamma > 0.0 && gamma <= 1.0, op, ": gamma must be in (0, 1], got ", gamma);
-  TORCH_CHECK(eps > 0.0, op, ": eps must be > 0, got ", eps);
   const int64_t n = index.size(0), N = log_u.size(0);
   at::Tensor logden = empty_output({n}, log_phi.options());
   auto u = log_u.accessor<float, 1>();
@@ -223,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hgcl_grad_cpu(
     const at::Tensor& logden_txt, const at::Tensor& grad_out, int64_t offset, double tau,
     double margin, bool hinge) {
   constexpr const char* op = "vlmkern.hgcl_grad";
-  auto [b, B, d] = check_features(op, img, txt, all_img, all_txt, offset, tau, margin);
+  auto [b, B, d] = check_features(op, img, txt, all_img, all_txt, offset);
   TORCH_CHECK(logden_img.dim() == 1 && logden_img.size(0) == b &&
                   logden_img.scalar_type() == at::kFloat,
               op, ": logden_img must be float32 [", b, "]");

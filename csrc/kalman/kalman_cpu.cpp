@@ -9,15 +9,14 @@
 // parameters and variances in place.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <limits>
 #include <optional>
 #include <vector>
 
-#include "kalman/kalman_host.h"
+#include "common/checks.h"
+#include "common/host.h"
 #include "kalman/kalman_math.h"
 
 namespace vlmkern::kalman {
@@ -56,33 +55,30 @@ void pass2_chunk(T* theta, const T* h, float* p, int64_t n, const Pass2Scalars& 
   }
 }
 
-#define VLMKERN_FLOAT_SWITCH(dtype, T, ...)                                       \
-  switch (dtype) {                                                                \
-    case c10::kFloat: { using T = float; __VA_ARGS__; break; }                   \
-    case c10::kBFloat16: { using T = c10::BFloat16; __VA_ARGS__; break; }        \
-    case c10::kHalf: { using T = c10::Half; __VA_ARGS__; break; }                \
-    default: TORCH_CHECK(false, "vlmkern: unsupported dtype ", dtype);           \
-  }
-
 at::Tensor kalman_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList variances,
                            const at::Tensor& innovation, const at::Tensor& obs_noise,
                            double process_noise, double forgetting, double var_floor,
                            std::optional<double> gate_chi2,
                            const std::optional<at::Tensor>& grad_scale,
                            const std::optional<at::Tensor>& found_inf) {
-  check_args(params, grads, variances, innovation, obs_noise, process_noise, forgetting, var_floor,
-             gate_chi2, grad_scale, found_inf);
+  constexpr const char* op = "vlmkern.kalman_step_";
+  check_float_list(op, params, "params");
+  check_list_like(op, params, "params", grads, "grads");
+  check_list_like(op, params, "params", variances, "variances", /*f32=*/true);
+  const at::Device dev = params.empty() ? innovation.device() : params[0].device();
+  check_scalar_tensor(op, innovation, "innovation", dev);
+  check_scalar_tensor(op, obs_noise, "obs_noise", dev);
+  check_scalar_tensor(op, grad_scale, "grad_scale", dev);
+  check_scalar_tensor(op, found_inf, "found_inf", dev);
   const float q = static_cast<float>(process_noise);
-  const size_t n = params.size();
 
-  // Non-contiguous tensors are worked on through contiguous copies that are
-  // written back at the end (params and variances are updated in place).
-  std::vector<at::Tensor> w(n), g(n), v(n);
+  WorkingCopies wc;
+  const std::vector<at::Tensor> w = wc.inout(params), g = WorkingCopies::in(grads),
+                                v = wc.inout(variances);
+  std::vector<DType> dt;
   std::vector<Chunk> chunks;
-  for (size_t i = 0; i < n; ++i) {
-    w[i] = params[i].contiguous();
-    g[i] = grads[i].contiguous();
-    v[i] = variances[i].contiguous();
+  for (size_t i = 0; i < w.size(); ++i) {
+    dt.push_back(dtype_of(w[i].scalar_type()));
     const int64_t numel = w[i].numel();
     for (int64_t s = 0; s < numel; s += kChunk) {
       chunks.push_back(Chunk{static_cast<int32_t>(i), s, std::min(kChunk, numel - s)});
@@ -95,7 +91,7 @@ at::Tensor kalman_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
     for (int64_t k = b; k < e; ++k) {
       const Chunk& ch = chunks[k];
       const float* p = v[ch.tensor].const_data_ptr<float>() + ch.start;
-      VLMKERN_FLOAT_SWITCH(g[ch.tensor].scalar_type(), T,
+      VLMKERN_DISPATCH_CPU(dt[ch.tensor], T,
                            partial[k] = pass1_chunk<T>(g[ch.tensor].const_data_ptr<T>() + ch.start, p,
                                                        ch.len, q));
     }
@@ -122,15 +118,12 @@ at::Tensor kalman_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
     for (int64_t k = b; k < e; ++k) {
       const Chunk& ch = chunks[k];
       float* p = v[ch.tensor].mutable_data_ptr<float>() + ch.start;
-      VLMKERN_FLOAT_SWITCH(w[ch.tensor].scalar_type(), T,
+      VLMKERN_DISPATCH_CPU(dt[ch.tensor], T,
                            pass2_chunk<T>(w[ch.tensor].mutable_data_ptr<T>() + ch.start,
                                           g[ch.tensor].const_data_ptr<T>() + ch.start, p, ch.len, c));
     }
   });
-  for (size_t i = 0; i < n; ++i) {
-    if (!w[i].is_same(params[i])) params[i].copy_(w[i]);
-    if (!v[i].is_same(variances[i])) variances[i].copy_(v[i]);
-  }
+  wc.copy_back();
   out.fill_(S);
   return out;
 }

@@ -1,41 +1,28 @@
 """Layerwise-normalised weight perturbation with an exact restore (SPEC §4).
 
-Schemas (csrc/registration.cpp)::
+The op's whole contract is in this file (schemas, fakes, argument checks,
+PyTorch implementation, backend table).  Kernels: ``csrc/awp/awp_cpu.cpp`` (plain
+loops for baseline x86-64: wider instruction sets measured to buy nothing,
+bench/RESULTS_awp.md) and ``csrc/awp/awp_cuda.cu`` (multi-tensor apply: 3
+launches per perturb and 1 per restore for up to 768 tensors of any dtype
+mix), the per-element math in ``csrc/awp/awp_math.h``; the oracle is
+:func:`vlmkern.reference.awp_perturb`.
 
-    vlmkern::awp_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backup,
-                          float gamma, float eps, float sign, int direction, int seed,
-                          Tensor? found_inf=None) -> Tensor
-    vlmkern::awp_restore_(Tensor(a!)[] params, Tensor[] backup) -> ()
+Every backend computes ``scale = sign * gamma * ||w|| / (||d|| + eps)`` in double
+from fp32 norms (accumulated in double, fixed order), rounded once to fp32,
+then ``w <- round_to_dtype(fp32(w) + scale * fp32(d))``.  ``backup`` receives the
+weights bit for bit and :func:`awp_restore_` copies them back bit for bit.
 
-Kernels: ``csrc/awp/awp_cpu.cpp`` (CPU), ``csrc/awp/awp_cuda.cu`` +
-``csrc/awp/awp_cuda.cpp`` (CUDA, multi-tensor apply: 3 launches for the perturb
-and 1 for the restore for up to 768 tensors of any mix of dtypes, as many again
-per further 768, no host synchronisation), the per-element math in
-``csrc/awp/awp_math.h``; the PyTorch fallback is :func:`_awp_perturb_torch`
-below; the oracle is :func:`vlmkern.reference.awp_perturb`.
+The random direction is one counter-based generator (``awp_math.h``: a hash of
+(seed, tensor, element) and a fixed sequence of fp32 operations for ``ln`` and
+``cos``), so every backend draws the same bits; the PyTorch port below
+(``_gaussian``) is also the bit-level check of the C++ on every CPU.
 
-All backends compute in fp32 from fp32 norms: ``scale = sign * gamma * ||w|| /
-(||d|| + eps)`` (computed in double, rounded once to fp32), then
-``w <- round_to_dtype(fp32(w) + scale * fp32(d))`` with one rounding for the
-product and one for the sum.  The norms are accumulated in double across
-blocks (fixed order: deterministic).  ``backup`` receives the weights bit for
-bit and :func:`awp_restore_` copies them back bit for bit.
-
-CPU kernels: plain loops the compiler vectorizes for baseline x86-64, so they
-run on any x86-64 CPU (wider instruction sets were measured to buy nothing on
-these memory-bound passes: bench/RESULTS_awp.md).
-
-Bad input (SPEC §4): shapes, dtypes, devices and the scalar arguments are
-checked on the host (errors name the argument).  Values are checked on the
-device, from the norms the op computes anyway, by one rule on every backend:
-if any returned norm (``||w_l||`` or ``||d_l||``, any ``l``) is not finite, or
-``found_inf`` is non-zero, the **whole perturbation is skipped**: ``backup``
-still receives the weights (so :func:`awp_restore_` stays exact) and the
-weights are left bit for bit as they were.  :func:`perturb_skipped` turns the
-returned norms (and ``found_inf``) into that decision as a device bool, with no
-host sync.  Squares are taken in fp32, so a tensor with elements above ~1.8e19
-has an infinite norm and counts as non-finite.  ``eps = 0`` with an all-zero
-direction gives NaN (0/0) weights as in the formula.
+Bad input (SPEC §4): arguments are checked here (errors name the argument).
+Values are checked on the device: if any returned norm is not finite, or
+``found_inf`` is non-zero, the whole perturbation is skipped (``backup`` still
+receives the weights, the weights stay as they were); :func:`perturb_skipped`
+gives that decision as a device bool, with no host sync.
 """
 
 from __future__ import annotations
@@ -49,28 +36,35 @@ from .. import backends
 from ._common import FLOAT_DTYPES, as_list, check_same_shapes, device_of
 
 OP = "awp"
-backends.register_op(
-    OP,
-    compiled=("vlmkern::awp_perturb_", "vlmkern::awp_restore_"),
-)
+_INFO = backends.register_op(OP)
 
 MODES = {"adversarial": 0, "random": 1}
 _M32 = 0xFFFFFFFF
 _M64 = 0xFFFFFFFFFFFFFFFF
 _GEN_CHUNK = 1 << 20  # elements of the random direction generated at once by the fallback
 
+# direction 0 = adversarial (d = grads), 1 = random (grads may be empty).
+# Returns the per-tensor norms [n, 2] float32: (||w||, ||d||).  (The argument
+# is not called `mode`: under torch.compile a mutable op's arguments travel as
+# keyword arguments of the auto_functionalized HOP, which takes `mode` itself.)
+torch.library.define(
+    "vlmkern::awp_perturb_",
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] backup, float gamma, float eps, float sign, "
+    "int direction, int seed, Tensor? found_inf=None) -> Tensor",
+)
+torch.library.define("vlmkern::awp_restore_", "(Tensor(a!)[] params, Tensor[] backup) -> ()")
 
-if hasattr(torch.ops, "vlmkern") and hasattr(torch.ops.vlmkern, "awp_perturb_"):
 
-    @torch.library.register_fake("vlmkern::awp_perturb_")
-    def _awp_perturb_fake(params, grads, backup, gamma, eps, sign, direction, seed, found_inf=None):
-        if len(params) == 0:
-            return torch.empty((0, 2), dtype=torch.float32)
-        return params[0].new_empty((len(params), 2), dtype=torch.float32)
+@torch.library.register_fake("vlmkern::awp_perturb_")
+def _awp_perturb_fake(params, grads, backup, gamma, eps, sign, direction, seed, found_inf=None):
+    if len(params) == 0:
+        return torch.empty((0, 2), dtype=torch.float32)
+    return params[0].new_empty((len(params), 2), dtype=torch.float32)
 
-    @torch.library.register_fake("vlmkern::awp_restore_")
-    def _awp_restore_fake(params, backup):
-        return None
+
+@torch.library.register_fake("vlmkern::awp_restore_")
+def _awp_restore_fake(params, backup):
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -285,6 +279,10 @@ def _awp_restore_torch(params, backup):
         torch._foreach_copy_([params[i] for i in live], [backup[i] for i in live])
 
 
+_perturb = _INFO.step("perturb", cpu="awp_perturb_", cuda="awp_perturb_", torch=_awp_perturb_torch)
+_restore = _INFO.step("restore", cpu="awp_restore_", cuda="awp_restore_", torch=_awp_restore_torch)
+
+
 # ---------------------------------------------------------------------------
 # Public functions
 # ---------------------------------------------------------------------------
@@ -404,11 +402,9 @@ def awp_perturb_(
     if len(params) == 0:
         return torch.empty((0, 2), dtype=torch.float32, device=dev)
     s64 = _signed64(seed) if m == 1 else 0
-    name = backends.choose(OP, dev, backend)
     with torch.no_grad():
-        if name == "torch":
-            return _awp_perturb_torch(params, grads, backup, gamma, eps, float(sign), m, s64, found_inf)
-        return torch.ops.vlmkern.awp_perturb_(params, grads, backup, gamma, eps, float(sign), m, s64, found_inf)
+        return _perturb(backends.choose(OP, dev, backend), params, grads, backup, gamma, eps, float(sign), m, s64,
+                        found_inf)
 
 
 def awp_restore_(
@@ -426,10 +422,6 @@ def awp_restore_(
     dev = _check_dtypes_devices(op, params, [("backup", backup)])
     if len(params) == 0:
         return None
-    name = backends.choose(OP, dev, backend)
     with torch.no_grad():
-        if name == "torch":
-            _awp_restore_torch(params, backup)
-        else:
-            torch.ops.vlmkern.awp_restore_(params, backup)
+        _restore(backends.choose(OP, dev, backend), params, backup)
     return None

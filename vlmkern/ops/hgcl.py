@@ -1,26 +1,22 @@
 """Hinged / plain global contrastive loss with per-sample ``log u`` state (SPEC §1).
 
-Public API: :func:`hgcl_loss` and :class:`GlobalContrastiveLoss`.
+Public API: :func:`hgcl_loss` and :class:`GlobalContrastiveLoss`.  The op's
+whole contract is in this file (schemas and fakes of the compiled ops, argument
+checks, autograd, PyTorch implementation, backend table).  Three steps per
+call, each an op with a fake kernel (so the loss works under ``torch.compile``):
 
-Three steps per call, each an op with a fake kernel (so the loss works under
-``torch.compile``):
-
-1. **stats** (no gradient): row sweep and column sweep giving ``log Phi1``
+1. **stats** (no gradient): row and column sweeps giving ``log Phi1``
    (image-anchored) and ``log Phi2`` (text-anchored) for the local anchors.
-   Schemas ``vlmkern::hgcl_stats`` (C++, ``csrc/hgcl/hgcl_cpu.cpp``) and
-   ``vlmkern::hgcl_stats_triton`` (``vlmkern/kernels/triton/hgcl.py``).
 2. **state update** (in place, no gradient): ``log u <- logaddexp(log(1-gamma) + log u,
-   log gamma + log Phi)`` (``log Phi`` on a first visit); returns
-   ``logden = log(eps + u_new)``.  ``vlmkern::hgcl_state_update_`` on the CPU; a
-   few PyTorch index ops elsewhere (it is ``O(b)``).
-3. **core** ``vlmkern::hgcl_loss_core`` (differentiable custom op): its forward is
-   ``tau/b * sum_i (logden1_i + logden2_i)``; its backward is the compositional
-   estimator (``vlmkern::hgcl_grad`` / ``hgcl_grad_triton``), **not** the autograd of
-   that scalar (which would be zero: the logden are constants).
+   log gamma + log Phi)`` (``log Phi`` on a first visit); returns ``log(eps + u_new)``.
+3. **core** ``vlmkern::hgcl_loss_core`` (differentiable): forward
+   ``tau/b * sum_i (logden1_i + logden2_i)``; backward the compositional
+   estimator (``hgcl_grad``), **not** the autograd of that scalar (which would
+   be zero: the logden are constants).
 
-Backends: ``cpu`` (compiled C++, BLAS tiles), ``triton`` (GPU; CPU under
-``TRITON_INTERPRET=1``), ``torch`` (plain PyTorch, blocked over rows: never
-``B x B``).  There is no ``cuda`` backend: CUDA tensors take ``triton``.
+Backends: ``cpu`` (``csrc/hgcl/hgcl_cpu.cpp``), ``triton`` (``kernels/triton/hgcl.py``;
+CUDA tensors, CPU under ``TRITON_INTERPRET=1``), ``torch`` (blocked over rows:
+never ``B x B``).  Across ranks, ``group=`` gathers the batch inside the op.
 The float64 oracle is :func:`vlmkern.reference.hgcl`.
 """
 
@@ -37,12 +33,7 @@ from ..kernels import outputs
 from ._common import FLOAT_DTYPES
 
 OP = "hgcl"
-_INFO = backends.register_op(
-    OP,
-    compiled=("vlmkern::hgcl_stats", "vlmkern::hgcl_state_update_", "vlmkern::hgcl_grad"),
-    triton=True,
-    cuda=False,  # no CUDA kernels: CUDA tensors take the Triton kernels
-)
+_INFO = backends.register_op(OP, triton=True, cuda=False)  # no CUDA kernels: CUDA tensors take Triton
 
 try:  # the Triton kernels must import on machines without a GPU; record why not otherwise
     from ..kernels.triton import hgcl as _triton_hgcl  # noqa: F401
@@ -54,25 +45,44 @@ _TORCH_BLOCK = 512  # rows per tile of the PyTorch fallback: memory O(512 * B)
 
 
 # ----------------------------------------------------------------------------
-# fake kernels of the C++ schemas (csrc/registration.cpp)
+# schemas and fake kernels of the compiled ops (csrc/hgcl/hgcl_cpu.cpp)
 # ----------------------------------------------------------------------------
 
-if hasattr(torch.ops, "vlmkern") and hasattr(torch.ops.vlmkern, "hgcl_stats"):
+# all_img / all_txt = None: one process (the columns are img / txt, offset 0).
+torch.library.define(
+    "vlmkern::hgcl_stats",
+    "(Tensor img, Tensor txt, Tensor? all_img, Tensor? all_txt, int offset, float tau, float margin, "
+    "bool hinge) -> (Tensor, Tensor)",
+)
+torch.library.define(
+    "vlmkern::hgcl_state_update_",
+    "(Tensor(a!) log_u, Tensor index, Tensor log_phi, float gamma, float eps) -> Tensor",
+)
+# With all_img / all_txt = None the column terms are folded into grad_img /
+# grad_txt and grad_all_img / grad_all_txt are empty [0, d].
+torch.library.define(
+    "vlmkern::hgcl_grad",
+    "(Tensor img, Tensor txt, Tensor? all_img, Tensor? all_txt, Tensor logden_img, Tensor logden_txt, "
+    "Tensor grad_out, int offset, float tau, float margin, bool hinge) -> (Tensor, Tensor, Tensor, Tensor)",
+)
 
-    @torch.library.register_fake("vlmkern::hgcl_stats")
-    def _hgcl_stats_fake(img, txt, all_img, all_txt, offset, tau, margin, hinge):
-        b = img.shape[0]
-        return img.new_empty((b,), dtype=torch.float32), img.new_empty((b,), dtype=torch.float32)
 
-    @torch.library.register_fake("vlmkern::hgcl_state_update_")
-    def _hgcl_state_update_fake(log_u, index, log_phi, gamma, eps):
-        return log_phi.new_empty(log_phi.shape, dtype=torch.float32)
+@torch.library.register_fake("vlmkern::hgcl_stats")
+def _hgcl_stats_fake(img, txt, all_img, all_txt, offset, tau, margin, hinge):
+    b = img.shape[0]
+    return img.new_empty((b,), dtype=torch.float32), img.new_empty((b,), dtype=torch.float32)
 
-    @torch.library.register_fake("vlmkern::hgcl_grad")
-    def _hgcl_grad_fake(img, txt, all_img, all_txt, logden_img, logden_txt, grad_out, offset, tau, margin, hinge):
-        b, d = img.shape
-        B = 0 if all_img is None else all_img.shape[0]
-        return img.new_empty((b, d)), txt.new_empty((b, d)), img.new_empty((B, d)), img.new_empty((B, d))
+
+@torch.library.register_fake("vlmkern::hgcl_state_update_")
+def _hgcl_state_update_fake(log_u, index, log_phi, gamma, eps):
+    return log_phi.new_empty(log_phi.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("vlmkern::hgcl_grad")
+def _hgcl_grad_fake(img, txt, all_img, all_txt, logden_img, logden_txt, grad_out, offset, tau, margin, hinge):
+    b, d = img.shape
+    B = 0 if all_img is None else all_img.shape[0]
+    return img.new_empty((b, d)), txt.new_empty((b, d)), img.new_empty((B, d)), img.new_empty((B, d))
 
 
 # ----------------------------------------------------------------------------
@@ -177,22 +187,9 @@ def _choose(device: str, backend: Optional[str]) -> str:
     return backends.choose(OP, torch.device(device), backend)
 
 
-# ----------------------------------------------------------------------------
-# ----------------------------------------------------------------------------
-
-
-def _stats(backend, img, txt, all_img, all_txt, offset, tau, margin, hinge) -> Tuple[Tensor, Tensor]:
-    if backend == "cpu":
-        return torch.ops.vlmkern.hgcl_stats(img, txt, all_img, all_txt, offset, tau, margin, hinge)
-    if backend == "triton":
-        return torch.ops.vlmkern.hgcl_stats_triton(img, txt, all_img, all_txt, offset, tau, margin, hinge)
-    return _stats_torch(img, txt, all_img, all_txt, offset, tau, margin, hinge)
-
-
-def _state_update(backend, log_u, index, log_phi, gamma, eps) -> Tensor:
-    if backend == "cpu":
-        return torch.ops.vlmkern.hgcl_state_update_(log_u, index, log_phi, gamma, eps)
-    return _state_update_torch(log_u, index, log_phi, gamma, eps)
+_stats = _INFO.step("stats", cpu="hgcl_stats", triton="hgcl_stats_triton", torch=_stats_torch)
+_state_update = _INFO.step("state_update", cpu="hgcl_state_update_", torch=_state_update_torch)
+_grad = _INFO.step("grad", cpu="hgcl_grad", triton="hgcl_grad_triton", torch=_grad_torch)
 
 
 def _nonfinite_features(*ts: Optional[Tensor]) -> Tensor:
@@ -220,14 +217,6 @@ def _guarded_state_update(backend, log_u_img, log_u_txt, index, lphi1, lphi2, ga
         log_u.index_copy_(0, index, torch.where(bad, old, log_u.index_select(0, index)))
     nan = torch.full((), math.nan, dtype=torch.float32, device=ld1.device)
     return torch.where(bad, nan, ld1), torch.where(bad, nan, ld2)
-
-
-def _grad(backend, *args):
-    if backend == "cpu":
-        return torch.ops.vlmkern.hgcl_grad(*args)
-    if backend == "triton":
-        return torch.ops.vlmkern.hgcl_grad_triton(*args)
-    return _grad_torch(*args)
 
 
 # ----------------------------------------------------------------------------
@@ -259,7 +248,8 @@ def _core_setup(ctx, inputs, output):
 def _core_backward(ctx, grad):
     img, txt, all_img, all_txt, ld1, ld2 = ctx.saved_tensors
     offset, tau, margin, hinge, backend = ctx.args
-    gF, gG, gFg, gGg = _grad(backend, img, txt, all_img, all_txt, ld1, ld2, grad, offset, tau, margin, hinge)
+    with torch.autocast(img.device.type, enabled=False):
+        gF, gG, gFg, gGg = _grad(backend, img, txt, all_img, all_txt, ld1, ld2, grad, offset, tau, margin, hinge)
     # Bad input (NaN logden, see _guarded_state_update): every entry of every
     # gradient is NaN, whatever the kernel's arithmetic does with it, so that any
     # inf/NaN check (GradScaler's included) sees it.
@@ -385,6 +375,7 @@ def hgcl_loss(
     all_img: Optional[Tensor] = None,
     all_txt: Optional[Tensor] = None,
     offset: int = 0,
+    group=None,
     backend: Optional[str] = None,
     check_finite: bool = False,
     validate: bool = True,
@@ -417,6 +408,11 @@ def hgcl_loss(
         all_img, all_txt: global column sets ``[B, d]`` (all ranks' features) whose
             rows ``offset .. offset+b`` are ``img``/``txt``; gradients w.r.t. them are
             returned through autograd (route them back to their owners).
+        group: a ``torch.distributed`` process group (``torch.distributed.group.WORLD``
+            for all ranks): the op gathers every rank's ``img``/``txt``/``index``
+            itself (``offset = rank * b``; every rank passes the same ``b``) and
+            every rank applies the same update to the state of all global
+            anchors.  Exclusive with ``all_img``/``all_txt``/``offset``.
         backend: ``"cpu"``, ``"triton"`` or ``"torch"`` (default: by device, see
             :mod:`vlmkern.backends`).
         check_finite: raise if a feature tensor holds NaN/inf (one host sync).
@@ -430,21 +426,56 @@ def hgcl_loss(
         validate: check ``index`` range and duplicates (one host sync); ``False``
             skips them (e.g. inside ``torch.compile(fullgraph=True)`` or CUDA graphs).
     """
+    global_index = index
+    if group is not None:
+        if all_img is not None or all_txt is not None or offset != 0:
+            _fail(ValueError, "give group (the op gathers every rank's batch) or all_img/all_txt/offset, not both")
+        all_img, all_txt, global_index, offset = _gather_batch(img, txt, index, group)
     _check_args(img, txt, index, log_u_img, log_u_txt, tau, gamma, margin, eps, all_img, all_txt, offset,
-                check_finite, validate)
+                check_finite, validate, global_index)
     name = _choose(str(img.device), backend)
     hinge = margin is not None
     m = float(margin) if hinge else 0.0
-    index = index.long()
-    with torch.no_grad():
+    b = img.shape[0]
+    # fp32 accumulation is the op's own business: an enclosing autocast region must not
+    # re-type the matmuls inside the kernels (the CPU kernel's BLAS tiles)
+    with torch.no_grad(), torch.autocast(img.device.type, enabled=False):
         lphi1, lphi2 = _stats(name, img.detach(), txt.detach(),
                               None if all_img is None else all_img.detach(),
                               None if all_txt is None else all_txt.detach(),
                               int(offset), float(tau), m, hinge)
-        bad = _nonfinite_features(img, txt, all_img, all_txt)
-        ld1, ld2 = _guarded_state_update(name, log_u_img, log_u_txt, index, lphi1, lphi2, float(gamma), float(eps),
-                                         bad)
+        if group is None:
+            bad = _nonfinite_features(img, txt, all_img, all_txt)
+        else:  # every rank updates the state of all global anchors and takes the same decision
+            lphi1, lphi2 = _all_gather(lphi1, group), _all_gather(lphi2, group)
+            bad = _nonfinite_features(all_img, all_txt)
+        ld1, ld2 = _guarded_state_update(name, log_u_img, log_u_txt, global_index.long(), lphi1, lphi2,
+                                         float(gamma), float(eps), bad)
+        if group is not None:
+            ld1, ld2 = ld1[offset:offset + b].contiguous(), ld2[offset:offset + b].contiguous()
     return _loss_core(img, txt, all_img, all_txt, ld1, ld2, int(offset), float(tau), m, hinge, name)
+
+
+def _all_gather(t: Tensor, group) -> Tensor:
+    """Every rank's ``t`` concatenated along dim 0 (no gradient)."""
+    import torch.distributed as dist
+
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, t.contiguous(), group=group)
+    return torch.cat(out, 0)
+
+
+def _gather_batch(img: Tensor, txt: Tensor, index: Tensor, group):
+    """``(all_img, all_txt, global_index, offset)`` over the ranks of ``group``.
+
+    The features are gathered with ``torch.distributed.nn.functional.all_gather``,
+    whose backward sums every rank's gradient into the owner's features."""
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_nn
+
+    all_img = torch.cat(dist_nn.all_gather(img, group=group), 0)
+    all_txt = torch.cat(dist_nn.all_gather(txt, group=group), 0)
+    return all_img, all_txt, _all_gather(index.long(), group), dist.get_rank(group) * img.shape[0]
 
 
 class GlobalContrastiveLoss(torch.nn.Module):
@@ -453,12 +484,9 @@ class GlobalContrastiveLoss(torch.nn.Module):
     ``forward(img, txt, index)`` returns this rank's loss, the mean over its
     local anchors (like open_clip's ``ClipLoss``), and updates the state.
 
-    Under ``torch.distributed`` (initialised, world size > 1) it all-gathers
-    the features with ``torch.distributed.nn.functional.all_gather`` (whose
-    backward sums every rank's gradient into the owner's features), gathers
-    ``index`` and the per-anchor ``log Phi`` so that every rank applies the same
-    update to the state of all global anchors (the state stays identical on all
-    ranks), and uses ``offset = rank * b``.  Every rank must pass the same batch
+    Under ``torch.distributed`` (initialised, world size > 1) it calls
+    :func:`hgcl_loss` with ``group=process_group`` (default: all ranks), so the
+    state stays identical on all ranks.  Every rank must pass the same batch
     size ``b``.  Gradient convention: each rank's feature gradient is
     ``world_size`` times the gradient of the single-process loss over the
     concatenated batch, so DDP's gradient *averaging* yields exactly the
@@ -469,7 +497,7 @@ class GlobalContrastiveLoss(torch.nn.Module):
     """
 
     def __init__(self, num_samples: int, tau: float, gamma: float, margin: Optional[float] = 0.1,
-                 eps: float = 1e-14, backend: Optional[str] = None, validate: bool = True):
+                 eps: float = 1e-14, backend: Optional[str] = None, validate: bool = True, process_group=None):
         super().__init__()
         if int(num_samples) <= 0:
             raise ValueError(f"vlmkern.GlobalContrastiveLoss: num_samples must be > 0, got {num_samples}")
@@ -481,6 +509,7 @@ class GlobalContrastiveLoss(torch.nn.Module):
         self.eps = float(eps)
         self.backend = backend
         self.validate = validate
+        self.process_group = process_group
 
     @property
     def gamma(self) -> float:
@@ -498,41 +527,9 @@ class GlobalContrastiveLoss(torch.nn.Module):
 
     def forward(self, img: Tensor, txt: Tensor, index: Tensor) -> Tensor:
         dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            return self._forward_distributed(img, txt, index)
+        group = None
+        if dist.is_available() and dist.is_initialized():
+            g = self.process_group if self.process_group is not None else dist.group.WORLD
+            group = g if dist.get_world_size(g) > 1 else None
         return hgcl_loss(img, txt, index, self.log_u_img, self.log_u_txt, tau=self.tau, gamma=self.gamma,
-                         margin=self.margin, eps=self.eps, backend=self.backend, validate=self.validate)
-
-    def _forward_distributed(self, img: Tensor, txt: Tensor, index: Tensor) -> Tensor:
-        import torch.distributed as dist
-        import torch.distributed.nn.functional as dist_nn
-
-        world, rank = dist.get_world_size(), dist.get_rank()
-        b = img.shape[0]
-        all_img = torch.cat(dist_nn.all_gather(img), 0)
-        all_txt = torch.cat(dist_nn.all_gather(txt), 0)
-        index = index.long()
-
-        def gather(t: Tensor) -> Tensor:
-            out = [torch.empty_like(t) for _ in range(world)]
-            dist.all_gather(out, t.contiguous())
-            return torch.cat(out, 0)
-
-        global_index = gather(index)
-        offset = rank * b
-        _check_args(img, txt, index, self.log_u_img, self.log_u_txt, self.tau, self.gamma, self.margin,
-                    self.eps, all_img, all_txt, offset, False, self.validate, global_index=global_index)
-        name = _choose(str(img.device), self.backend)
-        hinge = self.margin is not None
-        m = float(self.margin) if hinge else 0.0
-        with torch.no_grad():
-            lphi1, lphi2 = _stats(name, img.detach(), txt.detach(), all_img.detach(), all_txt.detach(),
-                                  offset, self.tau, m, hinge)
-            lphi1, lphi2 = gather(lphi1), gather(lphi2)
-            # all_img / all_txt are every rank's features: every rank takes the same decision
-            bad = _nonfinite_features(all_img, all_txt)
-            ld1, ld2 = _guarded_state_update(name, self.log_u_img, self.log_u_txt, global_index, lphi1, lphi2,
-                                             self.gamma, self.eps, bad)
-        ld1 = ld1[offset:offset + b].contiguous()
-        ld2 = ld2[offset:offset + b].contiguous()
-        return _loss_core(img, txt, all_img, all_txt, ld1, ld2, offset, self.tau, m, hinge, name)
+                         margin=self.margin, eps=self.eps, group=group, backend=self.backend, validate=self.validate)

@@ -1,17 +1,11 @@
 """Fused diagonal Kalman step (SPEC §3), in place over lists of tensors.
 
-Schema (csrc/registration.cpp)::
-
-    vlmkern::kalman_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] variances,
-                          Tensor innovation, Tensor obs_noise, float process_noise,
-                          float forgetting, float var_floor, float? gate_chi2=None,
-                          Tensor? grad_scale=None, Tensor? found_inf=None) -> Tensor
-
-Kernels: ``csrc/kalman/kalman_cpu.cpp`` (CPU), ``csrc/kalman/kalman_cuda.cu``
-(CUDA, multi-tensor apply: 2 launches per step for up to 768 tensors of any
-mix of fp32/bf16/fp16, 2 more per further 768), the per-element math in ``csrc/kalman/kalman_math.h``;
-the PyTorch fallback is :func:`_kalman_step_torch` below; the oracle is
-:func:`vlmkern.reference.kalman_step`.
+The op's whole contract is in this file: the schema of the compiled op, its
+fake kernel, the argument checks, the PyTorch implementation and the backend
+table.  Kernels: ``csrc/kalman/kalman_cpu.cpp`` (CPU) and
+``csrc/kalman/kalman_cuda.cu`` (CUDA, multi-tensor apply: 2 launches per step
+for up to 768 tensors of any mix of fp32/bf16/fp16), the per-element math in
+``csrc/kalman/kalman_math.h``; the oracle is :func:`vlmkern.reference.kalman_step`.
 """
 
 from __future__ import annotations
@@ -25,19 +19,23 @@ from .. import backends
 from ._common import FLOAT_DTYPES, as_list, check_same_shapes, device_of, scalar_tensor
 
 OP = "kalman"
-backends.register_op(OP, compiled=("vlmkern::kalman_step_",))
-
+_INFO = backends.register_op(OP)
 _DEFAULT_VAR_FLOOR = 1e-12
 
+# Returns the innovation variance S = sum h^2 (p + q) + R (0-d float32 on the
+# parameters' device), NaN when the step was skipped.  No host synchronisation.
+torch.library.define(
+    "vlmkern::kalman_step_",
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] variances, Tensor innovation, Tensor obs_noise, "
+    "float process_noise, float forgetting, float var_floor, float? gate_chi2=None, Tensor? grad_scale=None, "
+    "Tensor? found_inf=None) -> Tensor",
+)
 
-if hasattr(torch.ops, "vlmkern") and hasattr(torch.ops.vlmkern, "kalman_step_"):
 
-    @torch.library.register_fake("vlmkern::kalman_step_")
-    def _kalman_step_fake(
-        params, grads, variances, innovation, obs_noise, process_noise, forgetting, var_floor, gate_chi2=None,
-        grad_scale=None, found_inf=None,
-    ):
-        return innovation.new_empty((), dtype=torch.float32)
+@torch.library.register_fake("vlmkern::kalman_step_")
+def _kalman_step_fake(params, grads, variances, innovation, obs_noise, process_noise, forgetting, var_floor,
+                      gate_chi2=None, grad_scale=None, found_inf=None):
+    return innovation.new_empty((), dtype=torch.float32)
 
 
 def gate_innovation(e: torch.Tensor, S: torch.Tensor, gate_chi2: Optional[float]) -> torch.Tensor:
@@ -61,6 +59,7 @@ def _finite(x: torch.Tensor) -> torch.Tensor:
     return x.abs() <= _FLT_MAX  # False for inf and NaN (kalman_math.h finite_f)
 
 
+@torch.no_grad()
 def _kalman_step_torch(
     params, grads, variances, innovation, obs_noise, process_noise, forgetting, var_floor, gate_chi2=None,
     grad_scale=None, found_inf=None,
@@ -93,6 +92,9 @@ def _kalman_step_torch(
         pn = (ph - k * k * inv_s) * (1.0 / forgetting)
         v.copy_(torch.where(ok, torch.where(pn >= var_floor, pn, torch.full_like(pn, var_floor)), v))
     return torch.where(ok, S, torch.full_like(S, math.nan))
+
+
+_step = _INFO.step("step", cpu="kalman_step_", cuda="kalman_step_", torch=_kalman_step_torch)
 
 
 def kalman_step_(
@@ -191,24 +193,8 @@ def kalman_step_(
     R = scalar_tensor(obs_noise, "obs_noise", op, dev)
     gs = None if grad_scale is None else _flag_tensor(grad_scale, "grad_scale", op, dev)
     fi = None if found_inf is None else _flag_tensor(found_inf, "found_inf", op, dev)
-    name = backends.choose(OP, dev, backend)
-    if name == "torch":
-        with torch.no_grad():
-            return _kalman_step_torch(params, grads, variances, e, R, process_noise, forgetting, var_floor, gate_chi2,
-                                      gs, fi)
-    return torch.ops.vlmkern.kalman_step_(
-        params,
-        grads,
-        variances,
-        e,
-        R,
-        float(process_noise),
-        float(forgetting),
-        float(var_floor),
-        None if gate_chi2 is None else float(gate_chi2),
-        gs,
-        fi,
-    )
+    return _step(backends.choose(OP, dev, backend), params, grads, variances, e, R, float(process_noise),
+                 float(forgetting), float(var_floor), None if gate_chi2 is None else float(gate_chi2), gs, fi)
 
 
 def _flag_tensor(t, name: str, op: str, dev: torch.device) -> torch.Tensor:

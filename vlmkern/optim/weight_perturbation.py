@@ -39,20 +39,14 @@ AMP (``GradScaler``): pass the scaler; the closure scales the loss, ``step`` cal
         return loss
     opt.step(closure)
 
-The direction ``g / ||g||`` does not depend on the loss scale (for a
-power-of-two scale the perturbed weights are the same bits as with unscaled
-gradients), so the first gradients are used scaled: no unscale, no extra pass.
-If they hold inf/NaN (the first backward overflowed), nothing synchronises
-with the host: :func:`~vlmkern.awp_perturb_` skips the perturbation on the
-device (a returned ``||g||`` is not finite: the weights stay as they are,
-``backup`` = weights), the second closure runs at ``w``, the restore is exact
-as always, and the first gradient element of the base optimizer's parameters
-is set to NaN on the device when (and only when) the perturbation was skipped,
-so that ``scaler.step`` skips the update (parameters and optimizer state
-unchanged) and ``scaler.update`` lowers the scale, as for an overflow in the
-second backward.  :attr:`last_perturb_skipped` holds that decision (a 0-d
-bool device tensor).  Pass the **scaled** loss to ``backward`` in the closure
-and return the unscaled one; never call ``scaler.step`` yourself.
+The first gradients are used scaled (the direction ``g / ||g||`` does not
+depend on the scale).  If they hold inf/NaN, :func:`~vlmkern.awp_perturb_`
+skips the perturbation on the device, the second closure runs at ``w``, and the
+first gradient element of the base optimizer's parameters is set to NaN on the
+device, so ``scaler.step`` skips the update and ``scaler.update`` lowers the
+scale; no host sync.  :attr:`last_perturb_skipped` holds that decision (a 0-d
+bool device tensor).  Backward the **scaled** loss in the closure and return
+the unscaled one; never call ``scaler.step`` yourself.
 
 DDP: pass the ``DistributedDataParallel`` module (or ``model=ddp_module``, or a
 ``no_sync`` context factory); the first backward runs inside ``no_sync()``, so

@@ -17,9 +17,10 @@ import traceback
 
 import torch
 
+from vlmkern import backends
 from vlmkern.app.bench.harness import markdown, run
 
-BENCHES = ["kalman", "awp", "hgcl"]
+BENCHES = backends.ops()  # one benchmark per registered op, vlmkern/app/bench/<op>.py
 
 
 def main(argv=None) -> int:
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
             mod = importlib.import_module(f"vlmkern.app.bench.{name}")
         except ModuleNotFoundError as exc:
             if exc.name == f"vlmkern.app.bench.{name}":
-                print(f"[run_all] vlmkern/app/bench/{name}.py does not exist yet: skipped", flush=True)
+                print(f"[run_all] op {name} has no benchmark (vlmkern/app/bench/{name}.py): skipped", flush=True)
                 continue
             raise
         print(f"[run_all] {name} on {args.device}{' (quick)' if args.quick else ''}"

@@ -38,17 +38,11 @@ tile ``s_ij = F_i . G_j`` carries *both* directions' terms of ``dL/ds_ij``
                                                 epilogue: positive pairs of dF, dG
     ======================  ==================  ===================================  ===========
 
-**12 B^2 d** in all (SPEC §1 "Cost").  The previous version ran the gradient as
-four sweeps (one per direction and side, each recomputing ``S``) and split ``d``
-over programs of at most 256 columns that each recomputed the whole similarity
-tile: ``4 + 4 (2 G + 2)`` with ``G = ceil(d / 256)``, i.e. 20 B^2 d for d <= 256,
-28 at d = 512, 36 at d = 768.  Now the ``ND * BLOCK_DO`` columns of one program
-cover ``d <= 768`` (bf16 / fp16) or ``d <= 512`` (fp32) on the GPU; wider
+**12 B^2 d** in all (SPEC §1 "Cost").  The ``ND * BLOCK_DO`` columns of one
+program cover ``d <= 768`` (bf16 / fp16) or ``d <= 512`` (fp32) on the GPU; wider
 features split ``d`` over ``G = ceil(d / (ND BLOCK_DO))`` program groups, each
-recomputing ``S``: ``(8 + 4 G) B^2 d``.  :func:`flop_count` gives the figure for
-a configuration.  Each program reads the looped set twice per tile (for ``S``
-and for ``dS @ Y``), from L2 in the common case; nothing beyond ``O(B d)``
-inputs / outputs and ``O(B)`` vectors is allocated.
+recomputing ``S``: ``(8 + 4 G) B^2 d`` (:func:`flop_count`).  Nothing beyond
+``O(B d)`` inputs / outputs and ``O(B)`` vectors is allocated.
 
 Global columns (``all_img``/``all_txt`` given, ``b`` local rows of ``B``): the
 image-anchored tiles ``F Gg^T`` and the text-anchored ``G Fg^T`` are different
@@ -70,19 +64,14 @@ fp32.  Under ``TRITON_INTERPRET=1`` bf16 operands are upcast (triton 3.8's
 interpreter multiplies bf16 operands as raw integers) and the ``dS`` tile is
 rounded through bf16 to keep the GPU path's rounding.
 
-Block sizes for the GPU are untuned defaults (:func:`_default_config`): no GPU
-was available when they were written; ``tools/triton_sm90_check.py`` compiles
-every launch variant for sm_90 on a CPU-only machine and shows that none spills
-registers (timing still needs a GPU).  :func:`_config` layers on top of them the
-table ``hgcl_tuned.json`` beside this file (written on a GPU by
-``tools/hgcl_tune.py``, which times candidates and keeps the fastest correct
-one; applied only on GPUs of the architecture it was tuned on) and the
-environment variable ``VLMKERN_HGCL_TRITON_CONFIG`` (JSON, e.g.
-``{"grad": {"BLOCK_L": 64, "num_stages": 2}}``).  The ops ``vlmkern::hgcl_stats_triton`` and
-``vlmkern::hgcl_grad_triton`` are registered with ``torch.library.triton_op`` so
-they trace into ``torch.compile`` graphs.  This module imports without a GPU; on
-CPU tensors it runs only under ``TRITON_INTERPRET=1``.  Outputs are allocated
-through :func:`vlmkern.kernels.outputs.empty` (poisoned with NaN in tests).
+Launch configuration: :func:`_default_config`, overridden by the table
+``hgcl_tuned.json`` beside this file (written on a GPU by ``tools/hgcl_tune.py``;
+applied only on the architecture it was tuned on) and by
+``VLMKERN_HGCL_TRITON_CONFIG`` (JSON, e.g. ``{"grad": {"BLOCK_L": 64, "num_stages": 2}}``).
+``tools/triton_sm90_check.py`` compiles every launch variant for sm_90 on a CPU.
+The ops ``vlmkern::hgcl_stats_triton`` / ``hgcl_grad_triton`` are ``triton_op`` ops
+(they trace into ``torch.compile`` graphs); on CPU tensors they run only under
+``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
