@@ -12,6 +12,7 @@ import torch
 
 import vlmkern
 from vlmkern import reference as R
+from vlmkern.optim import KalmanOptimizer
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
@@ -194,3 +195,67 @@ def test_bad_shapes_name_the_argument():
         vlmkern.kalman_step_(params, grads, variances, e, Rn[:2], process_noise=0.0)
     with pytest.raises(ValueError, match="innovation has 0 observations"):
         vlmkern.kalman_step_(params, [g[:0] for g in grads], variances, e[:0], 1.0, process_noise=0.0)
+
+
+# ---------------------------------------------------------------------------
+# KalmanOptimizer(observation="per_sample")
+# ---------------------------------------------------------------------------
+
+
+def test_per_sample_optimizer_step_is_the_vector_op_with_per_sample_jacobians():
+    g = torch.Generator().manual_seed(7)
+    lin = torch.nn.Linear(5, 1)
+    X = torch.randn(8, 5, generator=g)
+    y = torch.randn(8, generator=g)
+    W0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+    opt = KalmanOptimizer(lin.parameters(), p0=0.2, obs_noise0=0.5, observation="per_sample")
+    losses = opt.step(lambda: 0.5 * (lin(X)[:, 0] - y) ** 2)
+    assert losses.shape == (8,)
+    # by hand: Jacobian rows d loss_b / d theta = r_b * (x_b, 1)
+    r = (X @ W0[0] + b0 - y)
+    W, b = W0.clone(), b0.clone()
+    vW, vb = torch.full_like(W, 0.2), torch.full_like(b, 0.2)
+    S = vlmkern.kalman_step_([W, b], [(r[:, None] * X)[:, None, :], r[:, None]], [vW, vb],
+                             -(0.5 * r * r), torch.tensor(0.5), process_noise=0.0)
+    assert torch.allclose(lin.weight, W, atol=1e-6) and torch.allclose(lin.bias, b, atol=1e-6)
+    assert torch.allclose(opt.state[lin.weight]["variance"], vW, atol=1e-7)
+    assert torch.allclose(opt.last_S, S, rtol=1e-6)
+    e = -(0.5 * r * r)
+    R_expected = max(0.9 * 0.5 + 0.1 * float((e * e - (torch.diagonal(S) - 0.5)).clamp(min=0).mean()), 1e-8)
+    assert abs(float(opt.obs_noise) - R_expected) < 1e-6
+
+
+def test_per_sample_optimizer_learns_a_classifier_and_its_covariance():
+    g = torch.Generator().manual_seed(8)
+    n_in, n_cls = 10, 3
+    centers = 2.0 * torch.randn(n_cls, n_in, generator=g)
+    model = torch.nn.Linear(n_in, n_cls)
+    opt = KalmanOptimizer(model.parameters(), p0=0.05, observation="per_sample")
+    ce = torch.nn.CrossEntropyLoss(reduction="none")
+    first = None
+    for _ in range(30):
+        yb = torch.randint(0, n_cls, (16,), generator=g)
+        xb = centers[yb] + torch.randn(16, n_in, generator=g)
+        losses = opt.step(lambda: ce(model(xb), yb))
+        first = float(losses.mean()) if first is None else first  # losses come back detached
+        assert bool(opt.last_step_taken)
+    yt = torch.randint(0, n_cls, (256,), generator=g)
+    xt = centers[yt] + torch.randn(256, n_in, generator=g)
+    with torch.no_grad():
+        acc = float((model(xt).argmax(1) == yt).float().mean())
+        final = float(ce(model(xt), yt).mean())
+    assert final < 0.5 * first and acc > 0.8, (first, final, acc)
+    moved = float((opt.state[model.weight]["variance"] / 0.05).log().abs().mean())
+    assert moved > 0.5, moved
+
+
+def test_per_sample_closure_must_return_losses_with_graph():
+    lin = torch.nn.Linear(3, 1)
+    opt = KalmanOptimizer(lin.parameters(), observation="per_sample")
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="per-sample losses as a non-empty 1-D tensor"):
+        opt.step(lambda: lin(x).sum())
+    with pytest.raises(ValueError, match="carry no graph"):
+        opt.step(lambda: lin(x)[:, 0].detach())
+    with pytest.raises(ValueError, match="observation must be"):
+        KalmanOptimizer(lin.parameters(), observation="outputs")
