@@ -173,7 +173,7 @@ KALMAN_ERRORS = [
     (lambda a: a.__setitem__("obs_noise", -1.0), ValueError, r"obs_noise must be finite and > 0"),
     (lambda a: a.__setitem__("obs_noise", 0.0), ValueError, r"obs_noise must be finite and > 0"),
     (lambda a: a.__setitem__("obs_noise", NAN), ValueError, r"obs_noise must be finite and > 0"),
-    (lambda a: a.__setitem__("innovation", torch.ones(2)), ValueError, r"innovation must be a 0-d"),
+    (lambda a: a.__setitem__("innovation", torch.ones(2, 2)), ValueError, r"innovation must be a 0-d"),
     (lambda a: a.__setitem__("obs_noise", torch.ones(1, 2)), ValueError, r"obs_noise must be a 0-d"),
     (lambda a: a.__setitem__("process_noise", -1e-3), ValueError, r"process_noise must be finite and >= 0"),
     (lambda a: a.__setitem__("process_noise", NAN), ValueError, r"process_noise must be finite and >= 0"),

@@ -315,6 +315,9 @@ def test_bad_inputs_name_the_argument(backend, device, case):
 def test_bad_scalars_name_the_argument():
     p = [torch.zeros(4)]
     with pytest.raises(ValueError, match=r"innovation must be a 0-d tensor"):
+        vlmkern.kalman_step_(p, p, [torch.ones(4)], torch.ones(2, 2), 1.0, process_noise=0.0)
+    # a 1-D innovation is M observations: the grads must then carry the leading M
+    with pytest.raises(ValueError, match=r"grads\[0\] must have shape \[M, \*params\[0\]\.shape\]"):
         vlmkern.kalman_step_(p, p, [torch.ones(4)], torch.ones(2), 1.0, process_noise=0.0)
     with pytest.raises(TypeError, match=r"params must be a list of tensors"):
         vlmkern.kalman_step_(p[0], p, [torch.ones(4)], 1.0, 1.0, process_noise=0.0)

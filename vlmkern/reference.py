@@ -267,6 +267,55 @@ def kalman_step(
     return KalmanResult(new_params, new_vars, S)
 
 
+def kalman_step_vector(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    variances: Sequence[torch.Tensor],
+    innovation: torch.Tensor,
+    obs_noise: float | torch.Tensor,
+    *,
+    process_noise: float,
+    forgetting: float = 1.0,
+    var_floor: float = 1e-12,
+    gate_chi2: Optional[float] = None,
+) -> KalmanResult:
+    """SPEC §3: one vector-observation EKF step with diagonal covariance, float64,
+    with the whole Jacobian ``H`` [M, n] materialised (``grads[t]`` is
+    ``[M, *params[t].shape]``; ``innovation`` is ``[M]``; ``obs_noise`` a number or
+    ``[M]``)::
+
+        p_hat = p + q
+        S     = H diag(p_hat) H^T + diag(R)                      [M, M]
+        e     = e * sqrt(chi2 / (e^T S^-1 e))   if e^T S^-1 e > chi2   (gate)
+        theta += p_hat * H^T S^-1 e
+        p      = max((p_hat - p_hat^2 * diag(H^T S^-1 H)) / lambda, floor)
+
+    Returns ``S`` ([M, M]) in ``KalmanResult.S``.
+    """
+    e = torch.as_tensor(innovation, dtype=torch.float64).reshape(-1)
+    M = e.shape[0]
+    R = torch.as_tensor(obs_noise, dtype=torch.float64).expand(M)
+    H = torch.cat([g.detach().double().reshape(M, -1) for g in grads], 1) if grads else torch.zeros(M, 0,
+                                                                                                  dtype=torch.float64)
+    ph = torch.cat([v.detach().double().reshape(-1) for v in variances]) + process_noise if variances else \
+        torch.zeros(0, dtype=torch.float64)
+    S = (H * ph) @ H.T + torch.diag(R)
+    Sinv = torch.linalg.inv(S)
+    if gate_chi2 is not None:
+        d2 = e @ Sinv @ e
+        if d2 > gate_chi2:
+            e = e * math.sqrt(gate_chi2 / float(d2))
+    dtheta = ph * (H.T @ (Sinv @ e))
+    pnew = torch.clamp((ph - ph * ph * ((Sinv @ H) * H).sum(0)) / forgetting, min=var_floor)
+    new_params, new_vars, o = [], [], 0
+    for theta in params:
+        n = theta.numel()
+        new_params.append(theta.detach().double() + dtheta[o:o + n].reshape(theta.shape))
+        new_vars.append(pnew[o:o + n].reshape(theta.shape))
+        o += n
+    return KalmanResult(new_params, new_vars, S)
+
+
 def kalman_noise_update(
     obs_noise: float, innovation: float, S: float, *, beta: float, floor: float,
     gate_chi2: Optional[float] = None,

@@ -94,7 +94,52 @@ def _kalman_step_torch(
     return torch.where(ok, S, torch.full_like(S, math.nan))
 
 
+@torch.no_grad()
+def _kalman_vector_torch(
+    params, grads, variances, innovation, obs_noise, process_noise, forgetting, var_floor, gate_chi2=None,
+    grad_scale=None, found_inf=None,
+):
+    """M observations (SPEC §3): ``grads[t]`` is ``[M, *params[t].shape]``, ``innovation``
+    and ``obs_noise`` are ``[M]``.  The M x M system is solved by a Cholesky
+    factorisation on the device (``cholesky_ex``: no host sync); the skip rule
+    is the scalar one, plus a factorisation failure (``S`` not positive definite)."""
+    e = innovation.float()
+    M = e.shape[0]
+    dev = e.device
+    R = obs_noise.float()
+    q = float(process_noise)
+    gs = torch.ones((), device=dev) if grad_scale is None else grad_scale.reshape(()).float()
+    fi = torch.zeros((), device=dev) if found_inf is None else found_inf.reshape(()).float()
+    inv = 1.0 / gs
+    live = [(w, g.reshape(M, -1), v) for w, g, v in zip(params, grads, variances) if w.numel()]
+    gram = torch.zeros((M, M), dtype=torch.float64, device=dev)
+    for _, g, v in live:  # pass 1: H diag(p_hat) H^T over all tensors
+        h = g.float()
+        ph = torch.where(v >= 0, v + q, torch.full_like(v, math.nan)).reshape(-1)
+        gram += ((h * ph) @ h.T).double()
+    S = (gram * inv.double() * inv.double()).float() + torch.diag(R)
+    L, info = torch.linalg.cholesky_ex(S)
+    ok = ((fi == 0) & _finite(gs) & (gs > 0) & _finite(inv) & _finite(e).all() & _finite(R).all() & (R > 0).all()
+          & _finite(S).all() & (info == 0))
+    L = torch.where(ok, L, torch.eye(M, device=dev))  # a skipped step must not leak NaN into the where() below
+    c = torch.cholesky_solve(e[:, None], L)[:, 0]
+    if gate_chi2 is not None:  # Mahalanobis gate: e^T S^-1 e capped at chi2 by scaling e
+        d2 = (e * c).sum()
+        c = c * torch.where(d2 > gate_chi2, torch.sqrt(gate_chi2 / d2), torch.ones_like(d2))
+    for w, g, v in live:  # pass 2
+        h = g.float() * inv
+        ph = (v + q).reshape(-1)
+        dtheta = (ph * (c @ h)).reshape(w.shape)
+        w.copy_(torch.where(ok, (w.float() + dtheta).to(w.dtype), w))
+        hsh = (torch.cholesky_solve(h, L) * h).sum(0)  # h_i^T S^-1 h_i for every element i
+        pn = ((ph - ph * ph * hsh) * (1.0 / forgetting)).reshape(v.shape)
+        v.copy_(torch.where(ok, torch.clamp(pn, min=var_floor), v))
+    return torch.where(ok, S, torch.full_like(S, math.nan))
+
+
 _step = _INFO.step("step", cpu="kalman_step_", cuda="kalman_step_", torch=_kalman_step_torch)
+# M > 1 observations: no compiled kernel yet, so every backend runs the PyTorch one.
+_vector_step = _INFO.step("vector_step", torch=_kalman_vector_torch)
 
 
 def kalman_step_(
@@ -139,8 +184,13 @@ def kalman_step_(
         grads: Jacobians ``h`` of the observation, same shapes and dtypes as ``params``.
         variances: diagonal covariance ``p`` (float32), updated in place.
         innovation: ``e`` (e.g. ``0 - loss``), a 0-d float32 tensor on the
-            parameters' device (a Python number is converted).
-        obs_noise: ``R > 0``, 0-d float32 tensor on the device.
+            parameters' device (a Python number is converted); or ``[M]``: M
+            observations (e.g. ``0 - per-sample losses``), the vector-observation
+            filter of SPEC §3 (``grads[t]`` then ``[M, *params[t].shape]``, the
+            rows of the Jacobian; no compiled kernel yet: every backend runs the
+            PyTorch one, which solves the M x M system by Cholesky on the device).
+        obs_noise: ``R > 0``, 0-d float32 tensor on the device (``[M]`` or one
+            value for all with M observations).
         process_noise: ``q >= 0`` added to ``p`` before the update.
         forgetting: ``lambda`` in (0, 1]; 1 means no forgetting.
         var_floor: lower clamp of ``p`` (keeps it positive).
@@ -158,14 +208,30 @@ def kalman_step_(
 
     Returns:
         the innovation variance ``S`` as a 0-d float32 tensor on the device
-        (NaN when the step was skipped).  The step never synchronises with
+        (``[M, M]`` with M observations; NaN when the step was skipped).  The step never synchronises with
         the host on CUDA.
     """
     op = "kalman_step_"
     params = as_list(params, "params", op)
     grads = as_list(grads, "grads", op)
     variances = as_list(variances, "variances", op)
-    check_same_shapes(op, params, "params", grads, "grads")
+    vector = isinstance(innovation, torch.Tensor) and innovation.dim() == 1
+    M = innovation.shape[0] if vector else None
+    if vector:
+        if M == 0:
+            raise ValueError(f"vlmkern.{op}: innovation has 0 observations; give [M] with M >= 1 (or a scalar)")
+        if len(grads) != len(params):
+            raise ValueError(f"vlmkern.{op}: grads has {len(grads)} tensors but params has {len(params)}")
+        for i, (w, g) in enumerate(zip(params, grads)):
+            if not isinstance(g, torch.Tensor):
+                raise TypeError(f"vlmkern.{op}: grads[{i}] must be a Tensor, got {type(g).__name__}")
+            if tuple(g.shape) != (M, *w.shape):
+                raise ValueError(f"vlmkern.{op}: grads[{i}] must have shape [M, *params[{i}].shape] = "
+                                 f"{[M, *w.shape]} (M = innovation.shape[0]), got {list(g.shape)}")
+            if g.device != w.device:
+                raise ValueError(f"vlmkern.{op}: grads[{i}] is on {g.device} but params[{i}] is on {w.device}")
+    else:
+        check_same_shapes(op, params, "params", grads, "grads")
     check_same_shapes(op, params, "params", variances, "variances")
     dev = device_of(params, innovation.device if isinstance(innovation, torch.Tensor) else None)
     for i, (w, g, v) in enumerate(zip(params, grads, variances)):
@@ -189,12 +255,32 @@ def kalman_step_(
         raise ValueError(f"vlmkern.{op}: innovation must be finite, got {innovation}")
     if not isinstance(obs_noise, torch.Tensor) and not (math.isfinite(float(obs_noise)) and float(obs_noise) > 0):
         raise ValueError(f"vlmkern.{op}: obs_noise must be finite and > 0, got {obs_noise}")
-    e = scalar_tensor(innovation, "innovation", op, dev)
-    R = scalar_tensor(obs_noise, "obs_noise", op, dev)
     gs = None if grad_scale is None else _flag_tensor(grad_scale, "grad_scale", op, dev)
     fi = None if found_inf is None else _flag_tensor(found_inf, "found_inf", op, dev)
-    return _step(backends.choose(OP, dev, backend), params, grads, variances, e, R, float(process_noise),
-                 float(forgetting), float(var_floor), None if gate_chi2 is None else float(gate_chi2), gs, fi)
+    args = (float(process_noise), float(forgetting), float(var_floor), None if gate_chi2 is None else float(gate_chi2),
+            gs, fi)
+    name = backends.choose(OP, dev, backend)
+    if vector:
+        e = _vector_tensor(innovation, "innovation", op, dev, M)
+        R = _vector_tensor(obs_noise, "obs_noise", op, dev, M)
+        return _vector_step(name, params, grads, variances, e, R, *args)
+    e = scalar_tensor(innovation, "innovation", op, dev)
+    R = scalar_tensor(obs_noise, "obs_noise", op, dev)
+    return _step(name, params, grads, variances, e, R, *args)
+
+
+def _vector_tensor(x, name: str, op: str, dev: torch.device, M: int) -> torch.Tensor:
+    """``[M]`` float32 on ``dev`` from a number, a one-element tensor or an ``[M]`` tensor."""
+    if not isinstance(x, torch.Tensor):
+        return torch.full((M,), float(x), dtype=torch.float32, device=dev)
+    if x.device != dev:
+        raise ValueError(f"vlmkern.{op}: {name} is on {x.device} but the tensors are on {dev}")
+    if x.numel() == 1:
+        return x.reshape(1).to(torch.float32).expand(M)
+    if tuple(x.shape) != (M,):
+        raise ValueError(f"vlmkern.{op}: {name} must be a number, a one-element tensor or [M] = [{M}], "
+                         f"got shape {tuple(x.shape)}")
+    return x.to(torch.float32)
 
 
 def _flag_tensor(t, name: str, op: str, dev: torch.device) -> torch.Tensor:

@@ -90,6 +90,17 @@ class KalmanOptimizer(torch.optim.Optimizer):
         target: observation target ``y*``.  Default 0 (minimise the loss).
         backend: force the ``kalman_step_`` backend (``"cuda"``, ``"cpu"``,
             ``"torch"``); default: by device.
+        observation: ``"loss"`` (default: the scalar batch loss, the form
+            above) or ``"per_sample"``: the vector-observation filter of SPEC
+            §3b, one observation per sample.  The closure then returns the
+            per-sample losses ``[M]`` *with their graph* and does not call
+            ``backward()``; the step takes the Jacobian rows (per-sample
+            gradients) with one batched backward, solves the M x M system on the
+            device, and estimates ``R`` (one value for every sample) as
+            ``max(beta R + (1 - beta) mean_b (e_b^2 - (H P H^T)_bb)_+, floor)``.
+            Here P learns: each step brings up to M units of information
+            instead of less than one.  No ``GradScaler`` support yet in this
+            mode (non-finite per-sample gradients still skip the step).
 
     :meth:`step` takes a ``closure`` that zeroes the gradients, computes the
     loss, calls ``backward()`` and returns the loss, or ``loss=`` when the
@@ -141,8 +152,11 @@ class KalmanOptimizer(torch.optim.Optimizer):
         obs_noise_floor: float = 1e-8,
         target: float = 0.0,
         backend: Optional[str] = None,
+        observation: str = "loss",
     ):
         _check_group_hparams(p0, process_noise)
+        if observation not in ("loss", "per_sample"):
+            raise ValueError(f"KalmanOptimizer: observation must be 'loss' or 'per_sample', got {observation!r}")
         if not obs_noise0 > 0:
             raise ValueError(f"KalmanOptimizer: obs_noise0 must be > 0, got {obs_noise0}")
         if not 0.0 <= obs_noise_beta < 1.0:
@@ -168,6 +182,7 @@ class KalmanOptimizer(torch.optim.Optimizer):
         self.obs_noise_floor = float(obs_noise_floor)
         self.target = float(target)
         self.backend = backend
+        self.observation = observation
         self.obs_noise: Optional[torch.Tensor] = None  # R, created on the params' device at the first step
         self.step_count = 0
         # Diagnostics of the last step (0-d device tensors; reading them syncs, the step does not).
@@ -192,6 +207,8 @@ class KalmanOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"KalmanOptimizer.step: closure must return the loss as a tensor, got {type(loss).__name__}")
         elif not isinstance(loss, torch.Tensor):
             raise TypeError(f"KalmanOptimizer.step: loss must be a tensor, got {type(loss).__name__}")
+        if self.observation == "per_sample":
+            return self._step_per_sample(loss)
         if loss.numel() != 1:
             raise ValueError(f"KalmanOptimizer.step: loss must be a scalar, got shape {tuple(loss.shape)}")
 
@@ -253,6 +270,64 @@ class KalmanOptimizer(torch.optim.Optimizer):
         self.last_S, self.last_innovation, self.last_gated = S, e, gated
         self.last_step_taken = taken
         return loss
+
+    def _step_per_sample(self, losses: torch.Tensor) -> torch.Tensor:
+        """SPEC §3b: M = len(losses) observations, target ``y*`` each; the
+        Jacobian rows are the per-sample gradients, computed here with one
+        batched backward (``is_grads_batched``: vmap over the rows of I_M)."""
+        if losses.dim() != 1 or losses.numel() == 0:
+            raise ValueError("KalmanOptimizer.step (observation='per_sample'): the closure must return the "
+                             f"per-sample losses as a non-empty 1-D tensor, got shape {tuple(losses.shape)}")
+        if not losses.requires_grad:
+            raise ValueError("KalmanOptimizer.step (observation='per_sample'): the losses carry no graph; "
+                             "return them from the closure without calling backward()")
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        q_of = [float(g["process_noise"]) for g in self.param_groups for p in g["params"] if p.requires_grad]
+        if not params:
+            return losses
+        M = losses.shape[0]
+        device = params[0].device
+        with torch.enable_grad():
+            eye = torch.eye(M, dtype=losses.dtype, device=losses.device)
+            hs = torch.autograd.grad(losses, params, grad_outputs=eye, is_grads_batched=True, allow_unused=True)
+        grads = [torch.zeros((M, *p.shape), dtype=p.dtype, device=p.device) if h is None else h.to(p.dtype)
+                 for h, p in zip(hs, params)]
+        variances = []
+        for p, g in zip(params, self.param_groups_of(params)):
+            st = self.state[p]
+            if "variance" not in st:
+                st["variance"] = torch.full(p.shape, float(g["p0"]), dtype=torch.float32, device=p.device)
+            variances.append(st["variance"])
+        R = self._obs_noise_on(device)
+        e = self.target - losses.detach().to(device=device, dtype=torch.float32)
+        step_vars, q = variances, q_of[0]
+        if len(set(q_of)) > 1:  # as in the scalar step: predict into copies, kept only if the step is taken
+            step_vars, q = [v + qi if qi != 0.0 else v.clone() for v, qi in zip(variances, q_of)], 0.0
+        S = kalman_step_(params, grads, step_vars, e, R, process_noise=q, forgetting=self.forgetting,
+                         var_floor=self.var_floor, gate_chi2=self.gate_chi2, backend=self.backend)
+        taken = torch.isfinite(S).all()
+        if step_vars is not variances:
+            for v, vq in zip(variances, step_vars):
+                v.copy_(torch.where(taken, vq, v))
+        # observation noise, innovation-based: R <- beta R + (1 - beta) mean_b (e_b^2 - Gram_bb)_+
+        Ssafe = torch.where(taken, S, torch.eye(M, device=device))
+        L, _ = torch.linalg.cholesky_ex(Ssafe)
+        d2 = (e * torch.cholesky_solve(e[:, None], L)[:, 0]).sum()
+        gated = torch.zeros((), dtype=torch.bool, device=device) if self.gate_chi2 is None else d2 > self.gate_chi2
+        e_used = e if self.gate_chi2 is None else e * torch.where(gated, torch.sqrt(self.gate_chi2 / d2), 1.0)
+        gram_diag = torch.diagonal(Ssafe) - R
+        beta = self.obs_noise_beta
+        R_new = torch.clamp(beta * R + (1.0 - beta) * (e_used * e_used - gram_diag).clamp(min=0).mean(),
+                            min=self.obs_noise_floor)
+        R.copy_(torch.where(taken, R_new, R))
+        self.step_count += 1
+        self.last_S, self.last_innovation, self.last_gated, self.last_step_taken = S, e, gated, taken
+        return losses.detach()
+
+    def param_groups_of(self, params: List[torch.Tensor]) -> List[Dict[str, Any]]:
+        """The param group of each parameter."""
+        of = {id(p): g for g in self.param_groups for p in g["params"]}
+        return [of[id(p)] for p in params]
 
     def _obs_noise_on(self, device: torch.device) -> torch.Tensor:
         if self.obs_noise is None:

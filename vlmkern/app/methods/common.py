@@ -208,7 +208,7 @@ def load_checkpoint(path: str, restore_rng: bool = True) -> Dict[str, Any]:
 
 
 def prompt_classification_loss(model, images: torch.Tensor, labels: torch.Tensor,
-                               class_tokens: torch.Tensor) -> torch.Tensor:
+                               class_tokens: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of each image against every class prompt (``logit_scale * f_img . f_class``).
 
     The objective of the labelled-data trainers (APFT, Kalman few-shot): retrieval of the right label text.
@@ -217,7 +217,7 @@ def prompt_classification_loss(model, images: torch.Tensor, labels: torch.Tensor
 
     fi = F.normalize(model.encode_image(images), dim=-1)
     ft = F.normalize(model.encode_text(class_tokens), dim=-1)
-    return F.cross_entropy(model.logit_scale.exp() * fi @ ft.T, labels)
+    return F.cross_entropy(model.logit_scale.exp() * fi @ ft.T, labels, reduction=reduction)
 
 
 @torch.no_grad()
