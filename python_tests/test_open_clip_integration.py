@@ -220,6 +220,17 @@ def test_adapter_follows_open_clips_call_convention(margin):
     assert isinstance(plain, torch.Tensor) and plain.dim() == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_adapter_works_inside_open_clips_autocast_region(dtype):
+    """--precision amp*: open_clip calls the loss under autocast; the adapter runs the op outside it."""
+    a = oct.OpenClipLoss(vlmkern.GlobalContrastiveLoss(20, tau=0.07, gamma=0.9))
+    ref = vlmkern.GlobalContrastiveLoss(20, tau=0.07, gamma=0.9)
+    f, t = _features()
+    with torch.autocast("cpu", dtype=dtype):
+        out = a(f, t, output_dict=True, index=torch.arange(8))["contrastive_loss"]
+    assert torch.equal(out, ref(f, t, torch.arange(8)))
+
+
 def test_adapter_takes_each_batch_index_from_the_handoff_exactly_once():
     h = oct.IndexHandoff()
     a = oct.OpenClipLoss(vlmkern.GlobalContrastiveLoss(20, tau=0.07, gamma=0.9), h)
