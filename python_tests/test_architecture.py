@@ -1,11 +1,12 @@
 """The import contract of docs/ARCHITECTURE.md, read from the source with ``ast``:
 
-* the kernel library (every module of ``vlmkern`` outside ``vlmkern.app``) imports nothing from the
-  application floor ``vlmkern.app`` - absolute or relative imports, at module level or inside functions,
-  and ``importlib.import_module`` / ``__import__`` with a literal name;
+* the kernel library (every module of ``vlmkern`` outside the application floor) imports nothing from
+  the application floor - ``vlmkern.app`` and ``vlmkern.integrations`` (the latter imports other
+  projects' trainers, e.g. open_clip_train) - absolute or relative imports, at module level or inside
+  functions, and ``importlib.import_module`` / ``__import__`` with a literal name;
 * runtime code does not import the float64 test oracle ``vlmkern.reference`` (only the benchmark
   harness may, for its baseline);
-* ``import vlmkern`` loads neither ``vlmkern.app`` nor ``vlmkern.reference``.
+* ``import vlmkern`` loads neither the application floor nor ``vlmkern.reference``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import vlmkern
 
 PKG_DIR = Path(vlmkern.__file__).resolve().parent
 APP = "vlmkern.app"
+# the application floor: the trainers and everything around them, and the integrations into other
+# projects' trainers (they may import the library and vlmkern.app; the library imports neither)
+APP_FLOOR = (APP, "vlmkern.integrations")
 ORACLE = "vlmkern.reference"
 # `python -m vlmkern` is the command line: the one module at the top that reaches up (nothing imports it)
 ENTRY_POINTS = {"vlmkern.__main__"}
@@ -87,8 +91,12 @@ def _violations(check) -> List[str]:
     return sorted(set(bad))
 
 
+def _on_app_floor(name: str) -> bool:
+    return any(_under(name, p) for p in APP_FLOOR)
+
+
 def _library_imports_app(module: str, target: str) -> bool:
-    return not _under(module, APP) and module not in ENTRY_POINTS and _under(target, APP)
+    return not _on_app_floor(module) and module not in ENTRY_POINTS and _on_app_floor(target)
 
 
 def _runtime_imports_oracle(module: str, target: str) -> bool:
@@ -99,6 +107,7 @@ def _runtime_imports_oracle(module: str, target: str) -> bool:
 def test_the_floors_exist():
     mods = _modules()
     assert APP in mods and ORACLE in mods and "vlmkern.ops.hgcl" in mods
+    assert "vlmkern.integrations.open_clip_train" in mods
     assert any(_under(m, APP + ".methods") for m in mods) and any(_under(m, "vlmkern.optim") for m in mods)
 
 
@@ -117,6 +126,18 @@ def test_the_stair_goes_up_only():
     found = {t for m, (p, pkg) in _modules().items() if _under(m, APP)
              for _, t in imports_of(p.read_text(encoding="utf-8"), m, pkg)}
     assert "vlmkern.optim.kalman" in found and "vlmkern.ops.hgcl" in found
+    found = {t for m, (p, pkg) in _modules().items() if _under(m, "vlmkern.integrations")
+             for _, t in imports_of(p.read_text(encoding="utf-8"), m, pkg)}
+    assert "vlmkern.GlobalContrastiveLoss" in found and "vlmkern.app.models.clip" in found
+
+
+@pytest.mark.parametrize("module, target", [
+    ("vlmkern.integrations.open_clip_train", "vlmkern.app.models.clip"),
+    ("vlmkern.integrations.open_clip_train", "vlmkern.GlobalContrastiveLoss"),
+    ("vlmkern.app.cli", "vlmkern.integrations.open_clip_train"),
+])
+def test_the_application_floor_may_import_itself_and_the_library(module, target):
+    assert not _library_imports_app(module, target)
 
 
 @pytest.mark.parametrize("module, is_pkg, source", [
@@ -126,6 +147,9 @@ def test_the_stair_goes_up_only():
     ("vlmkern.info", False, "import vlmkern.app.cli\n"),
     ("vlmkern.info", False, "from vlmkern import app\n"),
     ("vlmkern.info", False, "import importlib\nimportlib.import_module('vlmkern.app.bench.run_all')\n"),
+    ("vlmkern.ops.x", False, "from ..integrations import open_clip_train\n"),
+    ("vlmkern.optim.kalman", False, "def f():\n    import vlmkern.integrations.open_clip_train\n"),
+    ("vlmkern", True, "from .integrations.open_clip_train import OpenClipLoss\n"),
 ])
 def test_the_scan_catches_a_library_import_of_the_application(module, is_pkg, source):
     assert any(_library_imports_app(module, t) for _, t in imports_of(source, module, is_pkg))
@@ -151,7 +175,7 @@ def test_import_vlmkern_loads_neither_the_application_nor_the_oracle():
     assert Path(where).resolve().parent == PKG_DIR
     loaded = loaded.split()
     assert "vlmkern.ops.hgcl" in loaded  # the library itself did load
-    assert not [m for m in loaded if _under(m, APP) or _under(m, ORACLE)], loaded
+    assert not [m for m in loaded if _on_app_floor(m) or _under(m, ORACLE)], loaded
     # and the oracle stays importable on its own
     r = subprocess.run([sys.executable, "-c", "from vlmkern import reference; print(reference.fastclip_gamma(0, 0.2, 10))"],
                        env=env, capture_output=True, text=True, timeout=300)

@@ -1,0 +1,511 @@
+"""TuneCLIP's (H)GCL loss inside open_clip's own trainer (``open_clip_train.main``).
+
+    python -m vlmkern.integrations.open_clip_train --vlmkern-loss hgcl --vlmkern-margin 0.1 \\
+        --vlmkern-gamma 0.9 [--vlmkern-tau 0.03] <any open_clip_train.main arguments>
+
+The ``--vlmkern-*`` flags are taken off, the repo's tiny model configs
+(``vlmkern-micro-ViT``, ``vlmkern-tiny-ViT``) are registered with open_clip, and
+``open_clip_train.main.main(rest)`` runs unmodified after
+:func:`apply_vlmkern_to_open_clip_train` has patched five names in the
+``open_clip_train.main`` module (nothing else of open_clip is touched):
+
+``create_loss``
+    returns :class:`OpenClipLoss`: a :class:`vlmkern.GlobalContrastiveLoss`
+    (``margin=None`` for ``gcl``) in open_clip's call convention
+    ``loss(image_features=, text_features=, logit_scale=, output_dict=True)`` ->
+    ``{"contrastive_loss": loss}``; ``num_samples`` = the training set's length.
+``get_data``
+    the sample index. The training dataset (map-style: ``--dataset-type csv``,
+    or ``synthetic``) is wrapped so that every item is ``(image, text, index)``
+    and the DataLoader is rebuilt with the same sampler and settings: the index
+    travels *inside the batch* through the DataLoader workers, collate and
+    pin-memory. The loader open_clip iterates is :class:`IndexedLoader`: it
+    yields the ``(images, texts)`` that ``train_one_epoch`` unpacks and, in the
+    main process and the same thread, hands that batch's index to the loss
+    (:class:`IndexHandoff`), which takes it exactly once: a batch whose index is
+    not taken by the loss, or a loss call without a batch, raises instead of
+    pairing features with another batch's indices. (Nothing is set in a
+    DataLoader worker, and ``train_one_epoch`` is not copied or changed.)
+``create_model_and_transforms``
+    the temperature is fixed (as in TuneCLIP): ``model.logit_scale`` is set to
+    ``log(1/tau)`` when ``--vlmkern-tau`` is given and frozen
+    (``requires_grad=False``) before DDP and the optimizer see it; the loss uses
+    ``tau = exp(-logit_scale)`` as the model holds it once a ``--resume`` has
+    loaded its weights, so the saved model's ``logit_scale`` is the temperature
+    the loss trained with.
+``pt_load`` and ``torch``
+    the ``u`` state lives *in open_clip's checkpoint*, under the key
+    ``"vlmkern_loss"`` (open_clip's resume ignores unknown keys, and a plain
+    open_clip model still loads the checkpoint's ``"state_dict"``). ``main``'s
+    module-level name ``torch`` is a proxy of the real module whose ``save``
+    adds that key to the training checkpoints ``main`` writes
+    (``epoch_<n>.pt``, ``epoch_latest.pt``): whatever ``main``'s rules for
+    when and where to save are, the state goes with them. ``pt_load`` (used by
+    ``main`` for ``--resume`` only) keeps the entry of the checkpoint it loads,
+    and ``create_loss`` restores it.
+
+The loss runs with autocast disabled (open_clip calls it inside its
+``--precision amp`` region; the op takes fp32/bf16/fp16 features and
+accumulates in fp32 itself).
+
+What this slice does not honour raises :class:`UnsupportedOption` naming the
+option: ``--accum-freq`` > 1, ``--siglip``, CoCa models, ``--distill-*``,
+``--horovod``, webdataset training data (no stable sample index yet).
+``--local-loss`` / ``--gather-with-grad`` have no effect: under
+``torch.distributed`` the loss always gathers every rank's features itself, with
+the full gradient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import sys
+import types
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from vlmkern import GlobalContrastiveLoss
+
+_log = logging.getLogger("vlmkern.open_clip_train")
+
+CHECKPOINT_KEY = "vlmkern_loss"
+_ENTRY_FORMAT = 1
+INSTALL_HINT = "pip install 'vlmkern[open_clip_train]' (or: pip install open_clip_torch braceexpand webdataset pandas)"
+LOSSES = ("hgcl", "gcl")
+
+
+class UnsupportedOption(ValueError):
+    """An open_clip_train option this integration does not (yet) honour."""
+
+
+# ----------------------------------------------------------------------------
+# configuration and the checks of open_clip's arguments
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class LossConfig:
+    """The ``--vlmkern-*`` flags. ``margin=None``: 0.1 for HGCL (GCL has none). ``tau=None``: the
+    model's ``logit_scale`` decides."""
+    loss: str = "hgcl"
+    gamma: float = 0.9
+    margin: Optional[float] = None
+    tau: Optional[float] = None
+    eps: float = 1e-14
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"vlmkern loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.loss == "hgcl" and self.margin is None:
+            self.margin = 0.1
+        if self.loss == "gcl" and self.margin is not None:
+            raise ValueError("--vlmkern-margin is HGCL's hinge margin; plain GCL (--vlmkern-loss gcl) has none")
+        if self.loss == "hgcl" and (self.margin is None or not (math.isfinite(self.margin) and self.margin >= 0)):
+            raise ValueError(f"--vlmkern-margin must be a number >= 0, got {self.margin}")
+        if not (0.0 < self.gamma <= 1.0):
+            raise ValueError(f"--vlmkern-gamma must be in (0, 1], got {self.gamma}")
+        # open_clip clamps logit_scale to [0, ln 100] after every step: tau outside [0.01, 1] would not hold
+        if self.tau is not None and not (0.01 <= self.tau <= 1.0):
+            raise ValueError(f"--vlmkern-tau must be in [0.01, 1] (open_clip clamps logit_scale = log(1/tau) "
+                             f"to [0, ln 100]), got {self.tau}")
+
+
+def _is_webdataset(args) -> bool:
+    if args.dataset_type == "webdataset":
+        return True
+    if args.dataset_type == "auto" and args.train_data:
+        return args.train_data.split(".")[-1] not in ("csv", "tsv")  # open_clip's rule: csv/tsv, else tar
+    return False
+
+
+def check_open_clip_args(args) -> None:
+    """Raise :class:`UnsupportedOption` for an open_clip_train option this slice cannot honour."""
+    def no(option, why):
+        raise UnsupportedOption(f"vlmkern.integrations.open_clip_train: {option} is not supported: {why}")
+
+    if args.accum_freq > 1:
+        no(f"--accum-freq {args.accum_freq}", "open_clip calls the loss again on the same anchors for every "
+           "accumulation step, which would update each sample's u state accum-freq times a step "
+           "(use --accum-freq 1 and a larger --batch-size)")
+    if args.siglip:
+        no("--siglip", "the vlmkern loss replaces open_clip's contrastive loss; SigLIP's sigmoid loss is another loss")
+    if "coca" in args.model.lower():
+        no(f"--model {args.model} (CoCa)", "CoCa's captioning loss is not combined with the vlmkern loss")
+    if args.distill_model is not None or args.distill_pretrained is not None:
+        no("--distill-model/--distill-pretrained", "distillation is not combined with the vlmkern loss")
+    if args.horovod:
+        no("--horovod", "the vlmkern loss gathers across ranks with torch.distributed (use torchrun)")
+    if (args.train_data or args.dataset_type == "synthetic") and _is_webdataset(args):
+        no("--dataset-type webdataset (--train-data " + str(args.train_data) + ")",
+           "the loss keeps per-sample state indexed by a stable dataset index, and the webdataset pipeline "
+           "has none yet (samples carry only a __key__); use a CSV/TSV dataset (--dataset-type csv)")
+
+
+# ----------------------------------------------------------------------------
+# the sample index: through the DataLoader inside the batch, then to the loss
+# ----------------------------------------------------------------------------
+
+
+class IndexHandoff:
+    """One batch's index, from the loader (``put``) to the loss (``take``), exactly once."""
+
+    def __init__(self):
+        self._pending: Optional[Tensor] = None
+
+    def put(self, index: Tensor) -> None:
+        if self._pending is not None:
+            raise RuntimeError("vlmkern.integrations.open_clip_train: a new training batch arrived before the loss "
+                               "took the previous batch's sample index (the trainer skipped the loss for a batch?)")
+        self._pending = index
+
+    def take(self) -> Tensor:
+        if self._pending is None:
+            raise RuntimeError("vlmkern.integrations.open_clip_train: the loss was called without a pending training "
+                               "batch index (it takes each batch's index once; with --accum-freq > 1 open_clip calls "
+                               "it again on the same batch)")
+        index, self._pending = self._pending, None
+        return index
+
+    def clear(self) -> None:
+        self._pending = None
+
+
+class IndexedDataset(Dataset):
+    """``dataset[i] + (i,)``: every item carries its dataset index."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return (*self.dataset[i], i)
+
+
+class IndexedLoader:
+    """Iterates a loader of ``(images, texts, index)`` batches as ``(images, texts)``, handing each
+    batch's index to ``handoff`` before yielding it. Carries open_clip's ``num_samples`` /
+    ``num_batches``; other attributes are the wrapped DataLoader's."""
+
+    def __init__(self, loader: DataLoader, handoff: IndexHandoff, num_samples: int, num_batches: int):
+        self.loader = loader
+        self.handoff = handoff
+        self.num_samples = num_samples
+        self.num_batches = num_batches
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        self.handoff.clear()
+        try:
+            for images, texts, index in self.loader:
+                self.handoff.put(index)
+                yield images, texts
+        finally:  # an epoch cut short leaves no stale index for the next one
+            self.handoff.clear()
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["loader"], name)
+
+
+def with_index(info, handoff: IndexHandoff):
+    """open_clip's training ``DataInfo`` with its DataLoader rebuilt over :class:`IndexedDataset`
+    (same sampler, batch size, workers, collate, drop_last, ...) and wrapped in :class:`IndexedLoader`."""
+    dl = info.dataloader
+    ds = dl.dataset
+    if isinstance(ds, IterableDataset) or not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
+        raise UnsupportedOption(
+            f"vlmkern.integrations.open_clip_train: the training dataset ({type(ds).__name__}) is not a map-style "
+            "dataset with a stable index; the vlmkern loss needs one (use --dataset-type csv)")
+    kw: Dict[str, Any] = dict(
+        batch_size=dl.batch_size, sampler=dl.sampler, num_workers=dl.num_workers, collate_fn=dl.collate_fn,
+        pin_memory=dl.pin_memory, drop_last=dl.drop_last, timeout=dl.timeout, worker_init_fn=dl.worker_init_fn,
+        multiprocessing_context=dl.multiprocessing_context, generator=dl.generator,
+        persistent_workers=dl.persistent_workers)
+    if dl.num_workers > 0:
+        kw["prefetch_factor"] = dl.prefetch_factor
+    loader = DataLoader(IndexedDataset(ds), **kw)
+    num_samples = getattr(dl, "num_samples", len(ds))
+    num_batches = getattr(dl, "num_batches", len(loader))
+    return dataclasses.replace(info, dataloader=IndexedLoader(loader, handoff, num_samples, num_batches))
+
+
+# ----------------------------------------------------------------------------
+# the loss in open_clip's call convention
+# ----------------------------------------------------------------------------
+
+
+class OpenClipLoss(torch.nn.Module):
+    """:class:`vlmkern.GlobalContrastiveLoss` called the way open_clip calls its losses.
+
+    ``forward(image_features, text_features, logit_scale=None, output_dict=False, index=None)``:
+    ``index`` (the batch's dataset indices) defaults to the one ``handoff`` holds. Returns the loss,
+    or ``{"contrastive_loss": loss}`` with ``output_dict=True``. ``logit_scale`` is not used (the
+    temperature is the loss's fixed ``tau``); ``logit_bias`` (SigLIP) or any other model output
+    (CoCa's logits, distillation features) raises :class:`UnsupportedOption`."""
+
+    def __init__(self, loss: GlobalContrastiveLoss, handoff: Optional[IndexHandoff] = None):
+        super().__init__()
+        self.loss = loss
+        self.handoff = handoff
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale=None, logit_bias=None,
+                output_dict: bool = False, index: Optional[Tensor] = None, **other):
+        if logit_bias is not None:
+            raise UnsupportedOption("vlmkern.integrations.open_clip_train: the model returns logit_bias (a SigLIP "
+                                    "model); the vlmkern loss is not a sigmoid loss")
+        if other:
+            raise UnsupportedOption(f"vlmkern.integrations.open_clip_train: unexpected model outputs {sorted(other)} "
+                                    "(CoCa logits/labels or --distill features are not supported)")
+        if index is None:
+            if self.handoff is None:
+                raise ValueError("vlmkern.integrations.open_clip_train: no index given and no loader hands one over")
+            index = self.handoff.take()
+        index = torch.as_tensor(index).to(device=image_features.device, dtype=torch.int64)
+        if index.dim() != 1 or index.shape[0] != image_features.shape[0]:
+            raise RuntimeError(f"vlmkern.integrations.open_clip_train: the batch index has shape {tuple(index.shape)} "
+                               f"but the features have {image_features.shape[0]} rows")
+        # open_clip calls the loss inside its autocast region (--precision amp*); the vlmkern op takes
+        # float32/bf16/fp16 features and accumulates in fp32 itself, and fails under CPU autocast
+        with torch.autocast(device_type=image_features.device.type, enabled=False):
+            loss = self.loss(image_features, text_features, index)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+# ----------------------------------------------------------------------------
+# the patches
+# ----------------------------------------------------------------------------
+
+
+def _checkpoint_entry(loss: GlobalContrastiveLoss, kind: str) -> Dict[str, Any]:
+    return {"format": _ENTRY_FORMAT, "loss": kind, "num_samples": int(loss.log_u_img.shape[0]),
+            "tau": loss.tau, "gamma": loss.gamma, "margin": loss.margin, "eps": loss.eps,
+            "state_dict": {k: v.detach().cpu().clone() for k, v in loss.state_dict().items()}}
+
+
+def _is_train_checkpoint(obj) -> bool:
+    return isinstance(obj, dict) and {"epoch", "state_dict", "optimizer"} <= obj.keys()
+
+
+class _TorchSavingLossState(types.ModuleType):
+    """``torch`` for ``open_clip_train.main``'s namespace: every attribute is the real module's,
+    except that ``save`` of a training checkpoint (a dict with epoch/state_dict/optimizer)
+    adds the loss state under :data:`CHECKPOINT_KEY`."""
+
+    def __init__(self, real: types.ModuleType, session: "Session"):
+        super().__init__(real.__name__, real.__doc__)
+        self._real = real
+        self._session = session
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def save(self, obj, f, *args, **kwargs):
+        s = self._session
+        if s.loss is not None and _is_train_checkpoint(obj):
+            obj = dict(obj)
+            obj[CHECKPOINT_KEY] = _checkpoint_entry(s.loss.loss, s.config.loss)
+        return self._real.save(obj, f, *args, **kwargs)
+
+
+@dataclass
+class Session:
+    """What the patches share during one ``open_clip_train.main.main`` run."""
+    config: LossConfig
+    handoff: IndexHandoff = dataclasses.field(default_factory=IndexHandoff)
+    model: Optional[torch.nn.Module] = None
+    num_samples: Optional[int] = None
+    resume_path: Optional[str] = None
+    resume_entry: Optional[Dict[str, Any]] = None
+    loss: Optional[OpenClipLoss] = None
+
+
+class OpenClipTrainPatch:
+    """The patches applied to ``open_clip_train.main``; :meth:`undo` restores the originals."""
+
+    NAMES = ("create_model_and_transforms", "get_data", "create_loss", "pt_load", "torch")
+
+    def __init__(self, session: Session, module, originals: Dict[str, Any]):
+        self.session = session
+        self.module = module
+        self.originals = originals
+
+    def undo(self) -> None:
+        for name, value in self.originals.items():
+            setattr(self.module, name, value)
+
+
+def _freeze_temperature(session: Session, model) -> None:
+    scale = getattr(model, "logit_scale", None)
+    if not isinstance(scale, torch.Tensor):
+        raise UnsupportedOption(f"vlmkern.integrations.open_clip_train: the model ({type(model).__name__}) has no "
+                                "logit_scale parameter to fix the temperature with")
+    with torch.no_grad():
+        if session.config.tau is not None:
+            scale.fill_(math.log(1.0 / session.config.tau))
+    scale.requires_grad_(False)
+    session.model = model
+
+
+def _model_tau(session: Session) -> float:
+    return math.exp(-float(session.model.logit_scale.detach().float().reshape(-1)[0]))
+
+
+def _build_loss(session: Session, args) -> OpenClipLoss:
+    cfg = session.config
+    check_open_clip_args(args)
+    if session.num_samples is None:
+        raise RuntimeError("vlmkern.integrations.open_clip_train: create_loss ran before get_data built the "
+                           "training data (the loss state needs the dataset size)")
+    if session.model is None:
+        raise RuntimeError("vlmkern.integrations.open_clip_train: create_loss ran before the model was built")
+    if cfg.tau is not None and abs(_model_tau(session) - cfg.tau) > 1e-6 * cfg.tau:
+        _log.warning(f"vlmkern: the resumed checkpoint's logit_scale gives tau = {_model_tau(session):.6g}; "
+                     f"using --vlmkern-tau {cfg.tau:.6g} as asked")
+        with torch.no_grad():
+            session.model.logit_scale.fill_(math.log(1.0 / cfg.tau))
+    tau = _model_tau(session)
+    margin = cfg.margin if cfg.loss == "hgcl" else None
+    gcl = GlobalContrastiveLoss(session.num_samples, tau=tau, gamma=cfg.gamma, margin=margin, eps=cfg.eps)
+    gcl = gcl.to(args.device)
+    _log.info(f"vlmkern: loss {cfg.loss.upper()} (vlmkern.GlobalContrastiveLoss: num_samples={session.num_samples}, "
+              f"tau={tau:.6g}, gamma={cfg.gamma}, margin={margin}); the temperature is fixed: "
+              f"model.logit_scale = {math.log(1 / tau):.6g} is frozen (requires_grad=False)")
+    if args.local_loss or args.gather_with_grad:
+        _log.info("vlmkern: --local-loss/--gather-with-grad have no effect: the vlmkern loss gathers every rank's "
+                  "features itself, with the full gradient")
+    entry = session.resume_entry
+    if entry is not None:
+        n = int(entry.get("num_samples", -1))
+        if entry.get("format") != _ENTRY_FORMAT or n != session.num_samples:
+            raise ValueError(f"vlmkern.integrations.open_clip_train: the checkpoint {session.resume_path} holds loss "
+                             f"state for {n} samples (format {entry.get('format')}) but the training data has "
+                             f"{session.num_samples}: resume with the same --train-data")
+        gcl.load_state_dict(entry["state_dict"])
+        for key, now in (("loss", cfg.loss), ("tau", tau), ("gamma", cfg.gamma), ("margin", margin)):
+            if entry.get(key) != now and not (isinstance(now, float) and isinstance(entry.get(key), float)
+                                              and abs(entry[key] - now) <= 1e-6 * abs(now)):
+                _log.warning(f"vlmkern: the checkpoint's loss state was trained with {key}={entry.get(key)}; "
+                             f"continuing with {key}={now}")
+        visited = int(torch.isfinite(gcl.log_u_img).sum())
+        _log.info(f"vlmkern: restored the loss state from {session.resume_path}: "
+                  f"{visited} of {session.num_samples} samples visited")
+    elif session.resume_path is not None:
+        _log.warning(f"vlmkern: the checkpoint {session.resume_path} has no vlmkern loss state "
+                     f"('{CHECKPOINT_KEY}'); the u state starts empty")
+    session.loss = OpenClipLoss(gcl, session.handoff)
+    return session.loss
+
+
+def apply_vlmkern_to_open_clip_train(loss: str = "hgcl", gamma: float = 0.9, margin: Optional[float] = None,
+                                     tau: Optional[float] = None, eps: float = 1e-14) -> OpenClipTrainPatch:
+    """Patch ``open_clip_train.main`` so that its ``main()`` trains with vlmkern's (H)GCL loss
+    (see the module docstring for what is patched and why). ``loss="gcl"`` needs ``margin=None``.
+    ``margin=None``: 0.1 for HGCL. Returns the patch; ``.undo()`` restores open_clip."""
+    try:
+        import open_clip_train.main as ocmain
+    except ImportError as exc:
+        raise ImportError(f"open_clip_train cannot be imported ({exc}): {INSTALL_HINT}") from exc
+    session = Session(LossConfig(loss=loss, gamma=float(gamma), margin=None if margin is None else float(margin),
+                                 tau=None if tau is None else float(tau), eps=float(eps)))
+    originals = {name: getattr(ocmain, name) for name in OpenClipTrainPatch.NAMES}
+
+    def create_model_and_transforms(*a, **k):
+        out = originals["create_model_and_transforms"](*a, **k)
+        _freeze_temperature(session, out[0])
+        return out
+
+    def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
+        check_open_clip_args(args)
+        data = originals["get_data"](args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+        if "train" in data:
+            data["train"] = with_index(data["train"], session.handoff)
+            session.num_samples = len(data["train"].dataloader.dataset)
+        return data
+
+    def create_loss(args):
+        return _build_loss(session, args)
+
+    def pt_load(file_path, map_location=None):
+        ck = originals["pt_load"](file_path, map_location=map_location)
+        if isinstance(ck, dict) and "epoch" in ck:
+            session.resume_path = file_path
+            session.resume_entry = ck.get(CHECKPOINT_KEY)
+        return ck
+
+    ocmain.create_model_and_transforms = create_model_and_transforms
+    ocmain.get_data = get_data
+    ocmain.create_loss = create_loss
+    ocmain.pt_load = pt_load
+    ocmain.torch = _TorchSavingLossState(originals["torch"], session)
+    return OpenClipTrainPatch(session, ocmain, originals)
+
+
+# ----------------------------------------------------------------------------
+# the command
+# ----------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m vlmkern.integrations.open_clip_train", allow_abbrev=False, add_help=False,
+        description="open_clip's trainer (open_clip_train.main) with vlmkern's TuneCLIP loss. The --vlmkern-* "
+                    "flags are this launcher's; every other argument goes to open_clip_train.main.")
+    p.add_argument("--vlmkern-loss", choices=LOSSES, required=True,
+                   help="hgcl: hinged global contrastive loss (TuneCLIP); gcl: plain global contrastive loss")
+    p.add_argument("--vlmkern-gamma", type=float, default=0.9, help="moving-average rate of the u state, (0, 1]")
+    p.add_argument("--vlmkern-margin", type=float, default=None, help="HGCL's hinge margin (default 0.1; not for gcl)")
+    p.add_argument("--vlmkern-tau", type=float, default=None,
+                   help="fixed temperature (default: 1/exp(logit_scale) of the model as built, pretrained or "
+                        "resumed); model.logit_scale is frozen")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    if "-h" in argv or "--help" in argv:
+        parser.print_help()
+        print("\nopen_clip_train.main's arguments follow.\n")
+        from open_clip_train.params import parse_args
+        parse_args(["--help"])  # exits
+    ours, rest = parser.parse_known_args(argv)
+    stray = [a for a in rest if a.startswith("--vlmkern")]
+    if stray:
+        parser.error(f"unknown vlmkern flag(s) {stray}")
+    margin = ours.vlmkern_margin
+    try:
+        LossConfig(ours.vlmkern_loss, ours.vlmkern_gamma, margin, ours.vlmkern_tau)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        import open_clip
+        from open_clip_train.params import parse_args
+    except ImportError as exc:
+        parser.error(f"open_clip_train cannot be imported ({exc}): {INSTALL_HINT}")
+    from vlmkern.app.models.clip import CONFIG_DIR
+    open_clip.add_model_config(CONFIG_DIR)  # --model vlmkern-micro-ViT / vlmkern-tiny-ViT
+    try:
+        check_open_clip_args(parse_args(rest))  # fail before any model is built
+    except UnsupportedOption as exc:
+        parser.error(str(exc))
+    patch = apply_vlmkern_to_open_clip_train(ours.vlmkern_loss, ours.vlmkern_gamma, margin, ours.vlmkern_tau)
+    import open_clip_train.main as ocmain
+    try:
+        rc = ocmain.main(rest)
+    finally:
+        patch.undo()
+    return 0 if rc in (None, 0) else 1  # main returns -1 on some errors (e.g. an existing --name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
