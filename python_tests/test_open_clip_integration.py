@@ -222,7 +222,7 @@ def test_adapter_follows_open_clips_call_convention(margin):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_adapter_works_inside_open_clips_autocast_region(dtype):
-    """--precision amp*: open_clip calls the loss under autocast; the adapter runs the op outside it."""
+    """--precision amp*: open_clip calls the loss under autocast; the result is the one outside it."""
     a = oct.OpenClipLoss(vlmkern.GlobalContrastiveLoss(20, tau=0.07, gamma=0.9))
     ref = vlmkern.GlobalContrastiveLoss(20, tau=0.07, gamma=0.9)
     f, t = _features()

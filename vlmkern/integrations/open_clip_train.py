@@ -44,9 +44,9 @@ The ``--vlmkern-*`` flags are taken off, the repo's tiny model configs
     ``main`` for ``--resume`` only) keeps the entry of the checkpoint it loads,
     and ``create_loss`` restores it.
 
-The loss runs with autocast disabled (open_clip calls it inside its
-``--precision amp`` region; the op takes fp32/bf16/fp16 features and
-accumulates in fp32 itself).
+open_clip calls the loss inside its ``--precision amp`` region; the op keeps
+its own fp32 accumulation there (``hgcl_loss`` turns autocast off for its
+kernels).
 
 What this slice does not honour raises :class:`UnsupportedOption` naming the
 option: ``--accum-freq`` > 1, ``--siglip``, CoCa models, ``--distill-*``,
@@ -274,10 +274,7 @@ class OpenClipLoss(torch.nn.Module):
         if index.dim() != 1 or index.shape[0] != image_features.shape[0]:
             raise RuntimeError(f"vlmkern.integrations.open_clip_train: the batch index has shape {tuple(index.shape)} "
                                f"but the features have {image_features.shape[0]} rows")
-        # open_clip calls the loss inside its autocast region (--precision amp*); the vlmkern op takes
-        # float32/bf16/fp16 features and accumulates in fp32 itself, and fails under CPU autocast
-        with torch.autocast(device_type=image_features.device.type, enabled=False):
-            loss = self.loss(image_features, text_features, index)
+        loss = self.loss(image_features, text_features, index)
         return {"contrastive_loss": loss} if output_dict else loss
 
 
