@@ -42,26 +42,21 @@ class BackendUnavailableError(RuntimeError):
 class OpInfo:
     """An op's implementations, by step and backend.
 
-    ``steps[step][backend]`` is either a callable or the name of a compiled
+    Each step's table maps a backend to a callable or to the name of a compiled
     ``torch.ops.vlmkern`` op (looked up at every call, so a test can route
-    ``torch.ops.vlmkern`` elsewhere).  A backend missing from a step runs the
-    step's ``torch`` implementation.  ``triton``: whether the op has Triton
-    kernels; ``cuda``: whether its compiled ops have CUDA kernels (False: CUDA
-    tensors use ``triton``, and ``availability`` says so).
+    ``torch.ops.vlmkern`` elsewhere); a backend missing from a step runs the
+    step's ``torch`` implementation.  ``compiled``: the qualified names of the
+    compiled ops the ``cpu``/``cuda`` backends call, collected as steps are
+    registered.  ``triton``: whether the op has Triton kernels; ``cuda``:
+    whether its compiled ops have CUDA kernels (False: CUDA tensors use
+    ``triton``, and ``availability`` says so).
     """
 
     name: str
     triton: bool = False
     cuda: bool = True
-    steps: Dict[str, Dict[str, Union[str, Callable]]] = field(default_factory=dict)
+    compiled: Tuple[str, ...] = ()
     triton_import_error: Optional[str] = field(default=None, repr=False)
-
-    @property
-    def compiled(self) -> Tuple[str, ...]:
-        """Qualified names of the compiled ops the ``cpu``/``cuda`` backends call."""
-        names = {f"vlmkern::{impl}" for step in self.steps.values() for b, impl in step.items()
-                 if b in ("cpu", "cuda") and isinstance(impl, str)}
-        return tuple(sorted(names))
 
     def step(self, step: str, **impls: Union[str, Callable]) -> Callable:
         """Register one step's implementations (``cpu=``, ``cuda=``, ``triton=``,
@@ -69,7 +64,8 @@ class OpInfo:
         every op uses."""
         if "torch" not in impls:
             raise ValueError(f"vlmkern: step {self.name}.{step} needs a torch implementation")
-        self.steps[step] = dict(impls)
+        names = {f"vlmkern::{impl}" for b, impl in impls.items() if b in ("cpu", "cuda") and isinstance(impl, str)}
+        self.compiled = tuple(sorted(set(self.compiled) | names))
 
         def run(backend: str, *args, **kwargs):
             impl = impls.get(backend, impls["torch"])
