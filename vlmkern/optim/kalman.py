@@ -281,8 +281,9 @@ class KalmanOptimizer(torch.optim.Optimizer):
         if not losses.requires_grad:
             raise ValueError("KalmanOptimizer.step (observation='per_sample'): the losses carry no graph; "
                              "return them from the closure without calling backward()")
-        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-        q_of = [float(g["process_noise"]) for g in self.param_groups for p in g["params"] if p.requires_grad]
+        owned = [(p, g) for g in self.param_groups for p in g["params"] if p.requires_grad]
+        params = [p for p, _ in owned]
+        q_of = [float(g["process_noise"]) for _, g in owned]
         if not params:
             return losses
         M = losses.shape[0]
@@ -293,7 +294,7 @@ class KalmanOptimizer(torch.optim.Optimizer):
         grads = [torch.zeros((M, *p.shape), dtype=p.dtype, device=p.device) if h is None else h.to(p.dtype)
                  for h, p in zip(hs, params)]
         variances = []
-        for p, g in zip(params, self.param_groups_of(params)):
+        for p, g in owned:
             st = self.state[p]
             if "variance" not in st:
                 st["variance"] = torch.full(p.shape, float(g["p0"]), dtype=torch.float32, device=p.device)
@@ -323,11 +324,6 @@ class KalmanOptimizer(torch.optim.Optimizer):
         self.step_count += 1
         self.last_S, self.last_innovation, self.last_gated, self.last_step_taken = S, e, gated, taken
         return losses.detach()
-
-    def param_groups_of(self, params: List[torch.Tensor]) -> List[Dict[str, Any]]:
-        """The param group of each parameter."""
-        of = {id(p): g for g in self.param_groups for p in g["params"]}
-        return [of[id(p)] for p in params]
 
     def _obs_noise_on(self, device: torch.device) -> torch.Tensor:
         if self.obs_noise is None:
