@@ -101,7 +101,11 @@ def test_base_model_is_cached_and_reused(tmp_path):
 
 def test_osr_protocol_smoke(tmp_path):
     torch.set_num_threads(1)
-    base, tok, info = O.base_model(TINY_BASE, str(tmp_path), log=lambda m: None)
+    fresh, _, _ = O.base_model(TINY_BASE, str(tmp_path), log=lambda m: None)
+    base, tok, info = O.base_model(TINY_BASE, str(tmp_path), log=lambda m: None)  # the cached copy, as seeds 2+ get
+    assert info["cached"] and not base.logit_scale.requires_grad
+    assert [n for n, q in fresh.named_parameters() if q.requires_grad] == [
+        n for n, q in base.named_parameters() if q.requires_grad]
     r = O.run_seed(base, tok, info, seed=0, protocol=TINY_PROTOCOL, log=lambda m: None)
     assert r["osr_steps"] == 2
     curves, upd = r["curves"]["1"], r["first_update"]["1"]
@@ -113,8 +117,6 @@ def test_osr_protocol_smoke(tmp_path):
     assert not math.isclose(upd["none"], upd["mvu"], rel_tol=1e-3)
     assert not math.isclose(upd["mvu"], upd["mvu_reset"], rel_tol=1e-3)
     # the base model is untouched by the arms
-    _, _, again = O.base_model(TINY_BASE, str(tmp_path), log=lambda m: None)
-    assert again["cached"] is True
     assert O.attribute_r1(base, tok, O._base_data({**O.BASE_DEFAULTS, **TINY_BASE})[1]) == pytest.approx(
         info["curve"][-1]["val_attr_R1"])
 

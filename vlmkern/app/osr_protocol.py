@@ -198,6 +198,7 @@ def base_model(settings: Optional[Dict[str, Any]] = None, cache_dir: str = "runs
     if os.path.exists(path) and os.path.exists(meta):
         model, _, tok = create_clip(s["model"])
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        model.logit_scale.requires_grad_(False)  # as pretrained: the temperature is fixed
         with open(meta) as f:
             info = json.load(f)
         log(f"[osr] base model {key} from the cache ({folder})")
@@ -286,13 +287,13 @@ def run_seed(base, tok, base_info: Dict[str, Any], seed: int, protocol: Optional
     del rec_model, opt, obj
     curves: Dict[str, Dict[str, List[float]]] = {}
     first_update: Dict[str, Dict[str, float]] = {}
-    w0 = torch.cat([q.detach().flatten() for q in base.parameters() if q.requires_grad])
     for mult in p["lr_mults"]:
         lr = mult * s["peak_lr"]
         key = f"{mult:g}"
         curves[key], first_update[key] = {}, {}
         for arm in arms:
             model, params, opt, obj = _arm_state(base, opt_state, obj_state, arm, p, tau, lr, len(ft))
+            w0 = torch.cat([q.detach().flatten() for q in params])
             r1 = [start]
             it = iter(loader(1))
             for step in range(p["steps"]):
