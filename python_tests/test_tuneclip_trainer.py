@@ -76,3 +76,30 @@ def test_resume_matches_uninterrupted(tmp_path):
                        str(tmp_path / "b"), resume=True)
     assert a["final"]["mean_R"] == b["final"]["mean_R"]
     assert a["history"][-1]["train_loss"] == pytest.approx(b["history"][-1]["train_loss"], rel=1e-6)
+
+
+def test_finish_recovery_variants():
+    """osr_recover="mv" forgets u (every sample unvisited); osr_reset_step restarts AdamW's counter."""
+    from vlmkern.app.methods.tuneclip import finish_recovery
+
+    m, tok, tr, _ = _setup()
+    cfg = TuneCLIPConfig(batch_size=16)
+    params = [p for p in m.parameters() if p.requires_grad]
+    loader = torch.utils.data.DataLoader(tr, batch_size=16, collate_fn=collate_pairs, drop_last=True)
+    obj = _Objective(cfg, len(tr), tau=0.07, device="cpu")
+    opt = torch.optim.AdamW(params, lr=1e-3, betas=cfg.betas)
+    recover_statistics(m, tok, loader, obj, opt, 1, "cpu")
+    m0 = opt.state[params[0]]["exp_avg"].clone()
+    finish_recovery(opt, obj, "mvu", reset_step=True)
+    assert float(opt.state[params[0]]["step"]) == 0 and torch.isfinite(obj.module.log_u_img).all()
+    assert torch.equal(opt.state[params[0]]["exp_avg"], m0)
+    finish_recovery(opt, obj, "mv")
+    assert torch.isneginf(obj.module.log_u_img).all() and torch.isneginf(obj.module.log_u_txt).all()
+    assert torch.equal(opt.state[params[0]]["exp_avg"], m0)
+    with pytest.raises(ValueError, match="osr_recover"):
+        TuneCLIPConfig(osr_recover="m")
+    # through the trainer: the (m, v) row and the reset-counter variant run end to end
+    res = train_tuneclip(m, tok, tr, _setup()[3], TuneCLIPConfig(osr_epochs=1, epochs=1, batch_size=16, lr=1e-4,
+                                                                  osr_recover="mv", osr_reset_step=True),
+                         os.path.join(os.environ.get("TMPDIR", "/tmp"), f"tc_mv_{os.getpid()}"))
+    assert res["osr_steps"] == 3 and len(res["history"]) == 2

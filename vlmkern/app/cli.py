@@ -80,9 +80,11 @@ def cmd_fidelity(args) -> int:
              command=tcmd, tasks=args.tune_tasks)
     if not args.seeds:
         return 0
-    cmd = "vlmkern fidelity --seeds " + " ".join(map(str, args.seeds)) + scale_flag
+    cmd = "vlmkern fidelity" + (" --claims " + " ".join(args.claims) if args.claims else "") + " --seeds " + \
+        " ".join(map(str, args.seeds)) + scale_flag
     run_fidelity(seeds=args.seeds, scale=args.scale, out=args.out, report=args.report or
-                 os.path.join(args.out, "FIDELITY.md"), command=cmd, reuse=args.reuse)
+                 os.path.join(args.out, "FIDELITY.md"), command=cmd, reuse=args.reuse, claims=args.claims,
+                 cache_dir=args.cache)
     return 0
 
 
@@ -116,6 +118,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     pf.add_argument("--out", default="runs/fidelity")
     pf.add_argument("--report", default=None, help="markdown report path (default <out>/FIDELITY.md)")
     pf.add_argument("--reuse", action="store_true", help="read finished seeds' results.json instead of re-running")
+    pf.add_argument("--claims", nargs="*", default=None, choices=("demo", "osr"),
+                    help="which claims to run (default all): demo = the claims read from the demo's runs; osr = "
+                         "the OSR protocol (converged cached base model, per-step evaluation, Table 2 ablation)")
+    pf.add_argument("--cache", default=None,
+                    help="cache folder for base models (default $VLMKERN_CACHE or runs/cache)")
     pf.set_defaults(fn=cmd_fidelity)
     pb = sub.add_parser("bench", help="kernel microbenchmarks (vlmkern.app.bench.run_all)")
     pb.add_argument("--quick", action="store_true")

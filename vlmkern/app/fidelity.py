@@ -8,7 +8,14 @@ seed, same pretrained model). A claim is
 * **reproduced** when the mean difference points the way the paper says and
   every seed agrees,
 * **partly reproduced** when the mean points that way but some seed disagrees,
-* **not reproduced** otherwise.
+* **not reproduced** otherwise,
+* **premise absent** when the claim carries a premise check (the setting the
+  paper's effect needs, e.g. a cold-start dip without OSR) and the check fails:
+  then the claim is not tested here, and the report gives the premise's
+  measured value instead. A claim without a check says "premise not checked".
+
+Claims with their own protocol (``--claims osr``: :mod:`vlmkern.app.osr_protocol`)
+run apart from the demo and write their own section of the report.
 
 Tiny models on tiny data: this checks the direction of an effect, not its size.
 """
@@ -20,6 +27,7 @@ import json
 import math
 import os
 import platform
+import re
 import time
 from typing import Any, Callable, Dict, List, Sequence
 
@@ -66,41 +74,122 @@ def _paired(task: str, method: str, baseline: str, *path) -> Callable[[Dict[str,
     return lambda r: get(r[task][method]) - get(r[task][baseline])
 
 
+def _not_checked(why: str) -> Callable[[Sequence[Dict[str, Any]]], Dict[str, Any]]:
+    return lambda runs: {**NOT_CHECKED, "text": f"premise not checked ({why})"}
+
+
+def _cir_gap_growth(r: Dict[str, Any]) -> float:
+    """The plain CIR run's train - validation R@5 gap at the end minus after its first epoch."""
+    h = r["wrf4cir"]["plain"]["history"]
+    return h[-1]["gap_R5"] - h[0]["gap_R5"]
+
+
 CLAIMS: List[Claim] = [
-    dict(paper="TuneCLIP (Fig. 2)", claim="OSR removes the early drop of fine-tuning",
+    dict(paper="TuneCLIP (Table 2, Fig. 2/9)", claim="OSR removes the early drop of fine-tuning",
          metric="mean R (I2T+T2I R@1/5/10) after the first fine-tuning epoch minus before, HGCL with OSR minus "
                 "HGCL without",
          value=lambda r: _early_drop(r["tuneclip"]["TuneCLIP (OSR + HGCL)"]) - _early_drop(
-             r["tuneclip"]["HGCL (no OSR)"]), sign=+1, pct=True),
-    dict(paper="TuneCLIP (Table 3)", claim="HGCL keeps retrieval above GCL when false negatives are present",
+             r["tuneclip"]["HGCL (no OSR)"]), sign=+1, pct=True,
+         premise=lambda runs: premise_below_zero(
+             [_early_drop(r["tuneclip"]["HGCL (no OSR)"]) for r in runs], "no-OSR drop after epoch 1")),
+    dict(paper="TuneCLIP (Fig. 3/4/7)", claim="HGCL keeps retrieval above GCL when false negatives are present",
          metric="final mean R on validation pairs, HGCL (no OSR) minus GCL; training pairs hold 30% near-duplicates",
-         value=_paired("tuneclip", "HGCL (no OSR)", "GCL", "final", "mean_R"), sign=+1, pct=True),
+         value=_paired("tuneclip", "HGCL (no OSR)", "GCL", "final", "mean_R"), sign=+1, pct=True,
+         premise=_not_checked("needs GCL's retrieval on training pairs, which the demo does not measure")),
     dict(paper="TuneCLIP", claim="TuneCLIP (OSR + HGCL) beats CLIP-loss fine-tuning",
          metric="final mean R, TuneCLIP minus CLIP loss",
-         value=_paired("tuneclip", "TuneCLIP (OSR + HGCL)", "CLIP loss", "final", "mean_R"), sign=+1, pct=True),
+         value=_paired("tuneclip", "TuneCLIP (OSR + HGCL)", "CLIP loss", "final", "mean_R"), sign=+1, pct=True,
+         premise=_not_checked("none stated")),
     dict(paper="APFT", claim="APFT lifts tail-label recall over full fine-tuning",
          metric="tail-label I2T Recall@1 (top-1 label of a tail image), APFT minus full fine-tuning",
-         value=_paired("apft", "apft", "full", "final", "retrieval", "i2t", "tail", "recall", 1), sign=+1, pct=True),
+         value=_paired("apft", "apft", "full", "final", "retrieval", "i2t", "tail", "recall", 1), sign=+1, pct=True,
+         premise=_not_checked("needs the base model's tail recall, which the demo does not evaluate")),
     dict(paper="APFT", claim="APFT lifts tail-label retrieval over full fine-tuning (T2I)",
          metric="tail-label T2I mAP@10, APFT minus full fine-tuning",
-         value=_paired("apft", "apft", "full", "final", "retrieval", "t2i", "tail", "mAP", 10), sign=+1, pct=True),
+         value=_paired("apft", "apft", "full", "final", "retrieval", "t2i", "tail", "mAP", 10), sign=+1, pct=True,
+         premise=_not_checked("needs the base model's tail retrieval, which the demo does not evaluate")),
     dict(paper="WRF4CIR", claim="weight perturbation narrows the train/validation gap",
          metric="train R@5 - val R@5 at the end, adversarial perturbation minus plain (negative = narrower)",
-         value=_paired("wrf4cir", "WRF4CIR adversarial", "plain", "final", "gap_R5"), sign=-1, pct=True),
+         value=_paired("wrf4cir", "WRF4CIR adversarial", "plain", "final", "gap_R5"), sign=-1, pct=True,
+         premise=lambda runs: premise_above_zero([_cir_gap_growth(r) for r in runs],
+                                                 "plain run's train-val R@5 gap growth, last minus first epoch")),
     dict(paper="WRF4CIR", claim="weight perturbation improves validation recall",
          metric="val R@5, adversarial perturbation minus plain",
-         value=_paired("wrf4cir", "WRF4CIR adversarial", "plain", "final", "val_R5"), sign=+1, pct=True),
+         value=_paired("wrf4cir", "WRF4CIR adversarial", "plain", "final", "val_R5"), sign=+1, pct=True,
+         premise=lambda runs: premise_above_zero([_cir_gap_growth(r) for r in runs],
+                                                 "plain run's train-val R@5 gap growth, last minus first epoch")),
     dict(paper="Kalman / LoKO", claim="the Kalman optimizer needs fewer iterations than AdamW",
          metric="iterations AdamW needs minus iterations Kalman needs to reach 95% of AdamW's best val accuracy "
                 "(validation after every iteration at the default scale)",
-         value=_kalman_iters, sign=+1, pct=False),
+         value=_kalman_iters, sign=+1, pct=False, premise=_not_checked("none stated")),
     dict(paper="Kalman / LoKO", claim="the Kalman optimizer reaches at least AdamW's accuracy",
          metric="final val accuracy, Kalman minus AdamW",
-         value=_paired("kalman", "kalman", "adamw", "final_acc"), sign=+1, pct=True),
+         value=_paired("kalman", "kalman", "adamw", "final_acc"), sign=+1, pct=True,
+         premise=_not_checked("none stated")),
 ]
 
 
-def verdict(values: Sequence[float], sign: int) -> str:
+# two-sided 97.5% quantiles of Student's t, degrees of freedom 1..30 (for 95% intervals)
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042]
+
+
+def summarize(values: Sequence[float]) -> Dict[str, float]:
+    """Mean, sample sd, standard error (seed to seed) and 95% t interval of the finite values."""
+    vals = [float(v) for v in values if v == v and not math.isinf(v)]
+    n = len(vals)
+    if n == 0:
+        return {"n": 0, "mean": float("nan"), "std": float("nan"), "se": float("nan"),
+                "ci": (float("nan"), float("nan"))}
+    mean = sum(vals) / n
+    if n < 2:
+        return {"n": 1, "mean": mean, "std": float("nan"), "se": float("nan"), "ci": (float("nan"), float("nan"))}
+    std = (sum((v - mean) ** 2 for v in vals) / (n - 1)) ** 0.5
+    se = std / n ** 0.5
+    t = _T975[min(n - 1, len(_T975)) - 1] if n - 1 <= len(_T975) else 1.96
+    return {"n": n, "mean": mean, "std": std, "se": se, "ci": (mean - t * se, mean + t * se)}
+
+
+def premise_below_zero(values: Sequence[float], what: str, pct: bool = True, k: float = 2.0) -> Dict[str, Any]:
+    """Premise "``values`` are below zero by more than ``k`` standard errors" (seed to seed); fewer than two
+    finite values cannot show it."""
+    st = summarize(values)
+    unit = " pts" if pct else ""
+    scale = 100.0 if pct else 1.0
+    if st["n"] < 2:
+        return {"holds": None, "value": st["mean"], "se": st["se"],
+                "text": f"{what}: {st['n']} seed(s), needs >= 2 to check"}
+    holds = st["mean"] < -k * st["se"]
+    return {"holds": bool(holds), "value": st["mean"], "se": st["se"],
+            "text": f"{what} {scale * st['mean']:+.1f}{unit} (SE {scale * st['se']:.1f}, seed to seed; needs < "
+                    f"-{k:g} SE): {'present' if holds else 'absent'}"}
+
+
+def premise_from_dips(dips: Sequence[float]) -> Dict[str, Any]:
+    """OSR's premise: fine-tuning without recovery dips (min over the first evaluations minus the start)."""
+    return premise_below_zero(dips, "no-OSR dip")
+
+
+def premise_above_zero(values: Sequence[float], what: str, pct: bool = True, k: float = 2.0) -> Dict[str, Any]:
+    neg = premise_below_zero([-v for v in values], what, pct, k)
+    if neg["holds"] is None:
+        return neg
+    scale = 100.0 if pct else 1.0
+    unit = " pts" if pct else ""
+    return {**neg, "value": -neg["value"],
+            "text": f"{what} {scale * -neg['value']:+.1f}{unit} (SE {scale * neg['se']:.1f}, seed to seed; needs > "
+                    f"+{k:g} SE): {'present' if neg['holds'] else 'absent'}"}
+
+
+NOT_CHECKED = {"holds": None, "value": float("nan"), "text": "premise not checked"}
+
+
+def verdict(values: Sequence[float], sign: int, premise: Dict[str, Any] | None = None) -> str:
+    """reproduced / partly reproduced / not reproduced (see the module docstring); *premise absent*
+    when ``premise["holds"]`` is False (None or no premise: not checked, the verdict stands)."""
+    if premise is not None and premise.get("holds") is False:
+        return "premise absent"
     vals = [v for v in values if v == v]
     if not vals:
         return "not measured"
@@ -116,11 +205,11 @@ def evaluate_claims(runs: Sequence[Dict[str, Any]], claims: Sequence[Claim] = CL
     rows = []
     for c in claims:
         vals = [float(c["value"](r)) for r in runs]
-        finite = [v for v in vals if v == v and not math.isinf(v)]
-        mean = sum(finite) / len(finite) if finite else float("nan")
-        std = (sum((v - mean) ** 2 for v in finite) / max(len(finite) - 1, 1)) ** 0.5 if finite else float("nan")
+        st = summarize(vals)
+        premise = c["premise"](runs) if c.get("premise") is not None else dict(NOT_CHECKED)
         rows.append({"paper": c["paper"], "claim": c["claim"], "metric": c["metric"], "values": vals,
-                     "mean": mean, "std": std, "pct": c["pct"], "verdict": verdict(vals, c["sign"])})
+                     "mean": st["mean"], "std": st["std"], "se": st["se"], "ci": st["ci"], "pct": c["pct"],
+                     "premise": premise, "verdict": verdict(vals, c["sign"], premise)})
     return rows
 
 
@@ -128,6 +217,23 @@ def _f(v: float, pct: bool) -> str:
     if v != v:
         return "n/a"
     return f"{100 * v:+.1f}" if pct else f"{v:+.0f}"
+
+
+def _ci(ci, pct: bool) -> str:
+    lo, hi = ci
+    return "n/a" if lo != lo else f"[{_f(lo, pct)}, {_f(hi, pct)}]"
+
+
+def parameter_count(model_name: str) -> int:
+    """Parameters of an architecture (built with random weights, so it is measured, not quoted)."""
+    from .models.clip import create_clip
+
+    model, _, _ = create_clip(model_name)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _params_text(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
 
 
 def write_report(rows: List[Dict[str, Any]], runs: Sequence[Dict[str, Any]], path: str, command: str,
@@ -144,24 +250,60 @@ def write_report(rows: List[Dict[str, Any]], runs: Sequence[Dict[str, Any]], pat
         "",
         "Each value is a paired difference (method minus baseline, same seed and pretrained model), in percentage "
         "points unless it counts iterations. Verdict: *reproduced* = the mean points the paper's way and every "
-        "seed agrees; *partly* = the mean does but not every seed; *not reproduced* = the mean does not.",
+        "seed agrees; *partly* = the mean does but not every seed; *not reproduced* = the mean does not; "
+        "*premise absent* = the claim's premise check failed (the setting the paper's effect needs is not there), "
+        "so the claim is not tested here. The interval is the 95% t interval of the mean over seeds.",
         "",
-        "| paper | claim | metric | per seed | mean (sd) | verdict |",
-        "|---|---|---|---|---|---|",
+        "| paper | claim | metric | per seed | mean (sd) | 95% CI | premise | verdict |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for x in rows:
         per = ", ".join(_f(v, x["pct"]) for v in x["values"])
         sd = "n/a" if x["std"] != x["std"] else (f"{100 * x['std']:.1f}" if x["pct"] else f"{x['std']:.0f}")
         lines.append(f"| {x['paper']} | {x['claim']} | {x['metric']} | {per} | {_f(x['mean'], x['pct'])} ({sd}) "
+                     f"| {_ci(x.get('ci', (float('nan'),) * 2), x['pct'])} | {x['premise']['text']} "
                      f"| **{x['verdict']}** |")
     lines += ["", *_settings_lines(r0)]
-    lines += ["", "Tiny models (a few hundred thousand parameters), minutes of CPU training and small validation "
-              "sets: a verdict here says whether the direction of a paper's effect shows up at this scale, not "
-              "whether the paper is right. Per-seed reports (tables and plots) are in the run folder."]
+    lines += ["", f"Tiny models (`{r0['model']}`: {_params_text(parameter_count(r0['model']))} parameters), minutes "
+              "of CPU training and small validation sets: a verdict here says whether the direction of a paper's "
+              "effect shows up at this scale, not whether the paper is right. Per-seed reports (tables and plots) "
+              "are in the run folder."]
+    kept = _sections(path)  # the per-claim protocols' sections stay (they are re-run on their own)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+        for name, text in kept.items():
+            f.write(f"\n<!-- section:{name} -->\n{text}<!-- /section:{name} -->\n")
     print("\n".join(lines))
+
+
+def _sections(path: str) -> Dict[str, str]:
+    """The marked per-claim sections (``<!-- section:NAME -->`` ... ``<!-- /section:NAME -->``) of a report."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        text = f.read()
+    out = {}
+    for m in re.finditer(r"<!-- section:(\w+) -->\n(.*?)<!-- /section:\1 -->", text, flags=re.S):
+        out[m.group(1)] = m.group(2)
+    return out
+
+
+def upsert_section(path: str, name: str, text: str) -> None:
+    """Write ``text`` as the report's section ``name``: in place of that section when the report has it,
+    else at the end (a missing report starts with a title)."""
+    body = f"<!-- section:{name} -->\n{text}<!-- /section:{name} -->\n"
+    old = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+    else:
+        old = "# Method fidelity on the embedded data\n"
+    pat = re.compile(rf"<!-- section:{name} -->\n.*?<!-- /section:{name} -->\n", flags=re.S)
+    new = pat.sub(lambda _: body, old) if pat.search(old) else old.rstrip("\n") + "\n\n" + body
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(new)
 
 
 def _settings_lines(r: Dict[str, Any]) -> List[str]:
@@ -182,11 +324,40 @@ def _settings_lines(r: Dict[str, Any]) -> List[str]:
     return out
 
 
+# ``--claims`` names: "demo" = the claims read from the demo's runs (:data:`CLAIMS`); the others
+# are claims with their own protocol, each writing its own section of the report.
+CLAIM_GROUPS = ("demo", "osr")
+DEFAULT_CACHE = os.environ.get("VLMKERN_CACHE", os.path.join("runs", "cache"))
+
+
 def run_fidelity(seeds: Sequence[int] = (0, 1, 2), scale: str = "default", out: str = "runs/fidelity",
                  report: str = "runs/fidelity/FIDELITY.md", command: str = "vlmkern fidelity",
-                 reuse: bool = False) -> List[Dict[str, Any]]:
-    """Run the demo for each seed (``reuse``: read ``<out>/seed<n>/results.json`` where a
-    finished run of the same scale left one) and write the claims' report."""
+                 reuse: bool = False, claims: Sequence[str] | None = None,
+                 cache_dir: str | None = None) -> List[Dict[str, Any]]:
+    """Run the claims ``claims`` (default: all of :data:`CLAIM_GROUPS`) and write the report.
+
+    "demo": the demo for each seed (``reuse``: read ``<out>/seed<n>/results.json`` where a
+    finished run of the same scale left one), its claims' table; "osr": the OSR protocol
+    (:func:`vlmkern.app.osr_protocol.run_osr`, base model cached under ``cache_dir``), its section."""
+    claims = list(CLAIM_GROUPS) if not claims else list(claims)
+    unknown = [c for c in claims if c not in CLAIM_GROUPS]
+    if unknown:
+        raise ValueError(f"unknown claims {unknown}; choose from {CLAIM_GROUPS}")
+    rows: List[Dict[str, Any]] = []
+    if "demo" in claims:
+        rows += _run_demo_claims(seeds, scale, out, report, command, reuse)
+    if "osr" in claims:
+        from .osr_protocol import run_osr
+
+        os.environ.setdefault("VLMKERN_NO_PROGRESS", "1")
+        res = run_osr(seeds, out=os.path.join(out, "osr"),
+                      cache_dir=os.path.join(cache_dir or DEFAULT_CACHE, "osr_base"), command=command)
+        upsert_section(report, "osr", res["section"])
+        rows += res["rows"]
+    return rows
+
+
+def _run_demo_claims(seeds, scale, out, report, command, reuse) -> List[Dict[str, Any]]:
     from .demo import run_demo
 
     t0 = time.time()

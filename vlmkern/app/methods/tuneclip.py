@@ -12,7 +12,11 @@ loss (HGCL) fine-tuning of a pretrained CLIP (SPEC §1-2).
 ``loss`` picks the objective: ``"hgcl"`` (TuneCLIP), ``"gcl"`` (FastCLIP's
 global contrastive loss, no hinge) or ``"clip"`` (open_clip's ClipLoss, the
 plain baseline). ``osr_epochs=0`` turns recovery off (the "no recovery" row of
-the paper's ablation). ``tau`` is fixed, by default from the checkpoint's
+the paper's ablation); ``osr_recover="mv"`` keeps the recovered moments but
+starts stage 2 with ``u`` unvisited (the paper's "(m, v)" row);
+``osr_reset_step=True`` keeps m, v and u but restarts AdamW's step counter, so
+bias correction re-amplifies the recovered moments (the variant SPEC §2 warns
+against). ``tau`` is fixed, by default from the checkpoint's
 logit scale (``1 / exp(logit_scale)``), as in the paper.
 
 The loss is :class:`vlmkern.GlobalContrastiveLoss` (the fused op); under
@@ -40,6 +44,10 @@ from .common import (Amp, RunLogger, allreduce_gradients, autocast, is_distribut
 class TuneCLIPConfig:
     loss: Literal["hgcl", "gcl", "clip"] = "hgcl"
     osr_epochs: int = field(default=1, metadata={"help": "optimizer statistics recovery epochs (0: off)"})
+    osr_recover: Literal["mvu", "mv"] = field(default="mvu", metadata={
+        "help": "state carried into fine-tuning: mvu (m, v and u) or mv (u starts unvisited)"})
+    osr_reset_step: bool = field(default=False, metadata={
+        "help": "restart AdamW's step counter after recovery (bias correction re-amplifies m, v)"})
     epochs: int = 5
     batch_size: int = 64
     lr: float = 1e-5
@@ -61,6 +69,8 @@ class TuneCLIPConfig:
             raise ValueError(f"loss must be hgcl, gcl or clip, got {self.loss!r}")
         if self.osr_epochs < 0 or self.epochs < 0:
             raise ValueError("osr_epochs and epochs must be >= 0")
+        if self.osr_recover not in ("mvu", "mv"):
+            raise ValueError(f"osr_recover must be mvu or mv, got {self.osr_recover!r}")
 
 
 def fastclip_gamma(epoch: int, gamma: float, decay_epochs: int) -> float:
@@ -176,6 +186,20 @@ def recover_statistics(model, tokenizer, loader, objective: _Objective, optimize
     return steps
 
 
+def finish_recovery(optimizer: torch.optim.Optimizer, objective: "_Objective", recover: str = "mvu",
+                    reset_step: bool = False) -> None:
+    """What stage 2 keeps of the recovered state: ``recover="mv"`` forgets ``u`` (every sample
+    unvisited again, as without recovery); ``reset_step`` sets AdamW's step counters to 0, so its
+    bias correction divides the recovered m, v by ``1 - beta^t`` for small t again."""
+    if recover == "mv" and objective.module is not None:
+        objective.module.log_u_img.fill_(-math.inf)
+        objective.module.log_u_txt.fill_(-math.inf)
+    if reset_step:
+        for st in optimizer.state.values():
+            if "step" in st:
+                st["step"] = torch.zeros_like(st["step"]) if torch.is_tensor(st["step"]) else 0
+
+
 def train_tuneclip(model, tokenizer, train_ds, val_ds, cfg: TuneCLIPConfig, run_dir: str,
                    device: str | torch.device = "cpu", resume: bool = False,
                    stop_after: Optional[int] = None) -> Dict[str, Any]:
@@ -244,6 +268,8 @@ def train_tuneclip(model, tokenizer, train_ds, val_ds, cfg: TuneCLIPConfig, run_
             osr_steps += recover_statistics(model, tokenizer, loader, objective, opt, epoch + 1, device, cfg.amp,
                                             logger, start_epoch=epoch)
             start_epoch = epoch + 1
+            if start_epoch == n_osr:
+                finish_recovery(opt, objective, cfg.osr_recover, cfg.osr_reset_step)
             checkpoint(start_epoch)
     step = 0
     for epoch in range(max(start_epoch, n_osr), end):
