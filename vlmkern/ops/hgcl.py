@@ -49,10 +49,13 @@ _TORCH_BLOCK = 512  # rows per tile of the PyTorch fallback: memory O(512 * B)
 # ----------------------------------------------------------------------------
 
 # all_img / all_txt = None: one process (the columns are img / txt, offset 0).
+# Outputs (log Phi1, log Phi2, lbar1, lbar2); lbar_i is the softmax-weighted mean of l over
+# anchor i's negatives (the tau gradient's per-row reduction, SPEC §1 "Learnable temperature"),
+# float32 [b] with lmean=True, empty [0] (not computed) otherwise.
 torch.library.define(
     "vlmkern::hgcl_stats",
     "(Tensor img, Tensor txt, Tensor? all_img, Tensor? all_txt, int offset, float tau, float margin, "
-    "bool hinge) -> (Tensor, Tensor)",
+    "bool hinge, bool lmean=False) -> (Tensor, Tensor, Tensor, Tensor)",
 )
 torch.library.define(
     "vlmkern::hgcl_state_update_",
@@ -68,9 +71,11 @@ torch.library.define(
 
 
 @torch.library.register_fake("vlmkern::hgcl_stats")
-def _hgcl_stats_fake(img, txt, all_img, all_txt, offset, tau, margin, hinge):
+def _hgcl_stats_fake(img, txt, all_img, all_txt, offset, tau, margin, hinge, lmean=False):
     b = img.shape[0]
-    return img.new_empty((b,), dtype=torch.float32), img.new_empty((b,), dtype=torch.float32)
+    nl = b if lmean else 0
+    return (img.new_empty((b,), dtype=torch.float32), img.new_empty((b,), dtype=torch.float32),
+            img.new_empty((nl,), dtype=torch.float32), img.new_empty((nl,), dtype=torch.float32))
 
 
 @torch.library.register_fake("vlmkern::hgcl_state_update_")
@@ -98,25 +103,31 @@ def _surrogate_grad(x: Tensor, hinge: bool, margin: float) -> Tensor:
     return 2.0 * torch.clamp(x + margin, min=0.0) if hinge else torch.ones_like(x)
 
 
-def _stats_torch(img, txt, all_img, all_txt, offset, tau, margin, hinge, block=_TORCH_BLOCK):
+def _stats_torch(img, txt, all_img, all_txt, offset, tau, margin, hinge, lmean=False, block=_TORCH_BLOCK):
     F, G = img.float(), txt.float()
     Fg = F if all_img is None else all_img.float()
     Gg = G if all_txt is None else all_txt.float()
     b, B = F.shape[0], Fg.shape[0]
     out1 = outputs.empty((b,), dtype=torch.float32, device=F.device)  # every row block writes its rows
     out2 = outputs.empty((b,), dtype=torch.float32, device=F.device)
-    if B < 2 or b == 0:  # no negatives: log Phi = log(empty sum) = -inf
-        return out1.fill_(-math.inf), out2.fill_(-math.inf)
+    nl = b if lmean else 0
+    bar1 = outputs.empty((nl,), dtype=torch.float32, device=F.device)
+    bar2 = outputs.empty((nl,), dtype=torch.float32, device=F.device)
+    if B < 2 or b == 0:  # no negatives: log Phi = log(empty sum) = -inf, lbar = 0
+        return out1.fill_(-math.inf), out2.fill_(-math.inf), bar1.zero_(), bar2.zero_()
     p = (F * G).sum(1)
     cols = torch.arange(B, device=F.device)
     log_nm1 = math.log(B - 1)
     for r0 in range(0, b, block):
         r1 = min(b, r0 + block)
         own = cols[None, :] == (torch.arange(r0, r1, device=F.device) + offset)[:, None]
-        for A, C, out in ((F, Gg, out1), (G, Fg, out2)):
-            z = _surrogate(A[r0:r1] @ C.T - p[r0:r1, None], hinge, margin) / tau
-            out[r0:r1] = torch.logsumexp(z.masked_fill(own, -math.inf), dim=1) - log_nm1
-    return out1, out2
+        for A, C, out, bar in ((F, Gg, out1, bar1), (G, Fg, out2, bar2)):
+            lv = _surrogate(A[r0:r1] @ C.T - p[r0:r1, None], hinge, margin)
+            z = (lv / tau).masked_fill(own, -math.inf)
+            out[r0:r1] = torch.logsumexp(z, dim=1) - log_nm1
+            if lmean:  # softmax-weighted mean of l over the negatives
+                bar[r0:r1] = (torch.softmax(z, dim=1) * lv.masked_fill(own, 0.0)).sum(1)
+    return out1, out2, bar1, bar2
 
 
 def _grad_torch(img, txt, all_img, all_txt, logden_img, logden_txt, grad_out, offset, tau, margin, hinge,
