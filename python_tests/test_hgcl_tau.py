@@ -239,7 +239,9 @@ def test_grad_tau_several_row_blocks(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float_tensor_and_learned_tau_agree_bit_for_bit(backend, mode):
     """Float tau, a 0-d tensor without grad, and one with grad (rho = 0) give the same loss,
-    state and feature gradients, bit for bit: the lbar reduction does not touch log Phi."""
+    state and feature gradients, bit for bit: the lbar reduction does not touch log Phi.
+    (Exception: Triton fp32 on a GPU runs the lbar sweep with a narrower looped tile - see
+    ``_lse_config`` - so there the learned-tau results match to rounding only.)"""
     require_backend("hgcl", backend, dev_of(backend))
     dev = dev_of(backend)
     img, txt, index, lu1, lu2 = _setup(6, 10, torch.float32, seed=5)
@@ -252,9 +254,12 @@ def test_float_tensor_and_learned_tau_agree_bit_for_bit(backend, mode):
         outs.append((loss.detach(), k1, k2, a.grad, t.grad))
         if isinstance(tau, torch.Tensor) and tau.requires_grad:
             assert tau.grad is not None and torch.isfinite(tau.grad)
-    for o in outs[1:]:
+    for k, o in enumerate(outs[1:], 1):
         for x, y in zip(o, outs[0]):
-            assert torch.equal(x, y)
+            if k == 2 and backend == "triton" and dev == "cuda":
+                assert torch.allclose(x, y, rtol=1e-5, atol=1e-6)
+            else:
+                assert torch.equal(x, y)
 
 
 def test_tensor_tau_without_grad_and_rho():

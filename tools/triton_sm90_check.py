@@ -90,7 +90,7 @@ def resources(kernel) -> dict:
 
 
 def compile_lse(dtype: str, d: int, arch: int = 90, lmean: bool = False):
-    cfg, opts = K._launch_options(K._config(d, True, DTYPES[dtype])["lse"])
+    cfg, opts = K._launch_options(K._lse_config(d, True, DTYPES[dtype], lmean))
     p = "*" + dtype
     sig = {"X": p, "Y": p, "P": "*fp32", "OUT": "*fp32", "WOUT": "*fp32", "NO": "i32", "NL": "i32", "D": "i32",
            "off_o": "i32", "inv_tau": "fp32", "margin": "fp32", "log_nm1": "fp32"}

@@ -6,7 +6,9 @@ checks, autograd, PyTorch implementation, backend table).  Three steps per
 call, each an op with a fake kernel (so the loss works under ``torch.compile``):
 
 1. **stats** (no gradient): row and column sweeps giving ``log Phi1``
-   (image-anchored) and ``log Phi2`` (text-anchored) for the local anchors.
+   (image-anchored) and ``log Phi2`` (text-anchored) for the local anchors; with a
+   learnable ``tau`` also ``lbar`` (softmax-weighted mean of ``l`` over the negatives),
+   from which the ``tau`` gradient takes O(b) work (``_tau_term``).
 2. **state update** (in place, no gradient): ``log u <- logaddexp(log(1-gamma) + log u,
    log gamma + log Phi)`` (``log Phi`` on a first visit); returns ``log(eps + u_new)``.
 3. **core** ``vlmkern::hgcl_loss_core`` (differentiable): forward

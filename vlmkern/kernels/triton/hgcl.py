@@ -11,6 +11,8 @@ program's rows) against a *looped* set:
 
   with a running max (online log-sum-exp).  Launched for ``(X, Y) = (F, Gg)``
   (image anchors, ``log Phi1``) and ``(G, Fg)`` (text anchors, ``log Phi2``).
+  ``LMEAN`` (a learnable tau) adds one running sum, ``sum_l exp(z_ol - max) l_ol``,
+  and stores ``lbar_o`` = that / the log-sum-exp's sum (SPEC §1 "Learnable temperature").
 
 * :func:`_grad_kernel` (the gradient sweeps): forms the tile
   ``t_ol = X_o . Y_l`` once, then the tile of ``dL/dt``::
@@ -178,8 +180,7 @@ def _lse_kernel(X, Y, P, OUT, WOUT, NO, NL, D, off_o, inv_tau, margin, log_nm1,
     for l0 in range(0, NL, BLOCK_L):
         offs_l = l0 + tl.arange(0, BLOCK_L)
         t = _sim_tile(X, Y, offs_o, offs_l, NO, NL, D, BLOCK_O, BLOCK_L, BLOCK_K, IEEE)
-        lv = _surrogate(t - p[:, None], HINGE, margin)
-        z = lv * inv_tau
+        z = _surrogate(t - p[:, None], HINGE, margin) * inv_tau
         valid = (offs_l[None, :] < NL) & (offs_l[None, :] != offs_o[:, None] + off_o)
         z = tl.where(valid, z, NEG_INF)
         new_max = tl.maximum(run_max, tl.max(z, 1))
@@ -187,14 +188,14 @@ def _lse_kernel(X, Y, P, OUT, WOUT, NO, NL, D, off_o, inv_tau, margin, log_nm1,
         r = tl.exp(run_max - safe)
         e = tl.exp(z - safe[:, None])
         run_sum = run_sum * r + tl.sum(e, 1)
-        if LMEAN:
-            run_w = run_w * r + tl.sum(e * tl.where(valid, lv, 0.0), 1)
+        if LMEAN:  # weighted by z = l / tau (no second tile of l kept live: fp32 spilled with it)
+            run_w = run_w * r + tl.sum(e * tl.where(valid, z, 0.0), 1)
         run_max = new_max
     empty = run_max == NEG_INF  # N = 1: no negatives, log Phi = -inf
     out = tl.where(empty, NEG_INF, run_max + tl.log(tl.where(empty, 1.0, run_sum)) - log_nm1)
     tl.store(OUT + offs_o, out, mask=mo)
     if LMEAN:
-        tl.store(WOUT + offs_o, tl.where(empty, 0.0, run_w / tl.where(empty, 1.0, run_sum)), mask=mo)
+        tl.store(WOUT + offs_o, tl.where(empty, 0.0, run_w / tl.where(empty, 1.0, run_sum) / inv_tau), mask=mo)
 
 
 @triton.jit
@@ -500,10 +501,22 @@ def _columns(img, txt, all_img, all_txt):
     return all_img.contiguous(), all_txt.contiguous()
 
 
+def _lse_config(d: int, gpu: bool, dtype: torch.dtype, lmean: bool) -> dict:
+    """The ``lse`` launch configuration; with ``lmean`` (the extra running sum of a learnable
+    tau) in fp32 on the GPU the looped tile is capped at 32 rows: the IEEE-fp32 tile of 64
+    spills registers with it on sm_90 (``tools/triton_sm90_check.py``: 32 bytes at 168
+    registers; 156 and no spill at 32)."""
+    cfg = dict(_config(d, gpu, dtype)["lse"])
+    if lmean and gpu and dtype == torch.float32 and cfg["BLOCK_L"] > 32:
+        cfg["BLOCK_L"] = 32
+    return cfg
+
+
 def _launch_lse(X, Y, p, out, off_o, tau, margin, hinge, wout=None):
     NO, D = X.shape
     NL = Y.shape[0]
-    cfg, opts = _launch_options(_config(D, X.device.type == "cuda" and not _interpret(), X.dtype)["lse"])
+    gpu = X.device.type == "cuda" and not _interpret()
+    cfg, opts = _launch_options(_lse_config(D, gpu, X.dtype, wout is not None))
     log_nm1 = math.log(NL - 1) if NL > 1 else 0.0
     grid = (triton.cdiv(NO, cfg["BLOCK_O"]),)
     _wrap(_lse_kernel)[grid](
