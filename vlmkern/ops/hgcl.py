@@ -126,9 +126,10 @@ def _stats_torch(img, txt, all_img, all_txt, offset, tau, margin, hinge, lmean=F
         for A, C, out, bar in ((F, Gg, out1, bar1), (G, Fg, out2, bar2)):
             lv = _surrogate(A[r0:r1] @ C.T - p[r0:r1, None], hinge, margin)
             z = (lv / tau).masked_fill(own, -math.inf)
-            out[r0:r1] = torch.logsumexp(z, dim=1) - log_nm1
-            if lmean:  # softmax-weighted mean of l over the negatives
-                bar[r0:r1] = (torch.softmax(z, dim=1) * lv.masked_fill(own, 0.0)).sum(1)
+            lse = torch.logsumexp(z, dim=1)
+            out[r0:r1] = lse - log_nm1
+            if lmean:  # softmax-weighted mean of l over the negatives (exp(-inf) = 0 on the own column)
+                bar[r0:r1] = (torch.exp(z - lse[:, None]) * lv).sum(1)
     return out1, out2, bar1, bar2
 
 
