@@ -440,8 +440,10 @@ def hgcl_loss(
     (``w`` the estimator weights, ``u`` at the updated values), from one more per-row
     reduction in the statistics sweeps and O(b) work after them (no extra pass over the
     ``b x B`` tiles).  A float ``tau`` (TuneCLIP's fixed temperature), or a tensor that
-    does not require grad, runs the fixed-tau kernels: with ``rho = 0`` the result is bit
-    for bit what a float gives.  A tensor ``tau`` is read once as a number for the
+    does not require grad, runs the fixed-tau kernels unchanged (with ``rho = 0``: bit for
+    bit the previous results).  The learned-tau sweep leaves ``log Phi`` bit for bit as well
+    (CPU, torch, the Triton interpreter), except Triton fp32 on a GPU, whose ``lbar`` sweep
+    uses a narrower tile (equal to rounding).  A tensor ``tau`` is read once as a number for the
     kernels: one host sync on CUDA (and a graph break under ``torch.compile``).  Under
     ``group=`` each rank's ``tau`` gradient is the mean over its *local* anchors, so
     DDP's gradient averaging gives the global-batch gradient - the same end result as the
@@ -533,7 +535,7 @@ def _tau_term(tau: Tensor, ld1: Tensor, ld2: Tensor, lphi1: Tensor, lphi2: Tenso
               lbar2: Tensor, rho: float) -> Tensor:
     """``rho * tau`` in value, and in ``tau`` the derivative of SPEC §1 "Learnable temperature"::
 
-        dF/dtau = 1/b sum_i (ld1_i + ld2_i) + rho - 1/(b tau) sum_i sum_{j != i} (w1_ij l_ij + w2_ij l'_ij)
+        dF/dtau = 1/b sum_i (ld1_i + ld2_i) + rho - 1/(b tau) sum_i sum_{j != i} (w1_ij l(x_ij) + w2_ij l(x'_ij))
         sum_j w_ij l_ij = exp(log Phi_i - ld_i) * lbar_i
 
     (the core op's value ``tau/b sum(ld1 + ld2)`` carries no ``tau`` gradient: it takes
@@ -593,9 +595,9 @@ class GlobalContrastiveLoss(torch.nn.Module):
     it to ``forward``: ``tau=`` a 0-d tensor (e.g. ``log_tau.exp()`` of your own
     parameter) or ``logit_scale=`` in open_clip's convention (the multiplier the model's
     forward returns, ``model.logit_scale.exp()``, 0-d or ``[1]``; ``tau = 1/logit_scale``).
-    A tensor that requires grad receives ``dF/dtau`` (see :func:`hgcl_loss`), and the
-    returned loss then includes ``rho * tau`` (``rho``: FastCLIP-v3's regulariser in our
-    scale, twice FastCLIP's value; default 0).  Under ``torch.distributed`` each rank's
+    A tensor that requires grad receives ``dF/dtau`` (see :func:`hgcl_loss`); the returned
+    loss includes ``rho * tau`` (``rho``: FastCLIP-v3's regulariser in our scale, twice
+    FastCLIP's value; default 0, which leaves the fixed-tau loss as it was).  Under ``torch.distributed`` each rank's
     temperature gradient covers its local anchors, so DDP's averaging gives the
     global-batch gradient (like the feature gradients, without the ``world_size`` factor:
     the temperature is one shared parameter).
