@@ -340,10 +340,15 @@ def test_poisoned_ops_write_every_output(poisoned, backend):
         img, txt = feats(b, d, h, dev), feats(b, d, h, dev)
         ai, at = (None, None) if local else (feats(b + 4, d, h, dev), feats(b + 4, d, h, dev))
         off = 0 if local else 3
-        l1, l2 = ops._stats(backend, img, txt, ai, at, off, 0.05, 0.1, True)
+        l1, l2, e1, e2 = ops._stats(backend, img, txt, ai, at, off, 0.05, 0.1, True)
+        assert e1.shape == e2.shape == (0,)  # lbar not asked for
+        _, _, m1, m2 = ops._stats(backend, img, txt, ai, at, off, 0.05, 0.1, True, True)
+        assert m1.shape == m2.shape == (b,) and m1.dtype == torch.float32
+        assert torch.isfinite(m1).all() and torch.isfinite(m2).all()
         assert l1.shape == l2.shape == (b,) and l1.dtype == torch.float32
         if b == 1 and local:
             assert torch.isneginf(l1).all() and torch.isneginf(l2).all()  # no negatives
+            assert (m1 == 0).all() and (m2 == 0).all()
         else:
             assert torch.isfinite(l1).all() and torch.isfinite(l2).all()
         lu = state(b + 2, [0], dev)
@@ -465,7 +470,7 @@ def test_triton_kernels_compile_for_sm90():
     assert r.returncode == 0, r.stdout + r.stderr
     for dtype in ("bf16", "fp16", "fp32"):
         for d in (512, 768):
-            assert r.stdout.count(f"| {dtype} | {d} |") == 5, r.stdout  # lse + 4 gradient variants
+            assert r.stdout.count(f"| {dtype} | {d} |") == 6, r.stdout  # lse, lse lmean + 4 gradient variants
 
 
 # --------------------------------------------------------------------------
@@ -590,6 +595,8 @@ def test_opcheck_compiled_ops(local):
     img, txt, (ai, at) = _op_args(local=local)
     off = 0 if local else 2
     torch.library.opcheck(torch.ops.vlmkern.hgcl_stats.default, (img, txt, ai, at, off, 0.05, 0.1, True))
+    torch.library.opcheck(torch.ops.vlmkern.hgcl_stats.default, (img, txt, ai, at, off, 0.05, 0.1, True, True))
+    torch.library.opcheck(torch.ops.vlmkern.hgcl_stats.default, (img, txt, ai, at, off, 0.05, 0.0, False, True))
     ld = torch.rand(7) + 1.0
     torch.library.opcheck(torch.ops.vlmkern.hgcl_grad.default,
                           (img, txt, ai, at, ld, ld.clone(), torch.tensor(1.0), off, 0.05, 0.1, True))
@@ -616,9 +623,10 @@ def test_opcheck_triton_and_core_ops(local):
         utils = utils + ("test_aot_dispatch_dynamic",)
     cast = lambda t, dt: None if t is None else t.to(dt)  # noqa: E731
     for dt in (torch.float32, torch.bfloat16):
-        torch.library.opcheck(torch.ops.vlmkern.hgcl_stats_triton.default,
-                              (img.to(dt), txt.to(dt), cast(ai, dt), cast(at, dt), off, 0.05, 0.1, True),
-                              test_utils=utils)
+        for lmean in (False, True):
+            torch.library.opcheck(torch.ops.vlmkern.hgcl_stats_triton.default,
+                                  (img.to(dt), txt.to(dt), cast(ai, dt), cast(at, dt), off, 0.05, 0.1, True, lmean),
+                                  test_utils=utils)
     ld = torch.rand(5, device=dev) + 1.0
     torch.library.opcheck(torch.ops.vlmkern.hgcl_grad_triton.default,
                           (img, txt, ai, at, ld, ld.clone(), torch.ones((), device=dev), off, 0.05, 0.1, False),

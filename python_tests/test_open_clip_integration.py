@@ -323,3 +323,65 @@ def test_apply_patches_open_clip_train_main_and_undo_restores_it(tmp_path):
     finally:
         patch.undo()
     assert all(getattr(ocmain, n) is before[n] for n in oct.OpenClipTrainPatch.NAMES)
+
+
+# ----------------------------------------------------------------------------
+# the learned temperature (--vlmkern-learn-tau)
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("learn", [True, False])
+def test_adapter_learns_logit_scale_only_when_asked(learn):
+    """learn_tau: the logit_scale open_clip passes (model.logit_scale.exp()) gives tau = 1/it and
+    the parameter gets -tau dF/dtau; otherwise it is ignored (the loss's fixed tau) and gets nothing."""
+    from vlmkern import reference as R
+
+    tau0, rho = 0.07, 2.0
+    log_scale = torch.nn.Parameter(torch.tensor(math.log(1 / tau0)))
+    a = oct.OpenClipLoss(vlmkern.GlobalContrastiveLoss(20, tau=0.2, gamma=0.9, rho=rho if learn else 0.0),
+                         learn_tau=learn)
+    f, t = _features()
+    index = torch.arange(8)
+    out = a(f, t, logit_scale=log_scale.exp(), output_dict=True, index=index)["contrastive_loss"]
+    out.backward()
+    used = tau0 if learn else 0.2
+    ref = R.hgcl(f, t, index, torch.full((20,), -math.inf), torch.full((20,), -math.inf), tau=used, gamma=0.9,
+                 margin=0.1)
+    assert math.isclose(out.item(), ref.loss.item() + (rho * tau0 if learn else 0.0), rel_tol=1e-5)
+    if learn:
+        expect = -tau0 * (ref.grad_tau.item() + rho)
+        assert torch.isfinite(log_scale.grad) and log_scale.grad.item() != 0.0
+        assert abs(log_scale.grad.item() - expect) <= 1e-4 * (1 + abs(expect))
+        with pytest.raises(ValueError, match="learn_tau needs the model's logit_scale"):
+            a(f, t, index=index)
+    else:
+        assert log_scale.grad is None
+
+
+def test_end_to_end_learns_the_temperature(csv_dataset, tmp_path):
+    """--vlmkern-learn-tau: logit_scale stays trainable, gets a finite gradient from the loss and moves
+    (open_clip logs and checkpoints it); the fixed-tau run above keeps it frozen."""
+    r = _run(["--vlmkern-loss", "hgcl", "--vlmkern-gamma", str(GAMMA), "--vlmkern-tau", str(TAU),
+              "--vlmkern-learn-tau", "--vlmkern-rho", "2.0",
+              *_common(csv_dataset, tmp_path / "logs", "learn", 1), "--lr", "1e-3"])  # the last --lr wins
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    log = (tmp_path / "logs" / "learn" / "out.log").read_text()
+    assert "the temperature is learned (RGCL-g, rho=2.0)" in log
+    assert all(math.isfinite(v) for v in _losses(log))
+    scales = [float(v) for v in re.findall(r"Logit Scale: ([-+0-9.eE]+)", log)]
+    assert len(scales) == 4 and len(set(scales)) > 1, scales
+    ck, entry = _state(tmp_path / "logs" / "learn" / "checkpoints" / "epoch_1.pt")
+    learned = float(ck["state_dict"]["logit_scale"])
+    assert math.isfinite(learned) and abs(learned - math.log(1 / TAU)) > 1e-4, learned
+    assert all(torch.isfinite(entry["state_dict"][k]).all() for k in ("log_u_img", "log_u_txt"))
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--vlmkern-loss", "hgcl", "--vlmkern-rho", "2"], "--vlmkern-rho is the learned temperature's regulariser"),
+    (["--vlmkern-loss", "hgcl", "--vlmkern-learn-tau", "--vlmkern-rho", "nan"], "--vlmkern-rho must be a finite"),
+])
+def test_bad_learn_tau_flags(flags, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        oct.main([*flags, "--train-data", "x.csv"])
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err

@@ -89,12 +89,12 @@ def resources(kernel) -> dict:
     return dict(regs=int(m.group(1)), stack=int(m.group(2)), shared=kernel.metadata.shared)
 
 
-def compile_lse(dtype: str, d: int, arch: int = 90):
-    cfg, opts = K._launch_options(K._config(d, True, DTYPES[dtype])["lse"])
+def compile_lse(dtype: str, d: int, arch: int = 90, lmean: bool = False):
+    cfg, opts = K._launch_options(K._lse_config(d, True, DTYPES[dtype], lmean))
     p = "*" + dtype
-    sig = {"X": p, "Y": p, "P": "*fp32", "OUT": "*fp32", "NO": "i32", "NL": "i32", "D": "i32", "off_o": "i32",
-           "inv_tau": "fp32", "margin": "fp32", "log_nm1": "fp32"}
-    const = dict(HINGE=True, IEEE=K._precision(DTYPES[dtype], False)["IEEE"], **cfg)
+    sig = {"X": p, "Y": p, "P": "*fp32", "OUT": "*fp32", "WOUT": "*fp32", "NO": "i32", "NL": "i32", "D": "i32",
+           "off_o": "i32", "inv_tau": "fp32", "margin": "fp32", "log_nm1": "fp32"}
+    const = dict(HINGE=True, LMEAN=lmean, IEEE=K._precision(DTYPES[dtype], False)["IEEE"], **cfg)
     return _compile(K._lse_kernel, sig, const, opts, arch), cfg
 
 
@@ -126,7 +126,9 @@ def main(argv=None) -> int:
     for dtype in args.dtypes.split(","):
         for d in (int(x) for x in args.dims.split(",")):
             kinds = args.kernels.split(",")
-            jobs = [("lse", lambda: compile_lse(dtype, d, args.arch))] if "lse" in kinds else []
+            jobs = [("lse", lambda: compile_lse(dtype, d, args.arch)),  # fixed tau
+                    ("lse lmean", lambda: compile_lse(dtype, d, args.arch, lmean=True))  # learnable tau
+                    ] if "lse" in kinds else []
             if "grad" in kinds:
                 jobs += [(f"grad {v}", (lambda v=v: compile_grad(dtype, d, v, args.arch)))
                          for v in args.variants.split(",")]

@@ -52,6 +52,12 @@ class HGCLResult:
     grad_txt: torch.Tensor
     grad_all_img: Optional[torch.Tensor]
     grad_all_txt: Optional[torch.Tensor]
+    # SPEC §1 "Learnable temperature": d/dtau of tau/b sum_i [log(eps+u1_i) + log(eps+u2_i)]
+    # (the estimator: u held at the updated values; without rho, which adds rho)
+    grad_tau: Optional[torch.Tensor] = None
+    # softmax-weighted mean of l over each anchor's negatives (the stats' lmean outputs)
+    lbar_img: Optional[torch.Tensor] = None
+    lbar_txt: Optional[torch.Tensor] = None
 
 
 def hinge(x: torch.Tensor, margin: Optional[float]) -> torch.Tensor:
@@ -160,6 +166,15 @@ def hgcl(
 
     grad_img = dS1 @ Gg + dp[:, None] * G
     grad_txt = dS2 @ Fg + dp[:, None] * F
+    # tau: 1/b sum_i (logden1_i + logden2_i) - 1/(b tau) sum_ij (w1_ij l(x_ij) + w2_ij l(x'_ij))
+    L1 = torch.where(neg, hinge(X1, margin), 0.0)
+    L2 = torch.where(neg, hinge(X2, margin), 0.0)
+    grad_tau = (logden1 + logden2).sum() / b - ((W1 * L1).sum() + (W2 * L2).sum()) / (b * tau)
+    if B > 1:
+        lbar1 = (torch.softmax(torch.where(neg, Z1, neg_inf), dim=1) * L1).sum(1)
+        lbar2 = (torch.softmax(torch.where(neg, Z2, neg_inf), dim=1) * L2).sum(1)
+    else:
+        lbar1 = lbar2 = torch.zeros(b, dtype=torch.float64)
     grad_all_txt = dS1.T @ F  # d/dGg
     grad_all_img = dS2.T @ G  # d/dFg
     if not global_given:
@@ -176,7 +191,57 @@ def hgcl(
         grad_txt=grad_txt,
         grad_all_img=grad_all_img,
         grad_all_txt=grad_all_txt,
+        grad_tau=grad_tau,
+        lbar_img=lbar1,
+        lbar_txt=lbar2,
     )
+
+
+def hgcl_tau_objective(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    log_u_old_img: torch.Tensor,
+    log_u_old_txt: torch.Tensor,
+    tau: torch.Tensor,
+    *,
+    gamma: float,
+    margin: Optional[float] = 0.1,
+    eps: float = 1e-14,
+    rho: float = 0.0,
+    all_img: Optional[torch.Tensor] = None,
+    all_txt: Optional[torch.Tensor] = None,
+    offset: int = 0,
+) -> torch.Tensor:
+    """``F(tau) = tau/b sum_i [log(eps+u1_i) + log(eps+u2_i)] + rho tau`` as a float64
+    function of the 0-d tensor ``tau``, built so that its *autograd* derivative in
+    ``tau`` is the compositional estimator of SPEC §1 "Learnable temperature".
+
+    ``log_u_old_*`` are the local anchors' state entries before the update
+    (``-inf``: never visited); ``u_new = (1-gamma) u_old + gamma Phi(tau)`` (``Phi`` on a
+    first visit).  Each anchor's term is ``log c + (Phi(tau) - Phi(tau).detach()) / c``
+    with ``c = eps + u_new`` held constant: its value is ``log(eps + u_new)`` and its
+    derivative ``Phi'(tau) / (eps + u_new)``, so autograd gives
+    ``1/b sum_i log(eps+u_i) + tau/b sum_i Phi_i'(tau)/(eps+u_i) + rho``, the estimator
+    (``Phi'`` itself, not the moving average's ``gamma Phi'``: u only tracks ``Phi``).
+    With ``gamma = 1`` this equals autograd of ``tau/b sum log(eps + Phi(tau))`` exactly
+    (the tests check both forms).
+    """
+    F = img.detach().double()
+    G = txt.detach().double()
+    Fg = F if all_img is None else all_img.detach().double()
+    Gg = G if all_txt is None else all_txt.detach().double()
+    b, B = F.shape[0], Fg.shape[0]
+    neg = torch.arange(B)[None, :] != (torch.arange(b)[:, None] + offset)
+    p = (F * G).sum(1)
+    total = torch.zeros((), dtype=torch.float64)
+    for A, C, old in ((F, Gg, log_u_old_img), (G, Fg, log_u_old_txt)):
+        Z = hinge(A @ C.T - p[:, None], margin) / tau
+        log_phi = torch.logsumexp(torch.where(neg, Z, -math.inf), dim=1) - math.log(B - 1)
+        lu = update_log_state(old.detach().double(), log_phi.detach(), gamma)
+        logden = torch.logaddexp(lu, torch.full_like(lu, math.log(eps)))  # log c, constant
+        phi = torch.exp(log_phi)
+        total = total + (logden + (phi - phi.detach()) * torch.exp(-logden)).sum()
+    return tau * total / b + rho * tau
 
 
 def hgcl_surrogate(

@@ -83,41 +83,58 @@ std::tuple<int64_t, int64_t, int64_t> check_features(const char* op, const at::T
 at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 // Log-sum-exp over one tile row t[0..n) of z = l(t_j - p) / tau, skipping column `skip`.
-LogSumExp row_lse(const float* t, int64_t n, float p, int64_t skip, const Cfg& c) {
+// With ws != nullptr also *ws = sum_j exp(z_j - max) l_j (the tau-gradient
+// reduction: one more multiply-add per element in the second pass).
+LogSumExp row_lse(const float* t, int64_t n, float p, int64_t skip, const Cfg& c, float* ws) {
   float mx = -INFINITY;
   for (int64_t j = 0; j < n; ++j) {
     if (j == skip) continue;
     mx = std::max(mx, logit(t[j], p, c.hinge, c.margin, c.inv_tau));
   }
+  if (ws != nullptr) *ws = 0.f;
   if (mx == -INFINITY) return lse_empty();
   float s = 0.f;
-  for (int64_t j = 0; j < n; ++j) {
-    if (j == skip) continue;
-    s += std::exp(logit(t[j], p, c.hinge, c.margin, c.inv_tau) - mx);
+  if (ws == nullptr) {
+    for (int64_t j = 0; j < n; ++j) {
+      if (j == skip) continue;
+      s += std::exp(logit(t[j], p, c.hinge, c.margin, c.inv_tau) - mx);
+    }
+  } else {
+    float w = 0.f;
+    for (int64_t j = 0; j < n; ++j) {
+      if (j == skip) continue;
+      const float l = surrogate(t[j] - p, c.hinge, c.margin);
+      const float e = std::exp(l * c.inv_tau - mx);
+      s += e;
+      w += e * l;
+    }
+    *ws = w;
   }
   return LogSumExp{mx, s};
 }
 
-// Row log-sum-exps of a tile [nb, n]; row i skips column i + diag.
+// Row log-sum-exps of a tile [nb, n]; row i skips column i + diag.  ws: see row_lse
+// (nullptr: not wanted).
 void tile_row_lse(const at::Tensor& T, const float* p, int64_t diag, const Cfg& c,
-                  LogSumExp* out) {
+                  LogSumExp* out, float* ws) {
   const int64_t nb = T.size(0), n = T.size(1);
   const float* t = T.const_data_ptr<float>();
   at::parallel_for(0, nb, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) out[i] = row_lse(t + i * n, n, p[i], i + diag, c);
+    for (int64_t i = i0; i < i1; ++i)
+      out[i] = row_lse(t + i * n, n, p[i], i + diag, c, ws == nullptr ? nullptr : ws + i);
   });
 }
 
 // Column log-sum-exps of a tile [nb, n] (rows r0..r0+nb of the square one-process
 // matrix), anchored at the column: z = l(t_ij - p_j) / tau, skipping i + r0 == j;
-// merged into acc[j].
+// merged into acc[j] (and, with wacc != nullptr, the l-weighted sums into wacc[j]).
 void tile_col_lse(const at::Tensor& T, const float* p, int64_t r0, const Cfg& c,
-                  LogSumExp* acc) {
+                  LogSumExp* acc, float* wacc) {
   const int64_t nb = T.size(0), n = T.size(1);
   const float* t = T.const_data_ptr<float>();
   at::parallel_for(0, n, kColGrain, [&](int64_t j0, int64_t j1) {
     const int64_t w = j1 - j0;
-    std::vector<float> mx(w, -INFINITY), sm(w, 0.f);
+    std::vector<float> mx(w, -INFINITY), sm(w, 0.f), ws(w, 0.f);
     for (int64_t i = 0; i < nb; ++i) {
       const float* row = t + i * n;
       for (int64_t j = j0; j < j1; ++j) {
@@ -129,35 +146,53 @@ void tile_col_lse(const at::Tensor& T, const float* p, int64_t r0, const Cfg& c,
       const float* row = t + i * n;
       for (int64_t j = j0; j < j1; ++j) {
         if (j == i + r0 || mx[j - j0] == -INFINITY) continue;
-        sm[j - j0] += std::exp(logit(row[j], p[j], c.hinge, c.margin, c.inv_tau) - mx[j - j0]);
+        if (wacc == nullptr) {
+          sm[j - j0] += std::exp(logit(row[j], p[j], c.hinge, c.margin, c.inv_tau) - mx[j - j0]);
+        } else {
+          const float l = surrogate(row[j] - p[j], c.hinge, c.margin);
+          const float e = std::exp(l * c.inv_tau - mx[j - j0]);
+          sm[j - j0] += e;
+          ws[j - j0] += e * l;
+        }
       }
     }
-    for (int64_t j = j0; j < j1; ++j) lse_merge(acc[j], mx[j - j0], sm[j - j0]);
+    if (wacc == nullptr) {
+      for (int64_t j = j0; j < j1; ++j) lse_merge(acc[j], mx[j - j0], sm[j - j0]);
+    } else {
+      for (int64_t j = j0; j < j1; ++j)
+        lse_merge_weighted(acc[j], wacc[j], mx[j - j0], sm[j - j0], ws[j - j0]);
+    }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> hgcl_stats_cpu(const at::Tensor& img, const at::Tensor& txt,
-                                                   const std::optional<at::Tensor>& all_img,
-                                                   const std::optional<at::Tensor>& all_txt,
-                                                   int64_t offset, double tau, double margin,
-                                                   bool hinge) {
+// (log Phi1, log Phi2, lbar1, lbar2); lbar = the softmax-weighted mean of l over
+// the negatives (hgcl_math.h), [b] when lmean else [0] (not computed).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hgcl_stats_cpu(
+    const at::Tensor& img, const at::Tensor& txt, const std::optional<at::Tensor>& all_img,
+    const std::optional<at::Tensor>& all_txt, int64_t offset, double tau, double margin,
+    bool hinge, bool lmean) {
   constexpr const char* op = "vlmkern.hgcl_stats";
   auto [b, B, d] = check_features(op, img, txt, all_img, all_txt, offset);
   const Cfg c{hinge, static_cast<float>(margin), static_cast<float>(1.0 / tau)};
   auto opts = img.options().dtype(at::kFloat);
   at::Tensor lphi1 = empty_output({b}, opts), lphi2 = empty_output({b}, opts);
-  if (b == 0) return {lphi1, lphi2};
+  const int64_t nl = lmean ? b : 0;
+  at::Tensor lbar1 = empty_output({nl}, opts), lbar2 = empty_output({nl}, opts);
+  if (b == 0) return {lphi1, lphi2, lbar1, lbar2};
   at::Tensor F = f32(img), G = f32(txt);
   at::Tensor p = F.mul(G).sum(1).contiguous();
   const float* pp = p.const_data_ptr<float>();
   std::vector<LogSumExp> r1(b, lse_empty()), r2(b, lse_empty());
+  std::vector<float> w1(nl, 0.f), w2(nl, 0.f);  // sum exp(z - max) l
+  float* pw1 = lmean ? w1.data() : nullptr;
+  float* pw2 = lmean ? w2.data() : nullptr;
   if (!all_img.has_value()) {
     at::Tensor Gt = G.t();
     for (int64_t r0 = 0; r0 < b; r0 += kBlock) {
       const int64_t nb = std::min(kBlock, b - r0);
       at::Tensor T = at::mm(F.narrow(0, r0, nb), Gt).contiguous();  // s_ij, rows r0..
-      tile_row_lse(T, pp + r0, r0, c, r1.data() + r0);
-      tile_col_lse(T, pp, r0, c, r2.data());
+      tile_row_lse(T, pp + r0, r0, c, r1.data() + r0, pw1 == nullptr ? nullptr : pw1 + r0);
+      tile_col_lse(T, pp, r0, c, r2.data(), pw2);
     }
   } else {
     at::Tensor Fg = f32(*all_img), Gg = f32(*all_txt);
@@ -165,9 +200,9 @@ std::tuple<at::Tensor, at::Tensor> hgcl_stats_cpu(const at::Tensor& img, const a
     for (int64_t r0 = 0; r0 < b; r0 += kBlock) {
       const int64_t nb = std::min(kBlock, b - r0);
       at::Tensor T1 = at::mm(F.narrow(0, r0, nb), Ggt).contiguous();
-      tile_row_lse(T1, pp + r0, offset + r0, c, r1.data() + r0);
+      tile_row_lse(T1, pp + r0, offset + r0, c, r1.data() + r0, pw1 == nullptr ? nullptr : pw1 + r0);
       at::Tensor T2 = at::mm(G.narrow(0, r0, nb), Fgt).contiguous();
-      tile_row_lse(T2, pp + r0, offset + r0, c, r2.data() + r0);
+      tile_row_lse(T2, pp + r0, offset + r0, c, r2.data() + r0, pw2 == nullptr ? nullptr : pw2 + r0);
     }
   }
   const float log_nm1 = B > 1 ? std::log(static_cast<float>(B - 1)) : 0.f;
@@ -177,7 +212,15 @@ std::tuple<at::Tensor, at::Tensor> hgcl_stats_cpu(const at::Tensor& img, const a
     o1[i] = lse_value(r1[i]) - log_nm1;
     o2[i] = lse_value(r2[i]) - log_nm1;
   }
-  return {lphi1, lphi2};
+  if (lmean) {
+    float* m1 = lbar1.mutable_data_ptr<float>();
+    float* m2 = lbar2.mutable_data_ptr<float>();
+    for (int64_t i = 0; i < b; ++i) {
+      m1[i] = lse_weighted_mean(r1[i], w1[i]);
+      m2[i] = lse_weighted_mean(r2[i], w2[i]);
+    }
+  }
+  return {lphi1, lphi2, lbar1, lbar2};
 }
 
 at::Tensor hgcl_state_update_cpu(at::Tensor& log_u, const at::Tensor& index,

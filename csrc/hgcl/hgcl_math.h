@@ -7,6 +7,9 @@
 //   z_ij  = l(s_ij - p_i) / tau
 //   log Phi_i = logsumexp_{j != i} z_ij - log(B - 1)
 //   w_ij  = exp(z_ij - logden_i) / (B - 1)       (<= 1 / gamma, never overflows)
+//   lbar_i = sum_j exp(z_ij - max) l_ij / sum_j exp(z_ij - max)
+//            (softmax-weighted mean of l over the negatives, for the tau gradient:
+//             sum_j w_ij l_ij = exp(log Phi_i - logden_i) * lbar_i)
 #pragma once
 #include <math.h>
 
@@ -52,6 +55,28 @@ VLMKERN_HD void lse_merge(LogSumExp& a, float m, float s) {
   } else {
     a.sum += s * expf(m - a.max);
   }
+}
+
+// Merge a partial (m, s, ws) into (a, aw), where aw / a.sum is the
+// softmax-weighted mean of l (ws = sum exp(z - m) l): both sums are rescaled
+// by the same factor when the running maximum moves.
+VLMKERN_HD void lse_merge_weighted(LogSumExp& a, float& aw, float m, float s, float ws) {
+  if (m == -INFINITY) return;
+  if (m > a.max) {
+    const float r = a.max == -INFINITY ? 0.f : expf(a.max - m);
+    a.sum = a.sum * r + s;
+    aw = aw * r + ws;
+    a.max = m;
+  } else {
+    const float r = expf(m - a.max);
+    a.sum += s * r;
+    aw += ws * r;
+  }
+}
+
+// lbar = aw / a.sum (0 for an empty accumulator: no negatives).
+VLMKERN_HD float lse_weighted_mean(const LogSumExp& a, float aw) {
+  return a.max == -INFINITY ? 0.f : aw / a.sum;
 }
 
 VLMKERN_HD float lse_value(const LogSumExp& a) {

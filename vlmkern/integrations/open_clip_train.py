@@ -1,7 +1,8 @@
 """TuneCLIP's (H)GCL loss inside open_clip's own trainer (``open_clip_train.main``).
 
     python -m vlmkern.integrations.open_clip_train --vlmkern-loss hgcl --vlmkern-margin 0.1 \\
-        --vlmkern-gamma 0.9 [--vlmkern-tau 0.03] <any open_clip_train.main arguments>
+        --vlmkern-gamma 0.9 [--vlmkern-tau 0.03] [--vlmkern-learn-tau [--vlmkern-rho 16]] \\
+        <any open_clip_train.main arguments>
 
 The ``--vlmkern-*`` flags are taken off, the repo's tiny model configs
 (``vlmkern-micro-ViT``, ``vlmkern-tiny-ViT``) are registered with open_clip, and
@@ -27,12 +28,20 @@ The ``--vlmkern-*`` flags are taken off, the repo's tiny model configs
     pairing features with another batch's indices. (Nothing is set in a
     DataLoader worker, and ``train_one_epoch`` is not copied or changed.)
 ``create_model_and_transforms``
-    the temperature is fixed (as in TuneCLIP): ``model.logit_scale`` is set to
+    by default the temperature is fixed (as in TuneCLIP): ``model.logit_scale`` is set to
     ``log(1/tau)`` when ``--vlmkern-tau`` is given and frozen
     (``requires_grad=False``) before DDP and the optimizer see it; the loss uses
     ``tau = exp(-logit_scale)`` as the model holds it once a ``--resume`` has
     loaded its weights, so the saved model's ``logit_scale`` is the temperature
-    the loss trained with.
+    the loss trained with.  With ``--vlmkern-learn-tau`` the temperature is learned
+    (FastCLIP-v3's RGCL-g objective, ``+ rho * tau``): ``logit_scale`` stays trainable
+    (``--vlmkern-tau``, if given, is its starting value), the loss takes the
+    ``logit_scale`` open_clip passes it (``model.logit_scale.exp()``, ``tau = 1/that``) and
+    gives it the gradient of ``dF/dtau`` through autograd, so open_clip's optimizer, its
+    ``[0, ln 100]`` clamp (``tau`` in ``[0.01, 1]``) and DDP (no unused parameter) treat it
+    like any parameter.  ``--vlmkern-rho`` (default 16.0, FastCLIP's default 8.0 in this
+    loss's scale: the two directions are summed, not averaged) is a KL radius: below
+    ``2 ln(B-1)`` (``B`` the global batch) or ``tau`` only shrinks to the clamp.
 ``pt_load`` and ``torch``
     the ``u`` state lives *in open_clip's checkpoint*, under the key
     ``"vlmkern_loss"`` (open_clip's resume ignores unknown keys, and a plain
@@ -99,6 +108,8 @@ class LossConfig:
     margin: Optional[float] = None
     tau: Optional[float] = None
     eps: float = 1e-14
+    learn_tau: bool = False  # learn logit_scale (RGCL-g) instead of freezing it
+    rho: float = 16.0  # RGCL-g's rho in our scale (2 x FastCLIP's 8.0); used with learn_tau only
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -115,6 +126,8 @@ class LossConfig:
         if self.tau is not None and not (0.01 <= self.tau <= 1.0):
             raise ValueError(f"--vlmkern-tau must be in [0.01, 1] (open_clip clamps logit_scale = log(1/tau) "
                              f"to [0, ln 100]), got {self.tau}")
+        if not math.isfinite(self.rho):
+            raise ValueError(f"--vlmkern-rho must be a finite number, got {self.rho}")
 
 
 def _is_webdataset(args) -> bool:
@@ -249,14 +262,17 @@ class OpenClipLoss(torch.nn.Module):
 
     ``forward(image_features, text_features, logit_scale=None, output_dict=False, index=None)``:
     ``index`` (the batch's dataset indices) defaults to the one ``handoff`` holds. Returns the loss,
-    or ``{"contrastive_loss": loss}`` with ``output_dict=True``. ``logit_scale`` is not used (the
-    temperature is the loss's fixed ``tau``); ``logit_bias`` (SigLIP) or any other model output
+    or ``{"contrastive_loss": loss}`` with ``output_dict=True``. ``logit_scale`` is used only with
+    ``learn_tau=True`` (open_clip's convention, ``model.logit_scale.exp()``: ``tau = 1/logit_scale``,
+    which then receives its gradient); otherwise the temperature is the loss's fixed ``tau``.
+    ``logit_bias`` (SigLIP) or any other model output
     (CoCa's logits, distillation features) raises :class:`UnsupportedOption`."""
 
-    def __init__(self, loss: GlobalContrastiveLoss, handoff: Optional[IndexHandoff] = None):
+    def __init__(self, loss: GlobalContrastiveLoss, handoff: Optional[IndexHandoff] = None, learn_tau: bool = False):
         super().__init__()
         self.loss = loss
         self.handoff = handoff
+        self.learn_tau = learn_tau
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale=None, logit_bias=None,
                 output_dict: bool = False, index: Optional[Tensor] = None, **other):
@@ -274,7 +290,13 @@ class OpenClipLoss(torch.nn.Module):
         if index.dim() != 1 or index.shape[0] != image_features.shape[0]:
             raise RuntimeError(f"vlmkern.integrations.open_clip_train: the batch index has shape {tuple(index.shape)} "
                                f"but the features have {image_features.shape[0]} rows")
-        loss = self.loss(image_features, text_features, index)
+        if self.learn_tau:
+            if logit_scale is None:
+                raise ValueError("vlmkern.integrations.open_clip_train: learn_tau needs the model's logit_scale "
+                                 "(open_clip passes it to the loss)")
+            loss = self.loss(image_features, text_features, index, logit_scale=logit_scale)
+        else:
+            loss = self.loss(image_features, text_features, index)
         return {"contrastive_loss": loss} if output_dict else loss
 
 
@@ -342,14 +364,16 @@ class OpenClipTrainPatch:
 
 
 def _freeze_temperature(session: Session, model) -> None:
+    """Sets ``logit_scale`` to ``log(1/--vlmkern-tau)`` when given; freezes it unless the
+    temperature is learned (``--vlmkern-learn-tau``: it stays trainable)."""
     scale = getattr(model, "logit_scale", None)
     if not isinstance(scale, torch.Tensor):
         raise UnsupportedOption(f"vlmkern.integrations.open_clip_train: the model ({type(model).__name__}) has no "
-                                "logit_scale parameter to fix the temperature with")
+                                "logit_scale parameter to fix or learn the temperature with")
     with torch.no_grad():
         if session.config.tau is not None:
             scale.fill_(math.log(1.0 / session.config.tau))
-    scale.requires_grad_(False)
+    scale.requires_grad_(session.config.learn_tau)
     session.model = model
 
 
@@ -365,18 +389,28 @@ def _build_loss(session: Session, args) -> OpenClipLoss:
                            "training data (the loss state needs the dataset size)")
     if session.model is None:
         raise RuntimeError("vlmkern.integrations.open_clip_train: create_loss ran before the model was built")
-    if cfg.tau is not None and abs(_model_tau(session) - cfg.tau) > 1e-6 * cfg.tau:
+    if cfg.tau is not None and not cfg.learn_tau and abs(_model_tau(session) - cfg.tau) > 1e-6 * cfg.tau:
         _log.warning(f"vlmkern: the resumed checkpoint's logit_scale gives tau = {_model_tau(session):.6g}; "
                      f"using --vlmkern-tau {cfg.tau:.6g} as asked")
         with torch.no_grad():
             session.model.logit_scale.fill_(math.log(1.0 / cfg.tau))
     tau = _model_tau(session)
     margin = cfg.margin if cfg.loss == "hgcl" else None
-    gcl = GlobalContrastiveLoss(session.num_samples, tau=tau, gamma=cfg.gamma, margin=margin, eps=cfg.eps)
+    gcl = GlobalContrastiveLoss(session.num_samples, tau=tau, gamma=cfg.gamma, margin=margin, eps=cfg.eps,
+                                rho=cfg.rho if cfg.learn_tau else 0.0)
     gcl = gcl.to(args.device)
+    if cfg.learn_tau:
+        how = (f"the temperature is learned (RGCL-g, rho={cfg.rho}): model.logit_scale = {math.log(1 / tau):.6g} "
+               "gets its gradient from the loss")
+        global_batch = args.batch_size * getattr(args, "world_size", 1)
+        big = 2 * math.log(max(global_batch - 1, 1))
+        if cfg.rho >= big:
+            _log.warning(f"vlmkern: --vlmkern-rho {cfg.rho} >= 2 ln(B-1) = {big:.3g} (B = the global batch "
+                         f"{global_batch}): dF/dtau > 0 always, tau will shrink to open_clip's clamp (0.01)")
+    else:
+        how = f"the temperature is fixed: model.logit_scale = {math.log(1 / tau):.6g} is frozen (requires_grad=False)"
     _log.info(f"vlmkern: loss {cfg.loss.upper()} (vlmkern.GlobalContrastiveLoss: num_samples={session.num_samples}, "
-              f"tau={tau:.6g}, gamma={cfg.gamma}, margin={margin}); the temperature is fixed: "
-              f"model.logit_scale = {math.log(1 / tau):.6g} is frozen (requires_grad=False)")
+              f"tau={tau:.6g}, gamma={cfg.gamma}, margin={margin}); {how}")
     if args.local_loss or args.gather_with_grad:
         _log.info("vlmkern: --local-loss/--gather-with-grad have no effect: the vlmkern loss gathers every rank's "
                   "features itself, with the full gradient")
@@ -388,7 +422,9 @@ def _build_loss(session: Session, args) -> OpenClipLoss:
                              f"state for {n} samples (format {entry.get('format')}) but the training data has "
                              f"{session.num_samples}: resume with the same --train-data")
         gcl.load_state_dict(entry["state_dict"])
-        for key, now in (("loss", cfg.loss), ("tau", tau), ("gamma", cfg.gamma), ("margin", margin)):
+        keys = (("loss", cfg.loss),) + ((("tau", tau),) if not cfg.learn_tau else ()) + (
+            ("gamma", cfg.gamma), ("margin", margin))
+        for key, now in keys:
             if entry.get(key) != now and not (isinstance(now, float) and isinstance(entry.get(key), float)
                                               and abs(entry[key] - now) <= 1e-6 * abs(now)):
                 _log.warning(f"vlmkern: the checkpoint's loss state was trained with {key}={entry.get(key)}; "
@@ -399,21 +435,24 @@ def _build_loss(session: Session, args) -> OpenClipLoss:
     elif session.resume_path is not None:
         _log.warning(f"vlmkern: the checkpoint {session.resume_path} has no vlmkern loss state "
                      f"('{CHECKPOINT_KEY}'); the u state starts empty")
-    session.loss = OpenClipLoss(gcl, session.handoff)
+    session.loss = OpenClipLoss(gcl, session.handoff, learn_tau=cfg.learn_tau)
     return session.loss
 
 
 def apply_vlmkern_to_open_clip_train(loss: str = "hgcl", gamma: float = 0.9, margin: Optional[float] = None,
-                                     tau: Optional[float] = None, eps: float = 1e-14) -> OpenClipTrainPatch:
+                                     tau: Optional[float] = None, eps: float = 1e-14, learn_tau: bool = False,
+                                     rho: float = 16.0) -> OpenClipTrainPatch:
     """Patch ``open_clip_train.main`` so that its ``main()`` trains with vlmkern's (H)GCL loss
     (see the module docstring for what is patched and why). ``loss="gcl"`` needs ``margin=None``.
-    ``margin=None``: 0.1 for HGCL. Returns the patch; ``.undo()`` restores open_clip."""
+    ``margin=None``: 0.1 for HGCL. ``learn_tau``: learn ``logit_scale`` with RGCL-g's ``rho``
+    (our scale). Returns the patch; ``.undo()`` restores open_clip."""
     try:
         import open_clip_train.main as ocmain
     except ImportError as exc:
         raise ImportError(f"open_clip_train cannot be imported ({exc}): {INSTALL_HINT}") from exc
     session = Session(LossConfig(loss=loss, gamma=float(gamma), margin=None if margin is None else float(margin),
-                                 tau=None if tau is None else float(tau), eps=float(eps)))
+                                 tau=None if tau is None else float(tau), eps=float(eps),
+                                 learn_tau=bool(learn_tau), rho=float(rho)))
     originals = {name: getattr(ocmain, name) for name in OpenClipTrainPatch.NAMES}
 
     def create_model_and_transforms(*a, **k):
@@ -463,7 +502,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vlmkern-margin", type=float, default=None, help="HGCL's hinge margin (default 0.1; not for gcl)")
     p.add_argument("--vlmkern-tau", type=float, default=None,
                    help="fixed temperature (default: 1/exp(logit_scale) of the model as built, pretrained or "
-                        "resumed); model.logit_scale is frozen")
+                        "resumed); model.logit_scale is frozen. With --vlmkern-learn-tau: the starting value")
+    p.add_argument("--vlmkern-learn-tau", action="store_true",
+                   help="learn the temperature (model.logit_scale) with the loss's RGCL-g objective "
+                        "(FastCLIP-v3) instead of freezing it")
+    p.add_argument("--vlmkern-rho", type=float, default=None,
+                   help="RGCL-g's rho for --vlmkern-learn-tau, in this loss's scale (2 x FastCLIP's rho; "
+                        "default 16.0 = FastCLIP's 8.0); keep it below 2 ln(global batch - 1)")
     return p
 
 
@@ -480,8 +525,12 @@ def main(argv=None) -> int:
     if stray:
         parser.error(f"unknown vlmkern flag(s) {stray}")
     margin = ours.vlmkern_margin
+    if ours.vlmkern_rho is not None and not ours.vlmkern_learn_tau:
+        parser.error("--vlmkern-rho is the learned temperature's regulariser: give it with --vlmkern-learn-tau")
+    rho = 16.0 if ours.vlmkern_rho is None else ours.vlmkern_rho
     try:
-        LossConfig(ours.vlmkern_loss, ours.vlmkern_gamma, margin, ours.vlmkern_tau)
+        LossConfig(ours.vlmkern_loss, ours.vlmkern_gamma, margin, ours.vlmkern_tau,
+                   learn_tau=ours.vlmkern_learn_tau, rho=rho)
     except ValueError as exc:
         parser.error(str(exc))
     try:
@@ -495,7 +544,8 @@ def main(argv=None) -> int:
         check_open_clip_args(parse_args(rest))  # fail before any model is built
     except UnsupportedOption as exc:
         parser.error(str(exc))
-    patch = apply_vlmkern_to_open_clip_train(ours.vlmkern_loss, ours.vlmkern_gamma, margin, ours.vlmkern_tau)
+    patch = apply_vlmkern_to_open_clip_train(ours.vlmkern_loss, ours.vlmkern_gamma, margin, ours.vlmkern_tau,
+                                             learn_tau=ours.vlmkern_learn_tau, rho=rho)
     import open_clip_train.main as ocmain
     try:
         rc = ocmain.main(rest)

@@ -6,7 +6,9 @@ checks, autograd, PyTorch implementation, backend table).  Three steps per
 call, each an op with a fake kernel (so the loss works under ``torch.compile``):
 
 1. **stats** (no gradient): row and column sweeps giving ``log Phi1``
-   (image-anchored) and ``log Phi2`` (text-anchored) for the local anchors.
+   (image-anchored) and ``log Phi2`` (text-anchored) for the local anchors; with a
+   learnable ``tau`` also ``lbar`` (softmax-weighted mean of ``l`` over the negatives),
+   from which the ``tau`` gradient takes O(b) work (``_tau_term``).
 2. **state update** (in place, no gradient): ``log u <- logaddexp(log(1-gamma) + log u,
    log gamma + log Phi)`` (``log Phi`` on a first visit); returns ``log(eps + u_new)``.
 3. **core** ``vlmkern::hgcl_loss_core`` (differentiable): forward
@@ -23,7 +25,7 @@ The float64 oracle is :func:`vlmkern.reference.hgcl`.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -49,10 +51,13 @@ _TORCH_BLOCK = 512  # rows per tile of the PyTorch fallback: memory O(512 * B)
 # ----------------------------------------------------------------------------
 
 # all_img / all_txt = None: one process (the columns are img / txt, offset 0).
+# Outputs (log Phi1, log Phi2, lbar1, lbar2); lbar_i is the softmax-weighted mean of l over
+# anchor i's negatives (the tau gradient's per-row reduction, SPEC §1 "Learnable temperature"),
+# float32 [b] with lmean=True, empty [0] (not computed) otherwise.
 torch.library.define(
     "vlmkern::hgcl_stats",
     "(Tensor img, Tensor txt, Tensor? all_img, Tensor? all_txt, int offset, float tau, float margin, "
-    "bool hinge) -> (Tensor, Tensor)",
+    "bool hinge, bool lmean=False) -> (Tensor, Tensor, Tensor, Tensor)",
 )
 torch.library.define(
     "vlmkern::hgcl_state_update_",
@@ -68,9 +73,11 @@ torch.library.define(
 
 
 @torch.library.register_fake("vlmkern::hgcl_stats")
-def _hgcl_stats_fake(img, txt, all_img, all_txt, offset, tau, margin, hinge):
+def _hgcl_stats_fake(img, txt, all_img, all_txt, offset, tau, margin, hinge, lmean=False):
     b = img.shape[0]
-    return img.new_empty((b,), dtype=torch.float32), img.new_empty((b,), dtype=torch.float32)
+    nl = b if lmean else 0
+    return (img.new_empty((b,), dtype=torch.float32), img.new_empty((b,), dtype=torch.float32),
+            img.new_empty((nl,), dtype=torch.float32), img.new_empty((nl,), dtype=torch.float32))
 
 
 @torch.library.register_fake("vlmkern::hgcl_state_update_")
@@ -98,25 +105,32 @@ def _surrogate_grad(x: Tensor, hinge: bool, margin: float) -> Tensor:
     return 2.0 * torch.clamp(x + margin, min=0.0) if hinge else torch.ones_like(x)
 
 
-def _stats_torch(img, txt, all_img, all_txt, offset, tau, margin, hinge, block=_TORCH_BLOCK):
+def _stats_torch(img, txt, all_img, all_txt, offset, tau, margin, hinge, lmean=False, block=_TORCH_BLOCK):
     F, G = img.float(), txt.float()
     Fg = F if all_img is None else all_img.float()
     Gg = G if all_txt is None else all_txt.float()
     b, B = F.shape[0], Fg.shape[0]
     out1 = outputs.empty((b,), dtype=torch.float32, device=F.device)  # every row block writes its rows
     out2 = outputs.empty((b,), dtype=torch.float32, device=F.device)
-    if B < 2 or b == 0:  # no negatives: log Phi = log(empty sum) = -inf
-        return out1.fill_(-math.inf), out2.fill_(-math.inf)
+    nl = b if lmean else 0
+    bar1 = outputs.empty((nl,), dtype=torch.float32, device=F.device)
+    bar2 = outputs.empty((nl,), dtype=torch.float32, device=F.device)
+    if B < 2 or b == 0:  # no negatives: log Phi = log(empty sum) = -inf, lbar = 0
+        return out1.fill_(-math.inf), out2.fill_(-math.inf), bar1.zero_(), bar2.zero_()
     p = (F * G).sum(1)
     cols = torch.arange(B, device=F.device)
     log_nm1 = math.log(B - 1)
     for r0 in range(0, b, block):
         r1 = min(b, r0 + block)
         own = cols[None, :] == (torch.arange(r0, r1, device=F.device) + offset)[:, None]
-        for A, C, out in ((F, Gg, out1), (G, Fg, out2)):
-            z = _surrogate(A[r0:r1] @ C.T - p[r0:r1, None], hinge, margin) / tau
-            out[r0:r1] = torch.logsumexp(z.masked_fill(own, -math.inf), dim=1) - log_nm1
-    return out1, out2
+        for A, C, out, bar in ((F, Gg, out1, bar1), (G, Fg, out2, bar2)):
+            lv = _surrogate(A[r0:r1] @ C.T - p[r0:r1, None], hinge, margin)
+            z = (lv / tau).masked_fill(own, -math.inf)
+            lse = torch.logsumexp(z, dim=1)
+            out[r0:r1] = lse - log_nm1
+            if lmean:  # softmax-weighted mean of l over the negatives (exp(-inf) = 0 on the own column)
+                bar[r0:r1] = (torch.exp(z - lse[:, None]) * lv).sum(1)
+    return out1, out2, bar1, bar2
 
 
 def _grad_torch(img, txt, all_img, all_txt, logden_img, logden_txt, grad_out, offset, tau, margin, hinge,
@@ -275,7 +289,9 @@ def _fail(exc, msg):
 
 
 def _check_args(img, txt, index, log_u_img, log_u_txt, tau, gamma, margin, eps, all_img, all_txt, offset,
-                check_finite, validate, global_index=None):
+                check_finite, validate, global_index=None, rho=0.0) -> float:
+    """Raises on a bad argument (the message names it); returns ``tau`` as a float
+    (reading a tensor ``tau`` is one host sync on CUDA)."""
     for name, t in (("img", img), ("txt", txt), ("index", index), ("log_u_img", log_u_img),
                     ("log_u_txt", log_u_txt)):
         if not isinstance(t, torch.Tensor):
@@ -333,8 +349,22 @@ def _check_args(img, txt, index, log_u_img, log_u_txt, tau, gamma, margin, eps, 
             _fail(ValueError, f"{name} is on {t.device} but img is on {dev}")
     if log_u_txt.shape != log_u_img.shape:
         _fail(ValueError, f"log_u_txt has shape {tuple(log_u_txt.shape)} but log_u_img has {tuple(log_u_img.shape)}")
-    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
-        _fail(ValueError, f"tau must be a finite number > 0, got {tau}")
+    if isinstance(tau, torch.Tensor):
+        if tau.dim() != 0:
+            _fail(ValueError, f"tau must be a number or a 0-d tensor, got a tensor of shape {tuple(tau.shape)}")
+        if not tau.dtype.is_floating_point:
+            _fail(TypeError, f"tau must be a floating-point tensor, got {tau.dtype}")
+        if tau.device != dev:
+            _fail(ValueError, f"tau is on {tau.device} but img is on {dev}")
+        tau_value = float(tau.detach())  # the kernels take tau as a number: one host sync on CUDA
+    elif isinstance(tau, (int, float)) and not isinstance(tau, bool):
+        tau_value = float(tau)
+    else:
+        _fail(TypeError, f"tau must be a number or a 0-d floating-point tensor, got {type(tau).__name__}")
+    if not (math.isfinite(tau_value) and tau_value > 0):
+        _fail(ValueError, f"tau must be a finite number > 0, got {tau_value}")
+    if not (isinstance(rho, (int, float)) and not isinstance(rho, bool) and math.isfinite(rho)):
+        _fail(ValueError, f"rho must be a finite number, got {rho!r}")
     if not (isinstance(gamma, (int, float)) and 0.0 < gamma <= 1.0):
         _fail(ValueError, f"gamma must be in (0, 1], got {gamma}")
     if margin is not None and not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin >= 0):
@@ -354,6 +384,7 @@ def _check_args(img, txt, index, log_u_img, log_u_txt, tau, gamma, margin, eps, 
         for name, t in (("img", img), ("txt", txt), ("all_img", all_img), ("all_txt", all_txt)):
             if t is not None and not bool(torch.isfinite(t).all()):
                 _fail(ValueError, f"{name} contains NaN or inf")
+    return tau_value
 
 
 # ----------------------------------------------------------------------------
@@ -368,10 +399,11 @@ def hgcl_loss(
     log_u_img: Tensor,
     log_u_txt: Tensor,
     *,
-    tau: float,
+    tau: Union[float, Tensor],
     gamma: float,
     margin: Optional[float] = 0.1,
     eps: float = 1e-14,
+    rho: float = 0.0,
     all_img: Optional[Tensor] = None,
     all_txt: Optional[Tensor] = None,
     offset: int = 0,
@@ -390,12 +422,43 @@ def hgcl_loss(
 
     with ``l(x) = max(x + margin, 0)^2`` (HGCL) or ``l(x) = x`` (GCL), kept in
     the log domain.  Returns the float32 scalar
-    ``tau/b * sum_i [log(eps + u1_i) + log(eps + u2_i)]`` (the tracked estimate of
-    the objective, for logging) and updates ``log_u_img`` / ``log_u_txt`` in place.
+    ``F = tau/b * sum_i [log(eps + u1_i) + log(eps + u2_i)] + rho * tau`` (the tracked
+    estimate of the objective, for logging; it can be negative) and updates
+    ``log_u_img`` / ``log_u_txt`` in place.
 
     **Backward is the compositional estimator**
     ``tau/b * sum_i [grad Phi1_i/(eps + u1_i) + grad Phi2_i/(eps + u2_i)]`` with the
     updated ``u`` held constant - not the autograd of the returned scalar.
+
+    **Learnable temperature** (FastCLIP-v3's RGCL-g, SPEC §1): when ``tau`` is a 0-d
+    tensor that requires grad, it receives (through autograd, so ``tau = 1/logit_scale``
+    or ``exp(-log_scale)`` chains to the parameter) the estimator of ``dF/dtau``::
+
+        1/b sum_i [log(eps+u1_i) + log(eps+u2_i)] + rho
+          - 1/(b tau) sum_i sum_{j != i} [w1_ij l(x_ij) + w2_ij l(x'_ij)]
+
+    (``w`` the estimator weights, ``u`` at the updated values), from one more per-row
+    reduction in the statistics sweeps and O(b) work after them (no extra pass over the
+    ``b x B`` tiles).  A float ``tau`` (TuneCLIP's fixed temperature), or a tensor that
+    does not require grad, runs the fixed-tau kernels unchanged (with ``rho = 0``: bit for
+    bit the previous results).  The learned-tau sweep leaves ``log Phi`` bit for bit as well
+    (CPU, torch, the Triton interpreter), except Triton fp32 on a GPU, whose ``lbar`` sweep
+    uses a narrower tile (equal to rounding).  A tensor ``tau`` is read once as a number for the
+    kernels: one host sync on CUDA (and a graph break under ``torch.compile``).  Under
+    ``group=`` each rank's ``tau`` gradient is the mean over its *local* anchors, so
+    DDP's gradient averaging gives the global-batch gradient - the same end result as the
+    feature gradients (see :class:`GlobalContrastiveLoss`), with no ``world_size`` factor
+    on ``tau`` itself (``tau`` is shared, not per rank).
+
+    **Scale** (porting hyper-parameters; SPEC §1): the two directions are *summed*, so
+    the feature gradient is 2x FastCLIP-v3's (which averages them) and ``2 tau`` x that of
+    open_clip's ``ClipLoss`` / FastCLIP-v1 at ``logit_scale = 1/tau`` (exact for GCL,
+    ``gamma = 1``, ``eps = 1/(B-1)``).  To reproduce a recipe tuned on ``ClipLoss`` with
+    an SGD-type step, divide its learning rate (and gradient-clip threshold) by
+    ``2 tau``; for FastCLIP-v3 divide by 2 and use ``rho = 2 * rho_FastCLIP``
+    (FastCLIP's objective is ``tau * (mean(log u1 + log u2)/2 + rho)``, default
+    ``rho = 8``: ours is twice it).  Adam-type optimisers are invariant to the scale
+    (up to their ``eps``); clip thresholds are not.
 
     Args:
         img, txt: L2-normalised local features ``[b, d]`` (float32/bfloat16/float16,
@@ -403,8 +466,12 @@ def hgcl_loss(
         index: ``[b]`` int64 dataset indices of the anchors.  Duplicates within a
             batch are rejected (``ValueError``): each anchor is a distinct sample.
         log_u_img, log_u_txt: float32 ``[num_samples]`` state, ``-inf`` = never visited.
-        tau: temperature > 0.  gamma: moving-average rate in (0, 1].
+        tau: temperature > 0: a number, or a 0-d floating-point tensor on the features'
+            device (learned when it requires grad).  gamma: moving-average rate in (0, 1].
         margin: hinge margin >= 0, or ``None`` for GCL.  eps: > 0.
+        rho: the RGCL-g temperature regulariser (``+ rho * tau``; a KL radius: at the
+            optimum in ``tau`` the summed KL divergences of the two directions' weights from
+            uniform equal ``rho``, so it must stay below ``2 log(B-1)``).  Default 0.
         all_img, all_txt: global column sets ``[B, d]`` (all ranks' features) whose
             rows ``offset .. offset+b`` are ``img``/``txt``; gradients w.r.t. them are
             returned through autograd (route them back to their owners).
@@ -431,8 +498,9 @@ def hgcl_loss(
         if all_img is not None or all_txt is not None or offset != 0:
             _fail(ValueError, "give group (the op gathers every rank's batch) or all_img/all_txt/offset, not both")
         all_img, all_txt, global_index, offset = _gather_batch(img, txt, index, group)
-    _check_args(img, txt, index, log_u_img, log_u_txt, tau, gamma, margin, eps, all_img, all_txt, offset,
-                check_finite, validate, global_index)
+    tau_f = _check_args(img, txt, index, log_u_img, log_u_txt, tau, gamma, margin, eps, all_img, all_txt, offset,
+                        check_finite, validate, global_index, rho)
+    learn_tau = isinstance(tau, torch.Tensor) and tau.requires_grad and torch.is_grad_enabled()
     name = _choose(str(img.device), backend)
     hinge = margin is not None
     m = float(margin) if hinge else 0.0
@@ -440,10 +508,12 @@ def hgcl_loss(
     # fp32 accumulation is the op's own business: an enclosing autocast region must not
     # re-type the matmuls inside the kernels (the CPU kernel's BLAS tiles)
     with torch.no_grad(), torch.autocast(img.device.type, enabled=False):
-        lphi1, lphi2 = _stats(name, img.detach(), txt.detach(),
-                              None if all_img is None else all_img.detach(),
-                              None if all_txt is None else all_txt.detach(),
-                              int(offset), float(tau), m, hinge)
+        # learn_tau: the stats sweeps also form lbar (one more per-row reduction)
+        lphi1, lphi2, lbar1, lbar2 = _stats(name, img.detach(), txt.detach(),
+                                            None if all_img is None else all_img.detach(),
+                                            None if all_txt is None else all_txt.detach(),
+                                            int(offset), tau_f, m, hinge, learn_tau)
+        own1, own2 = lphi1, lphi2  # this rank's anchors
         if group is None:
             bad = _nonfinite_features(img, txt, all_img, all_txt)
         else:  # every rank updates the state of all global anchors and takes the same decision
@@ -453,7 +523,33 @@ def hgcl_loss(
                                          float(gamma), float(eps), bad)
         if group is not None:
             ld1, ld2 = ld1[offset:offset + b].contiguous(), ld2[offset:offset + b].contiguous()
-    return _loss_core(img, txt, all_img, all_txt, ld1, ld2, int(offset), float(tau), m, hinge, name)
+    loss = _loss_core(img, txt, all_img, all_txt, ld1, ld2, int(offset), tau_f, m, hinge, name)
+    if learn_tau:
+        return loss + _tau_term(tau, ld1, ld2, own1, own2, lbar1, lbar2, float(rho))
+    if rho != 0.0:
+        return loss + float(rho) * tau_f
+    return loss
+
+
+def _tau_term(tau: Tensor, ld1: Tensor, ld2: Tensor, lphi1: Tensor, lphi2: Tensor, lbar1: Tensor,
+              lbar2: Tensor, rho: float) -> Tensor:
+    """``rho * tau`` in value, and in ``tau`` the derivative of SPEC §1 "Learnable temperature"::
+
+        dF/dtau = 1/b sum_i (ld1_i + ld2_i) + rho - 1/(b tau) sum_i sum_{j != i} (w1_ij l(x_ij) + w2_ij l(x'_ij))
+        sum_j w_ij l_ij = exp(log Phi_i - ld_i) * lbar_i
+
+    (the core op's value ``tau/b sum(ld1 + ld2)`` carries no ``tau`` gradient: it takes
+    ``tau`` as a number).  Written as ``rho t + (t - t.detach()) A - C (log t - log t.detach())``:
+    the added zeros are exact, so the returned scalar is unchanged, and autograd (or
+    ``torch.compile``) differentiates it to ``A + rho - C / t``.  O(b) work; NaN ``ld`` (bad
+    input) makes the ``tau`` gradient NaN, like every feature gradient."""
+    b = ld1.shape[0]
+    with torch.no_grad():
+        a = (ld1 + ld2).sum() / b
+        c = (torch.exp(lphi1 - ld1) * lbar1 + torch.exp(lphi2 - ld2) * lbar2).sum() / b
+    t = tau.float()
+    log_t = torch.log(t)
+    return rho * t + (t - t.detach()) * a - c * (log_t - log_t.detach())
 
 
 def _all_gather(t: Tensor, group) -> Tensor:
@@ -494,10 +590,22 @@ class GlobalContrastiveLoss(torch.nn.Module):
 
     ``gamma`` is settable between steps (e.g. FastCLIP's cosine schedule, SPEC §1, which the
     TuneCLIP trainer sets every epoch).  ``margin=None`` gives GCL.
+
+    Temperature: ``tau`` (the constructor's) is fixed, as in TuneCLIP.  To learn it, pass
+    it to ``forward``: ``tau=`` a 0-d tensor (e.g. ``log_tau.exp()`` of your own
+    parameter) or ``logit_scale=`` in open_clip's convention (the multiplier the model's
+    forward returns, ``model.logit_scale.exp()``, 0-d or ``[1]``; ``tau = 1/logit_scale``).
+    A tensor that requires grad receives ``dF/dtau`` (see :func:`hgcl_loss`); the returned
+    loss includes ``rho * tau`` (``rho``: FastCLIP-v3's regulariser in our scale, twice
+    FastCLIP's value; default 0, which leaves the fixed-tau loss as it was).  Under ``torch.distributed`` each rank's
+    temperature gradient covers its local anchors, so DDP's averaging gives the
+    global-batch gradient (like the feature gradients, without the ``world_size`` factor:
+    the temperature is one shared parameter).
     """
 
     def __init__(self, num_samples: int, tau: float, gamma: float, margin: Optional[float] = 0.1,
-                 eps: float = 1e-14, backend: Optional[str] = None, validate: bool = True, process_group=None):
+                 eps: float = 1e-14, backend: Optional[str] = None, validate: bool = True, process_group=None,
+                 rho: float = 0.0):
         super().__init__()
         if int(num_samples) <= 0:
             raise ValueError(f"vlmkern.GlobalContrastiveLoss: num_samples must be > 0, got {num_samples}")
@@ -510,6 +618,9 @@ class GlobalContrastiveLoss(torch.nn.Module):
         self.backend = backend
         self.validate = validate
         self.process_group = process_group
+        if isinstance(rho, bool) or not (isinstance(rho, (int, float)) and math.isfinite(rho)):
+            raise ValueError(f"vlmkern.GlobalContrastiveLoss: rho must be a finite number, got {rho!r}")
+        self.rho = float(rho)
 
     @property
     def gamma(self) -> float:
@@ -523,13 +634,31 @@ class GlobalContrastiveLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_samples={self.log_u_img.shape[0]}, tau={self.tau}, gamma={self.gamma}, "
-                f"margin={self.margin}, eps={self.eps}")
+                f"margin={self.margin}, eps={self.eps}, rho={self.rho}")
 
-    def forward(self, img: Tensor, txt: Tensor, index: Tensor) -> Tensor:
+    def forward(self, img: Tensor, txt: Tensor, index: Tensor, *, tau: Union[float, Tensor, None] = None,
+                logit_scale: Union[float, Tensor, None] = None) -> Tensor:
+        """The loss of this batch; ``tau`` / ``logit_scale`` (at most one) override the fixed
+        ``self.tau`` for this call (see the class docstring)."""
+        if tau is not None and logit_scale is not None:
+            raise ValueError("vlmkern.GlobalContrastiveLoss: give tau or logit_scale, not both")
+        if logit_scale is not None:
+            if isinstance(logit_scale, torch.Tensor):
+                if logit_scale.numel() != 1:
+                    raise ValueError("vlmkern.GlobalContrastiveLoss: logit_scale must hold one value (0-d or [1]), "
+                                     f"got shape {tuple(logit_scale.shape)}")
+                tau = 1.0 / logit_scale.reshape(())
+            else:
+                if not float(logit_scale) > 0:
+                    raise ValueError(f"vlmkern.GlobalContrastiveLoss: logit_scale must be > 0, got {logit_scale}")
+                tau = 1.0 / float(logit_scale)
+        elif tau is None:
+            tau = self.tau
         dist = torch.distributed
         group = None
         if dist.is_available() and dist.is_initialized():
             g = self.process_group if self.process_group is not None else dist.group.WORLD
             group = g if dist.get_world_size(g) > 1 else None
-        return hgcl_loss(img, txt, index, self.log_u_img, self.log_u_txt, tau=self.tau, gamma=self.gamma,
-                         margin=self.margin, eps=self.eps, group=group, backend=self.backend, validate=self.validate)
+        return hgcl_loss(img, txt, index, self.log_u_img, self.log_u_txt, tau=tau, gamma=self.gamma,
+                         margin=self.margin, eps=self.eps, rho=self.rho, group=group, backend=self.backend,
+                         validate=self.validate)

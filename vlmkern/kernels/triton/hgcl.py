@@ -11,6 +11,8 @@ program's rows) against a *looped* set:
 
   with a running max (online log-sum-exp).  Launched for ``(X, Y) = (F, Gg)``
   (image anchors, ``log Phi1``) and ``(G, Fg)`` (text anchors, ``log Phi2``).
+  ``LMEAN`` (a learnable tau) adds one running sum, ``sum_l exp(z_ol - max) l_ol``,
+  and stores ``lbar_o`` = that / the log-sum-exp's sum (SPEC §1 "Learnable temperature").
 
 * :func:`_grad_kernel` (the gradient sweeps): forms the tile
   ``t_ol = X_o . Y_l`` once, then the tile of ``dL/dt``::
@@ -160,16 +162,21 @@ def _dsim(t, p, ld, valid, inv_tau, margin, inv_nm1, HINGE: tl.constexpr):
 
 
 @triton.jit
-def _lse_kernel(X, Y, P, OUT, NO, NL, D, off_o, inv_tau, margin, log_nm1,
-                HINGE: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_L: tl.constexpr,
+def _lse_kernel(X, Y, P, OUT, WOUT, NO, NL, D, off_o, inv_tau, margin, log_nm1,
+                HINGE: tl.constexpr, LMEAN: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_L: tl.constexpr,
                 BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-    """``OUT[o] = log Phi_o`` over ``l != o + off_o`` (row grid over ``o``): 2 NO NL d FLOPs."""
+    """``OUT[o] = log Phi_o`` over ``l != o + off_o`` (row grid over ``o``): 2 NO NL d FLOPs.
+
+    LMEAN: also ``WOUT[o] = sum_l exp(z_ol - max) l_ol / sum_l exp(z_ol - max)`` (the
+    softmax-weighted mean of the surrogate over the negatives, for the tau gradient):
+    one more running sum, rescaled with the log-sum-exp's own factor."""
     pid = tl.program_id(0)
     offs_o = pid * BLOCK_O + tl.arange(0, BLOCK_O)
     mo = offs_o < NO
     p = tl.load(P + offs_o, mask=mo, other=0.0)
     run_max = tl.full([BLOCK_O], NEG_INF, tl.float32)
     run_sum = tl.zeros([BLOCK_O], dtype=tl.float32)
+    run_w = tl.zeros([BLOCK_O], dtype=tl.float32)
     for l0 in range(0, NL, BLOCK_L):
         offs_l = l0 + tl.arange(0, BLOCK_L)
         t = _sim_tile(X, Y, offs_o, offs_l, NO, NL, D, BLOCK_O, BLOCK_L, BLOCK_K, IEEE)
@@ -178,11 +185,17 @@ def _lse_kernel(X, Y, P, OUT, NO, NL, D, off_o, inv_tau, margin, log_nm1,
         z = tl.where(valid, z, NEG_INF)
         new_max = tl.maximum(run_max, tl.max(z, 1))
         safe = tl.where(new_max == NEG_INF, 0.0, new_max)
-        run_sum = run_sum * tl.exp(run_max - safe) + tl.sum(tl.exp(z - safe[:, None]), 1)
+        r = tl.exp(run_max - safe)
+        e = tl.exp(z - safe[:, None])
+        run_sum = run_sum * r + tl.sum(e, 1)
+        if LMEAN:  # weighted by z = l / tau (no second tile of l kept live: fp32 spilled with it)
+            run_w = run_w * r + tl.sum(e * tl.where(valid, z, 0.0), 1)
         run_max = new_max
     empty = run_max == NEG_INF  # N = 1: no negatives, log Phi = -inf
     out = tl.where(empty, NEG_INF, run_max + tl.log(tl.where(empty, 1.0, run_sum)) - log_nm1)
     tl.store(OUT + offs_o, out, mask=mo)
+    if LMEAN:
+        tl.store(WOUT + offs_o, tl.where(empty, 0.0, run_w / tl.where(empty, 1.0, run_sum) / inv_tau), mask=mo)
 
 
 @triton.jit
@@ -488,24 +501,37 @@ def _columns(img, txt, all_img, all_txt):
     return all_img.contiguous(), all_txt.contiguous()
 
 
-def _launch_lse(X, Y, p, out, off_o, tau, margin, hinge):
+def _lse_config(d: int, gpu: bool, dtype: torch.dtype, lmean: bool) -> dict:
+    """The ``lse`` launch configuration; with ``lmean`` (the extra running sum of a learnable
+    tau) in fp32 on the GPU the looped tile is capped at 32 rows: the IEEE-fp32 tile of 64
+    spills registers with it on sm_90 (``tools/triton_sm90_check.py``: 32 bytes at 168
+    registers; 156 and no spill at 32)."""
+    cfg = dict(_config(d, gpu, dtype)["lse"])
+    if lmean and gpu and dtype == torch.float32 and cfg["BLOCK_L"] > 32:
+        cfg["BLOCK_L"] = 32
+    return cfg
+
+
+def _launch_lse(X, Y, p, out, off_o, tau, margin, hinge, wout=None):
     NO, D = X.shape
     NL = Y.shape[0]
-    cfg, opts = _launch_options(_config(D, X.device.type == "cuda" and not _interpret(), X.dtype)["lse"])
+    gpu = X.device.type == "cuda" and not _interpret()
+    cfg, opts = _launch_options(_lse_config(D, gpu, X.dtype, wout is not None))
     log_nm1 = math.log(NL - 1) if NL > 1 else 0.0
     grid = (triton.cdiv(NO, cfg["BLOCK_O"]),)
     _wrap(_lse_kernel)[grid](
-        X, Y, p, out, NO, NL, D, off_o, 1.0 / tau, margin, log_nm1,
-        HINGE=hinge, IEEE=_precision(X.dtype, _interpret())["IEEE"], **opts, **cfg,
+        X, Y, p, out, out if wout is None else wout, NO, NL, D, off_o, 1.0 / tau, margin, log_nm1,
+        HINGE=hinge, LMEAN=wout is not None, IEEE=_precision(X.dtype, _interpret())["IEEE"], **opts, **cfg,
     )
 
 
 @triton_op("vlmkern::hgcl_stats_triton", mutates_args=())
 def hgcl_stats_triton(
     img: torch.Tensor, txt: torch.Tensor, all_img: Optional[torch.Tensor], all_txt: Optional[torch.Tensor],
-    offset: int, tau: float, margin: float, hinge: bool,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Triton ``hgcl_stats``: ``(log Phi1, log Phi2)`` float32 ``[b]`` (same contract as the C++ op)."""
+    offset: int, tau: float, margin: float, hinge: bool, lmean: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton ``hgcl_stats``: ``(log Phi1, log Phi2, lbar1, lbar2)`` float32 (same contract as
+    the C++ op: ``lbar`` ``[b]`` with ``lmean``, else empty ``[0]``)."""
     img = img.contiguous()
     txt = txt.contiguous()
     Fg, Gg = _columns(img, txt, all_img, all_txt)
@@ -513,16 +539,21 @@ def hgcl_stats_triton(
     p = (img.float() * txt.float()).sum(1)
     lphi1 = outputs.empty((b,), dtype=torch.float32, device=img.device)
     lphi2 = outputs.empty((b,), dtype=torch.float32, device=img.device)
-    if b > 0:
-        _launch_lse(img, Gg, p, lphi1, offset, tau, margin, hinge)  # row sweep: image anchors
-        _launch_lse(txt, Fg, p, lphi2, offset, tau, margin, hinge)  # column sweep: text anchors
-    return lphi1, lphi2
+    nl = b if lmean else 0
+    bar1 = outputs.empty((nl,), dtype=torch.float32, device=img.device)
+    bar2 = outputs.empty((nl,), dtype=torch.float32, device=img.device)
+    if b > 0:  # row sweep: image anchors; column sweep: text anchors
+        _launch_lse(img, Gg, p, lphi1, offset, tau, margin, hinge, bar1 if lmean else None)
+        _launch_lse(txt, Fg, p, lphi2, offset, tau, margin, hinge, bar2 if lmean else None)
+    return lphi1, lphi2, bar1, bar2
 
 
 @hgcl_stats_triton.register_fake
-def _(img, txt, all_img, all_txt, offset, tau, margin, hinge):
+def _(img, txt, all_img, all_txt, offset, tau, margin, hinge, lmean=False):
     b = img.shape[0]
-    return img.new_empty((b,), dtype=torch.float32), img.new_empty((b,), dtype=torch.float32)
+    nl = b if lmean else 0
+    return (img.new_empty((b,), dtype=torch.float32), img.new_empty((b,), dtype=torch.float32),
+            img.new_empty((nl,), dtype=torch.float32), img.new_empty((nl,), dtype=torch.float32))
 
 
 def _launch_grad(X, Y, *, p, ld_own, ld_loop, scale, out, osum=None, prev=None, partner=None, other=None,
