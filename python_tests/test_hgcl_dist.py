@@ -3,7 +3,8 @@
 Each rank holds half of a global batch.  Checked against one process on the
 concatenated batch: the mean of the ranks' losses equals the single-process
 loss, the state is identical on both ranks and equal to the single-process
-state (over several steps with overlapping indices), and each rank's feature
+state (over several steps with overlapping indices, and with indices repeated
+within and across ranks), and each rank's feature
 gradient is ``world_size`` times the single-process gradient of its slice
 (the documented convention: DDP's averaging then gives the global gradient).
 """
@@ -25,7 +26,9 @@ WORLD = 2
 B_LOCAL = 6
 D = 16
 N = 30
-STEPS = [list(range(0, 12)), list(range(6, 18)), [29, 3, 17, 8, 0, 21, 5, 11, 26, 14, 2, 19]]
+# the last step repeats indices within a rank (4) and across ranks (4, 9, 2): one update with the mean Phi
+STEPS = [list(range(0, 12)), list(range(6, 18)), [29, 3, 17, 8, 0, 21, 5, 11, 26, 14, 2, 19],
+         [0, 4, 9, 4, 13, 2, 9, 20, 4, 25, 2, 7]]
 KW = dict(tau=0.05, gamma=0.7, margin=0.1)
 
 

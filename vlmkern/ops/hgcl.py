@@ -8,7 +8,9 @@ call, each an op with a fake kernel (so the loss works under ``torch.compile``):
 1. **stats** (no gradient): row and column sweeps giving ``log Phi1``
    (image-anchored) and ``log Phi2`` (text-anchored) for the local anchors.
 2. **state update** (in place, no gradient): ``log u <- logaddexp(log(1-gamma) + log u,
-   log gamma + log Phi)`` (``log Phi`` on a first visit); returns ``log(eps + u_new)``.
+   log gamma + log Phi)`` (``log Phi`` on a first visit; anchors sharing an index
+   use their mean ``Phi``); returns ``log(eps + u_new)``.  ``update_state=False``
+   reads ``u`` and writes nothing.
 3. **core** ``vlmkern::hgcl_loss_core`` (differentiable): forward
    ``tau/b * sum_i (logden1_i + logden2_i)``; backward the compositional
    estimator (``hgcl_grad``), **not** the autograd of that scalar (which would
@@ -202,21 +204,72 @@ def _nonfinite_features(*ts: Optional[Tensor]) -> Tensor:
     return bad
 
 
-def _guarded_state_update(backend, log_u_img, log_u_txt, index, lphi1, lphi2, gamma, eps, bad):
-    """The two state updates under the bad-input rule (SPEC §1 "Bad input"):
-    when ``bad`` (non-finite features) or a touched state entry is NaN / +inf,
-    both buffers are left bit for bit as they were and the returned ``logden``
-    are NaN (so the loss and every gradient entry are NaN).  Decided on the
-    device with ``torch.where``: no host sync; costs O(b)."""
+def _duplicate_log_mean(index: Tensor, log_phi: Tensor) -> Tensor:
+    """Per anchor, the log of the mean ``Phi`` over the anchors sharing its index
+    (``logsumexp(log Phi) - log k`` over the ``k`` of them; an unshared anchor
+    keeps its own ``log Phi`` bit for bit).
+
+    Device ops only (no host sync, no data-dependent shape): the anchors are
+    sorted by ``(index, log Phi)`` (two stable sorts), each one finds the first
+    and last position of its run with a running max, and the run's sum of
+    ``exp(log Phi - max)`` is a difference of one float64 prefix sum.  The sorted
+    sequence depends only on the multiset of ``(index, log Phi)`` pairs, so a
+    permuted batch gives the permuted result bit for bit."""
+    n = index.shape[0]
+    x = log_phi.float()
+    by_value = torch.argsort(x, stable=True)
+    order = by_value[torch.argsort(index[by_value], stable=True)]
+    si, sx = index[order], x[order]
+    pos = torch.arange(n, device=x.device)
+    first = torch.ones(n, dtype=torch.bool, device=x.device)
+    first[1:] = si[1:] != si[:-1]
+    last = torch.ones(n, dtype=torch.bool, device=x.device)
+    last[:-1] = first[1:]
+    start = torch.cummax(torch.where(first, pos, 0), 0).values
+    end = (n - 1) - torch.cummax(torch.where(last, n - 1 - pos, 0).flip(0), 0).values.flip(0)
+    top = sx[end].double()  # the run's max: its last element (ascending by value within a run)
+    shifted = torch.where(torch.isneginf(top), 0.0, sx.double() - top)
+    csum = torch.cat([shifted.new_zeros(1), torch.cumsum(torch.exp(shifted), 0)])
+    count = (end - start + 1).double()
+    mean = (top + torch.log(csum[end + 1] - csum[start]) - torch.log(count)).float()
+    mean = torch.where(end == start, sx, mean)
+    return torch.empty_like(x).index_copy_(0, order, mean)
+
+
+def _guarded_state_update(backend, log_u_img, log_u_txt, index, lphi1, lphi2, gamma, eps, bad,
+                          update_state=True):
+    """The two state updates under the duplicate and bad-input rules (SPEC §1).
+
+    Duplicates: the anchors sharing an index make one update with the mean of
+    their ``Phi`` (:func:`_duplicate_log_mean`) and all read the same new ``u``.
+    The update runs on the gathered entries (one distinct position per anchor,
+    so the compiled kernel never reads an entry a duplicate already wrote), and
+    one ``index_copy_`` writes them back (duplicates write the same value).
+
+    Bad input: when ``bad`` (non-finite features) or a touched state entry is
+    NaN / +inf, both buffers are left bit for bit as they were and the returned
+    ``logden`` are NaN (so the loss and every gradient entry are NaN).  Decided
+    on the device with ``torch.where``: no host sync; costs O(b log b).
+
+    ``update_state=False``: nothing is written; each anchor reads its current
+    ``u`` (a never-visited entry reads its mean ``Phi``, as a first visit would
+    write it)."""
     old1 = log_u_img.index_select(0, index)
     old2 = log_u_txt.index_select(0, index)
     bad = bad | ~(old1 < math.inf).all() | ~(old2 < math.inf).all()  # NaN or +inf state
-    ld1 = _state_update(backend, log_u_img, index, lphi1, gamma, eps)
-    ld2 = _state_update(backend, log_u_txt, index, lphi2, gamma, eps)
-    for log_u, old in ((log_u_img, old1), (log_u_txt, old2)):
-        log_u.index_copy_(0, index, torch.where(bad, old, log_u.index_select(0, index)))
-    nan = torch.full((), math.nan, dtype=torch.float32, device=ld1.device)
-    return torch.where(bad, nan, ld1), torch.where(bad, nan, ld2)
+    lphi1, lphi2 = _duplicate_log_mean(index, lphi1), _duplicate_log_mean(index, lphi2)
+    nan = torch.full((), math.nan, dtype=torch.float32, device=old1.device)
+    out = []
+    for log_u, old, lphi in ((log_u_img, old1, lphi1), (log_u_txt, old2, lphi2)):
+        if update_state:
+            new = old.clone()
+            ld = _state_update(backend, new, torch.arange(new.shape[0], device=new.device), lphi, gamma, eps)
+            log_u.index_copy_(0, index, torch.where(bad, old, new))
+        else:
+            cur = torch.where(torch.isneginf(old), lphi, old)
+            ld = torch.logaddexp(cur, torch.full_like(cur, math.log(eps)))
+        out.append(torch.where(bad, nan, ld))
+    return out[0], out[1]
 
 
 # ----------------------------------------------------------------------------
@@ -347,9 +400,6 @@ def _check_args(img, txt, index, log_u_img, log_u_txt, tau, gamma, margin, eps, 
         lo, hi = int(gi.min()), int(gi.max())
         if lo < 0 or hi >= n:
             _fail(IndexError, f"index values must be in [0, num_samples) = [0, {n}), got min {lo}, max {hi}")
-        if torch.unique(gi).numel() != gi.numel():
-            _fail(ValueError, "index has duplicate entries within the batch; every anchor must be a distinct "
-                              "sample (its state entry is updated once per call)")
     if check_finite:
         for name, t in (("img", img), ("txt", txt), ("all_img", all_img), ("all_txt", all_txt)):
             if t is not None and not bool(torch.isfinite(t).all()):
@@ -379,6 +429,7 @@ def hgcl_loss(
     backend: Optional[str] = None,
     check_finite: bool = False,
     validate: bool = True,
+    update_state: bool = True,
 ) -> Tensor:
     """Hinged (``margin`` given) or plain (``margin=None``) global contrastive loss, SPEC §1.
 
@@ -393,6 +444,19 @@ def hgcl_loss(
     ``tau/b * sum_i [log(eps + u1_i) + log(eps + u2_i)]`` (the tracked estimate of
     the objective, for logging) and updates ``log_u_img`` / ``log_u_txt`` in place.
 
+    **Duplicate indices** (anchors of the batch sharing a dataset index; with
+    ``group=`` the global batch, across ranks): they make *one* update of their
+    entry with the mean of their ``Phi`` (in the log domain
+    ``logsumexp(log Phi) - log k`` over the ``k`` of them), and all of them read
+    that same updated ``u``.  The result does not depend on the anchors' order
+    (a permuted batch gives the permuted result) and costs no host sync.
+
+    **Stateless call** (``update_state=False``, for validation and for the 2nd..k-th
+    loss call of a gradient-accumulation step): nothing is written; each anchor
+    reads its entry's current ``u`` (an entry never visited reads the mean
+    ``Phi`` a first visit would write).  Loss and gradient are those of the
+    updating call whenever the state already holds the values that call writes.
+
     **Backward is the compositional estimator**
     ``tau/b * sum_i [grad Phi1_i/(eps + u1_i) + grad Phi2_i/(eps + u2_i)]`` with the
     updated ``u`` held constant - not the autograd of the returned scalar.
@@ -400,8 +464,8 @@ def hgcl_loss(
     Args:
         img, txt: L2-normalised local features ``[b, d]`` (float32/bfloat16/float16,
             fp32 accumulation).
-        index: ``[b]`` int64 dataset indices of the anchors.  Duplicates within a
-            batch are rejected (``ValueError``): each anchor is a distinct sample.
+        index: ``[b]`` int64 dataset indices of the anchors.  Duplicates are
+            allowed (see above).
         log_u_img, log_u_txt: float32 ``[num_samples]`` state, ``-inf`` = never visited.
         tau: temperature > 0.  gamma: moving-average rate in (0, 1].
         margin: hinge margin >= 0, or ``None`` for GCL.  eps: > 0.
@@ -423,8 +487,10 @@ def hgcl_loss(
             ``GradScaler`` (or any finiteness check) skips the step.  A batch
             with fewer than 2 columns (``B < 2``: no negatives) is a
             ``ValueError``.
-        validate: check ``index`` range and duplicates (one host sync); ``False``
-            skips them (e.g. inside ``torch.compile(fullgraph=True)`` or CUDA graphs).
+        validate: check that ``index`` is in ``[0, num_samples)`` (one host sync);
+            ``False`` skips it (e.g. inside ``torch.compile(fullgraph=True)`` or CUDA
+            graphs).
+        update_state: ``False`` for the stateless call (see above).
     """
     global_index = index
     if group is not None:
@@ -450,7 +516,7 @@ def hgcl_loss(
             lphi1, lphi2 = _all_gather(lphi1, group), _all_gather(lphi2, group)
             bad = _nonfinite_features(all_img, all_txt)
         ld1, ld2 = _guarded_state_update(name, log_u_img, log_u_txt, global_index.long(), lphi1, lphi2,
-                                         float(gamma), float(eps), bad)
+                                         float(gamma), float(eps), bad, bool(update_state))
         if group is not None:
             ld1, ld2 = ld1[offset:offset + b].contiguous(), ld2[offset:offset + b].contiguous()
     return _loss_core(img, txt, all_img, all_txt, ld1, ld2, int(offset), float(tau), m, hinge, name)
@@ -482,7 +548,9 @@ class GlobalContrastiveLoss(torch.nn.Module):
     """HGCL / GCL with its per-sample state as buffers (``state_dict`` saves it).
 
     ``forward(img, txt, index)`` returns this rank's loss, the mean over its
-    local anchors (like open_clip's ``ClipLoss``), and updates the state.
+    local anchors (like open_clip's ``ClipLoss``), and updates the state;
+    ``forward(img, txt, index, update_state=False)`` is the stateless call (reads
+    ``u``, writes nothing: validation, the repeated calls of gradient accumulation).
 
     Under ``torch.distributed`` (initialised, world size > 1) it calls
     :func:`hgcl_loss` with ``group=process_group`` (default: all ranks), so the
@@ -525,11 +593,12 @@ class GlobalContrastiveLoss(torch.nn.Module):
         return (f"num_samples={self.log_u_img.shape[0]}, tau={self.tau}, gamma={self.gamma}, "
                 f"margin={self.margin}, eps={self.eps}")
 
-    def forward(self, img: Tensor, txt: Tensor, index: Tensor) -> Tensor:
+    def forward(self, img: Tensor, txt: Tensor, index: Tensor, update_state: bool = True) -> Tensor:
         dist = torch.distributed
         group = None
         if dist.is_available() and dist.is_initialized():
             g = self.process_group if self.process_group is not None else dist.group.WORLD
             group = g if dist.get_world_size(g) > 1 else None
         return hgcl_loss(img, txt, index, self.log_u_img, self.log_u_txt, tau=self.tau, gamma=self.gamma,
-                         margin=self.margin, eps=self.eps, group=group, backend=self.backend, validate=self.validate)
+                         margin=self.margin, eps=self.eps, group=group, backend=self.backend, validate=self.validate,
+                         update_state=update_state)
