@@ -357,6 +357,51 @@ def test_duplicates_are_order_independent(backend, update_state):
     assert torch.allclose(outs[1][2][fin], outs[0][2][fin], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("update_state", [True, False], ids=["update", "stateless"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_separate_text_index_and_state_length(backend, update_state):
+    """Multi-caption set: 6 images, 15 captions; a batch holds two captions of image 2 (a duplicate
+    image index, distinct caption indices); the text state is indexed by txt_index."""
+    dev = dev_of(backend)
+    require_backend("hgcl", backend, dev)
+    index = torch.tensor([2, 0, 2, 5, 1, 4, 3])
+    txt_index = torch.tensor([7, 0, 8, 14, 3, 11, 9])
+    b, d = index.shape[0], 16
+    kw = dict(tau=0.05, gamma=0.7, margin=0.1, update_state=update_state)
+    lu1, lu2 = state(6, [2, 4]), state(15, [8, 1])
+    for _ in range(2):  # a fresh-ish state, then the state the first call left
+        img, txt = feats(b, d), feats(b, d)
+        ref = R.hgcl(img, txt, index, lu1, lu2, txt_index=txt_index, **kw)
+        k1, k2 = lu1.clone(), lu2.clone()
+        loss, gi, gt = run_backend(backend, img, txt, index, k1, k2, txt_index=txt_index, **kw)
+        assert k1.shape == (6,) and k2.shape == (15,)
+        assert_state(k1, ref.log_u_img)
+        assert_state(k2, ref.log_u_txt)
+        assert abs(loss.item() - ref.loss.item()) <= LOSS_TOL[torch.float32] * max(1.0, abs(ref.loss.item()))
+        assert rel_err(gi, ref.grad_img) < GRAD_TOL[torch.float32]
+        assert rel_err(gt, ref.grad_txt) < GRAD_TOL[torch.float32]
+        lu1, lu2 = k1, k2
+    # txt_index = index is the default
+    img, txt = feats(b, d), feats(b, d)
+    same = [state(6, [1]), state(6, [1])]
+    dflt = [s.clone() for s in same]
+    l_a = run_backend(backend, img, txt, index, *same, txt_index=index, **kw)[0]
+    l_b = run_backend(backend, img, txt, index, *dflt, **kw)[0]
+    assert torch.equal(l_a, l_b) and torch.equal(same[1], dflt[1])
+
+
+def test_module_with_a_text_state_of_its_own_length():
+    m = GlobalContrastiveLoss(6, tau=0.05, gamma=0.9, num_txt_samples=15)
+    assert m.log_u_img.shape == (6,) and m.log_u_txt.shape == (15,) and "num_txt_samples=15" in repr(m)
+    img, txt = feats(3, 8), feats(3, 8)
+    m(img, txt, torch.tensor([0, 0, 5]), txt_index=torch.tensor([0, 1, 14]))
+    assert torch.isfinite(m.log_u_txt[[0, 1, 14]]).all() and torch.isneginf(m.log_u_txt[2:14]).all()
+    with pytest.raises(ValueError, match="needs txt_index"):
+        m(img, txt, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="num_txt_samples must be > 0"):
+        GlobalContrastiveLoss(6, tau=0.05, gamma=0.9, num_txt_samples=0)
+
+
 def test_duplicate_mean_keeps_unshared_anchors_bit_for_bit():
     from vlmkern.ops import hgcl as ops
 
@@ -621,7 +666,15 @@ BAD = [
     ("index neg", lambda a: a.update(index=torch.tensor([0, -1, 2, 3])), IndexError, "index values must be in"),
     ("state dtype", lambda a: a.update(log_u_img=state(10).double()), TypeError, "log_u_img must be float32"),
     ("state dim", lambda a: a.update(log_u_txt=state(10)[None]), ValueError, "log_u_txt must be 1-D"),
-    ("state len", lambda a: a.update(log_u_txt=state(11)), ValueError, "log_u_txt has shape"),
+    ("state len", lambda a: a.update(log_u_txt=state(11)), ValueError, "log_u_txt has shape .* needs txt_index"),
+    ("txt_index type", lambda a: a.update(txt_index=[0, 1, 2, 3]), TypeError, "txt_index must be a Tensor"),
+    ("txt_index len", lambda a: a.update(txt_index=torch.arange(5)), ValueError, "txt_index must be 1-D of length"),
+    ("txt_index dtype", lambda a: a.update(txt_index=torch.arange(4).float()), TypeError, "txt_index must be int64"),
+    ("txt_index range", lambda a: a.update(txt_index=torch.tensor([0, 1, 2, 11]), log_u_txt=state(11)), IndexError,
+     r"txt_index values must be in \[0, len\(log_u_txt\)\) = \[0, 11\)"),
+    ("index range txt", lambda a: a.update(txt_index=torch.tensor([0, 1, 2, 10]), log_u_txt=state(11),
+                                           index=torch.tensor([0, 1, 2, 10])), IndexError,
+     r"index values must be in \[0, num_samples\) = \[0, 10\)"),
     ("tau", lambda a: a.update(tau=0.0), ValueError, "tau must be"),
     ("tau neg", lambda a: a.update(tau=-1.0), ValueError, "tau must be"),
     ("gamma 0", lambda a: a.update(gamma=0.0), ValueError, "gamma must be in"),

@@ -105,6 +105,7 @@ def hgcl(
     all_txt: Optional[torch.Tensor] = None,
     offset: int = 0,
     update_state: bool = True,
+    txt_index: Optional[torch.Tensor] = None,
 ) -> HGCLResult:
     """SPEC §1, materialised in float64.
 
@@ -124,6 +125,7 @@ def hgcl(
     ``Phi``, and all read that updated ``u`` (:func:`duplicate_log_mean`).
     ``update_state=False``: the returned state is the input state, and each
     anchor reads its entry's ``u`` as it is (a never-visited entry: its mean ``Phi``).
+    ``txt_index`` (default ``index``): the text anchors' entries of ``log_u_txt``.
     """
     F = img.detach().double()
     G = txt.detach().double()
@@ -151,18 +153,19 @@ def hgcl(
         log_phi2 = torch.full((b,), -math.inf, dtype=torch.float64)
 
     idx = index.long()
+    tidx = idx if txt_index is None else txt_index.long()
     new_u1 = log_u_img.detach().double().clone()
     new_u2 = log_u_txt.detach().double().clone()
     mean_phi1 = duplicate_log_mean(idx, log_phi1)
-    mean_phi2 = duplicate_log_mean(idx, log_phi2)
+    mean_phi2 = duplicate_log_mean(tidx, log_phi2)
     if update_state:
         lu1 = update_log_state(new_u1[idx], mean_phi1, gamma)
-        lu2 = update_log_state(new_u2[idx], mean_phi2, gamma)
+        lu2 = update_log_state(new_u2[tidx], mean_phi2, gamma)
         new_u1[idx] = lu1  # duplicates write the same value
-        new_u2[idx] = lu2
+        new_u2[tidx] = lu2
     else:
         lu1 = torch.where(torch.isneginf(new_u1[idx]), mean_phi1, new_u1[idx])
-        lu2 = torch.where(torch.isneginf(new_u2[idx]), mean_phi2, new_u2[idx])
+        lu2 = torch.where(torch.isneginf(new_u2[tidx]), mean_phi2, new_u2[tidx])
 
     log_eps = math.log(eps)
     logden1 = torch.logaddexp(lu1, torch.full_like(lu1, log_eps))  # log(eps + u1)

@@ -237,7 +237,7 @@ def _duplicate_log_mean(index: Tensor, log_phi: Tensor) -> Tensor:
 
 
 def _guarded_state_update(backend, log_u_img, log_u_txt, index, lphi1, lphi2, gamma, eps, bad,
-                          update_state=True):
+                          update_state=True, txt_index=None):
     """The two state updates under the duplicate and bad-input rules (SPEC §1).
 
     Duplicates: the anchors sharing an index make one update with the mean of
@@ -253,18 +253,19 @@ def _guarded_state_update(backend, log_u_img, log_u_txt, index, lphi1, lphi2, ga
 
     ``update_state=False``: nothing is written; each anchor reads its current
     ``u`` (a never-visited entry reads its mean ``Phi``, as a first visit would
-    write it)."""
+    write it).  ``txt_index`` (default ``index``): the text anchors' entries of ``log_u_txt``."""
+    txt_index = index if txt_index is None else txt_index
     old1 = log_u_img.index_select(0, index)
-    old2 = log_u_txt.index_select(0, index)
+    old2 = log_u_txt.index_select(0, txt_index)
     bad = bad | ~(old1 < math.inf).all() | ~(old2 < math.inf).all()  # NaN or +inf state
-    lphi1, lphi2 = _duplicate_log_mean(index, lphi1), _duplicate_log_mean(index, lphi2)
+    lphi1, lphi2 = _duplicate_log_mean(index, lphi1), _duplicate_log_mean(txt_index, lphi2)
     nan = torch.full((), math.nan, dtype=torch.float32, device=old1.device)
     out = []
-    for log_u, old, lphi in ((log_u_img, old1, lphi1), (log_u_txt, old2, lphi2)):
+    for log_u, idx, old, lphi in ((log_u_img, index, old1, lphi1), (log_u_txt, txt_index, old2, lphi2)):
         if update_state:
             new = old.clone()
             ld = _state_update(backend, new, torch.arange(new.shape[0], device=new.device), lphi, gamma, eps)
-            log_u.index_copy_(0, index, torch.where(bad, old, new))
+            log_u.index_copy_(0, idx, torch.where(bad, old, new))
         else:
             cur = torch.where(torch.isneginf(old), lphi, old)
             ld = torch.logaddexp(cur, torch.full_like(cur, math.log(eps)))
@@ -328,9 +329,9 @@ def _fail(exc, msg):
 
 
 def _check_args(img, txt, index, log_u_img, log_u_txt, tau, gamma, margin, eps, all_img, all_txt, offset,
-                check_finite, validate, global_index=None):
+                check_finite, validate, global_index=None, txt_index=None, global_txt_index=None):
     for name, t in (("img", img), ("txt", txt), ("index", index), ("log_u_img", log_u_img),
-                    ("log_u_txt", log_u_txt)):
+                    ("log_u_txt", log_u_txt)) + ((("txt_index", txt_index),) if txt_index is not None else ()):
         if not isinstance(t, torch.Tensor):
             _fail(TypeError, f"{name} must be a Tensor, got {type(t).__name__}")
     if img.dim() != 2:
@@ -371,12 +372,13 @@ def _check_args(img, txt, index, log_u_img, log_u_txt, tau, gamma, margin, eps, 
         what = "img has" if all_img is None else "all_img has"
         _fail(ValueError, f"{what} {n_cols} column(s); the loss needs at least 2 (B >= 2: every anchor "
                           "needs a negative)")
-    if index.dim() != 1 or index.shape[0] != b:
-        _fail(ValueError, f"index must be 1-D of length b = {b}, got shape {tuple(index.shape)}")
-    if index.dtype not in (torch.int64, torch.int32):
-        _fail(TypeError, f"index must be int64 (or int32), got {index.dtype}")
-    if index.device != dev:
-        _fail(ValueError, f"index is on {index.device} but img is on {dev}")
+    for name, t in (("index", index),) + ((("txt_index", txt_index),) if txt_index is not None else ()):
+        if t.dim() != 1 or t.shape[0] != b:
+            _fail(ValueError, f"{name} must be 1-D of length b = {b}, got shape {tuple(t.shape)}")
+        if t.dtype not in (torch.int64, torch.int32):
+            _fail(TypeError, f"{name} must be int64 (or int32), got {t.dtype}")
+        if t.device != dev:
+            _fail(ValueError, f"{name} is on {t.device} but img is on {dev}")
     for name, t in (("log_u_img", log_u_img), ("log_u_txt", log_u_txt)):
         if t.dtype != torch.float32:
             _fail(TypeError, f"{name} must be float32 (log u state), got {t.dtype}")
@@ -384,8 +386,9 @@ def _check_args(img, txt, index, log_u_img, log_u_txt, tau, gamma, margin, eps, 
             _fail(ValueError, f"{name} must be 1-D [num_samples], got shape {tuple(t.shape)}")
         if t.device != dev:
             _fail(ValueError, f"{name} is on {t.device} but img is on {dev}")
-    if log_u_txt.shape != log_u_img.shape:
-        _fail(ValueError, f"log_u_txt has shape {tuple(log_u_txt.shape)} but log_u_img has {tuple(log_u_img.shape)}")
+    if txt_index is None and log_u_txt.shape != log_u_img.shape:
+        _fail(ValueError, f"log_u_txt has shape {tuple(log_u_txt.shape)} but log_u_img has {tuple(log_u_img.shape)}; "
+                          "a text state of another length needs txt_index (the text anchors' own indices)")
     if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
         _fail(ValueError, f"tau must be a finite number > 0, got {tau}")
     if not (isinstance(gamma, (int, float)) and 0.0 < gamma <= 1.0):
@@ -395,11 +398,15 @@ def _check_args(img, txt, index, log_u_img, log_u_txt, tau, gamma, margin, eps, 
     if not (isinstance(eps, (int, float)) and eps > 0):
         _fail(ValueError, f"eps must be > 0, got {eps}")
     if validate:  # the checks below synchronise with the host
-        n = log_u_img.shape[0]
-        gi = index if global_index is None else global_index
-        lo, hi = int(gi.min()), int(gi.max())
-        if lo < 0 or hi >= n:
-            _fail(IndexError, f"index values must be in [0, num_samples) = [0, {n}), got min {lo}, max {hi}")
+        checks = [("index", index if global_index is None else global_index, "num_samples", log_u_img)]
+        if txt_index is not None:
+            checks.append(("txt_index", txt_index if global_txt_index is None else global_txt_index,
+                           "len(log_u_txt)", log_u_txt))
+        for name, gi, what, state in checks:
+            n = state.shape[0]
+            lo, hi = int(gi.min()), int(gi.max())
+            if lo < 0 or hi >= n:
+                _fail(IndexError, f"{name} values must be in [0, {what}) = [0, {n}), got min {lo}, max {hi}")
     if check_finite:
         for name, t in (("img", img), ("txt", txt), ("all_img", all_img), ("all_txt", all_txt)):
             if t is not None and not bool(torch.isfinite(t).all()):
@@ -430,6 +437,7 @@ def hgcl_loss(
     check_finite: bool = False,
     validate: bool = True,
     update_state: bool = True,
+    txt_index: Optional[Tensor] = None,
 ) -> Tensor:
     """Hinged (``margin`` given) or plain (``margin=None``) global contrastive loss, SPEC §1.
 
@@ -491,14 +499,21 @@ def hgcl_loss(
             ``False`` skips it (e.g. inside ``torch.compile(fullgraph=True)`` or CUDA
             graphs).
         update_state: ``False`` for the stateless call (see above).
+        txt_index: ``[b]`` indices of the text anchors into ``log_u_txt`` when they are
+            not ``index`` (multi-caption sets: one state entry per caption, image
+            anchors indexed by image); ``log_u_txt`` may then have its own length.
+            Default: ``index`` (and ``log_u_txt`` as long as ``log_u_img``).
     """
     global_index = index
+    global_txt_index = txt_index
     if group is not None:
         if all_img is not None or all_txt is not None or offset != 0:
             _fail(ValueError, "give group (the op gathers every rank's batch) or all_img/all_txt/offset, not both")
         all_img, all_txt, global_index, offset = _gather_batch(img, txt, index, group)
+        if isinstance(txt_index, torch.Tensor):
+            global_txt_index = _all_gather(txt_index.long(), group)
     _check_args(img, txt, index, log_u_img, log_u_txt, tau, gamma, margin, eps, all_img, all_txt, offset,
-                check_finite, validate, global_index)
+                check_finite, validate, global_index, txt_index, global_txt_index)
     name = _choose(str(img.device), backend)
     hinge = margin is not None
     m = float(margin) if hinge else 0.0
@@ -516,7 +531,8 @@ def hgcl_loss(
             lphi1, lphi2 = _all_gather(lphi1, group), _all_gather(lphi2, group)
             bad = _nonfinite_features(all_img, all_txt)
         ld1, ld2 = _guarded_state_update(name, log_u_img, log_u_txt, global_index.long(), lphi1, lphi2,
-                                         float(gamma), float(eps), bad, bool(update_state))
+                                         float(gamma), float(eps), bad, bool(update_state),
+                                         None if global_txt_index is None else global_txt_index.long())
         if group is not None:
             ld1, ld2 = ld1[offset:offset + b].contiguous(), ld2[offset:offset + b].contiguous()
     return _loss_core(img, txt, all_img, all_txt, ld1, ld2, int(offset), float(tau), m, hinge, name)
@@ -551,6 +567,8 @@ class GlobalContrastiveLoss(torch.nn.Module):
     local anchors (like open_clip's ``ClipLoss``), and updates the state;
     ``forward(img, txt, index, update_state=False)`` is the stateless call (reads
     ``u``, writes nothing: validation, the repeated calls of gradient accumulation).
+    ``num_txt_samples`` (default ``num_samples``) sizes the text anchors' state, indexed
+    by ``forward(..., txt_index=)`` (multi-caption sets: one entry per caption).
 
     Under ``torch.distributed`` (initialised, world size > 1) it calls
     :func:`hgcl_loss` with ``group=process_group`` (default: all ranks), so the
@@ -565,12 +583,15 @@ class GlobalContrastiveLoss(torch.nn.Module):
     """
 
     def __init__(self, num_samples: int, tau: float, gamma: float, margin: Optional[float] = 0.1,
-                 eps: float = 1e-14, backend: Optional[str] = None, validate: bool = True, process_group=None):
+                 eps: float = 1e-14, backend: Optional[str] = None, validate: bool = True, process_group=None,
+                 num_txt_samples: Optional[int] = None):
         super().__init__()
-        if int(num_samples) <= 0:
-            raise ValueError(f"vlmkern.GlobalContrastiveLoss: num_samples must be > 0, got {num_samples}")
+        num_txt = num_samples if num_txt_samples is None else num_txt_samples
+        for name, n in (("num_samples", num_samples), ("num_txt_samples", num_txt)):
+            if int(n) <= 0:
+                raise ValueError(f"vlmkern.GlobalContrastiveLoss: {name} must be > 0, got {n}")
         self.register_buffer("log_u_img", torch.full((int(num_samples),), -math.inf, dtype=torch.float32))
-        self.register_buffer("log_u_txt", torch.full((int(num_samples),), -math.inf, dtype=torch.float32))
+        self.register_buffer("log_u_txt", torch.full((int(num_txt),), -math.inf, dtype=torch.float32))
         self.tau = float(tau)
         self.gamma = gamma
         self.margin = margin
@@ -590,10 +611,12 @@ class GlobalContrastiveLoss(torch.nn.Module):
         self._gamma = float(value)
 
     def extra_repr(self) -> str:
-        return (f"num_samples={self.log_u_img.shape[0]}, tau={self.tau}, gamma={self.gamma}, "
+        txt = "" if self.log_u_txt.shape == self.log_u_img.shape else f"num_txt_samples={self.log_u_txt.shape[0]}, "
+        return (f"num_samples={self.log_u_img.shape[0]}, {txt}tau={self.tau}, gamma={self.gamma}, "
                 f"margin={self.margin}, eps={self.eps}")
 
-    def forward(self, img: Tensor, txt: Tensor, index: Tensor, update_state: bool = True) -> Tensor:
+    def forward(self, img: Tensor, txt: Tensor, index: Tensor, update_state: bool = True,
+                txt_index: Optional[Tensor] = None) -> Tensor:
         dist = torch.distributed
         group = None
         if dist.is_available() and dist.is_initialized():
@@ -601,4 +624,4 @@ class GlobalContrastiveLoss(torch.nn.Module):
             group = g if dist.get_world_size(g) > 1 else None
         return hgcl_loss(img, txt, index, self.log_u_img, self.log_u_txt, tau=self.tau, gamma=self.gamma,
                          margin=self.margin, eps=self.eps, group=group, backend=self.backend, validate=self.validate,
-                         update_state=update_state)
+                         update_state=update_state, txt_index=txt_index)
