@@ -495,9 +495,9 @@ def hgcl_loss(
             ``GradScaler`` (or any finiteness check) skips the step.  A batch
             with fewer than 2 columns (``B < 2``: no negatives) is a
             ``ValueError``.
-        validate: check that ``index`` is in ``[0, num_samples)`` (one host sync);
-            ``False`` skips it (e.g. inside ``torch.compile(fullgraph=True)`` or CUDA
-            graphs).
+        validate: check that ``index`` is in ``[0, len(log_u_img))`` and ``txt_index`` in
+            ``[0, len(log_u_txt))`` (one host sync); ``False`` skips it (e.g. inside
+            ``torch.compile(fullgraph=True)`` or CUDA graphs).
         update_state: ``False`` for the stateless call (see above).
         txt_index: ``[b]`` indices of the text anchors into ``log_u_txt`` when they are
             not ``index`` (multi-caption sets: one state entry per caption, image
