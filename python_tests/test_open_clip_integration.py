@@ -218,23 +218,28 @@ def test_torchrun_two_gloo_ranks_take_the_single_process_step_on_the_global_batc
     """open_clip's real main under torchrun, 2 CPU ranks (gloo), --batch-size 4 each, against one
     process at --batch-size 8 whose sampler yields the same global batches (rank 0's rows, then
     rank 1's): the u state is bit for bit the same on both ranks, saved once (rank 0's checkpoints),
-    and equal to the single-process state; the model too."""
+    and equal to the single-process state; the model too. And the two together: 2 ranks at
+    --batch-size 2 --accum-freq 2 take the steps of 2 ranks at --batch-size 4."""
     worker = str(Path(__file__).resolve().parent / "open_clip_train_worker.py")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["OMP_NUM_THREADS"] = "1"
-    ddp_out, one_out = tmp_path / "ddp_state", tmp_path / "one_state"
-    ddp_out.mkdir(), one_out.mkdir()
+    ddp_out, one_out, acc_out = tmp_path / "ddp_state", tmp_path / "one_state", tmp_path / "acc_state"
+    ddp_out.mkdir(), one_out.mkdir(), acc_out.mkdir()
     (tmp_path / "ddp.json").write_text(json.dumps(
         [*HGCL, *_common(csv_dataset, tmp_path / "logs", "ddp", 2, batch_size=4), *SAME_PIXELS,
          "--dist-backend", "gloo", "--local-loss", "--gather-with-grad"]))
+    (tmp_path / "acc.json").write_text(json.dumps(
+        [*HGCL, *_common(csv_dataset, tmp_path / "logs", "acc", 2, batch_size=2), *SAME_PIXELS,
+         "--accum-freq", "2", "--dist-backend", "gloo", "--local-loss", "--gather-with-grad"]))
     (tmp_path / "one.json").write_text(json.dumps(
         ["--combined-order", "2", *HGCL, *_common(csv_dataset, tmp_path / "logs", "one", 2, batch_size=8),
          *SAME_PIXELS]))
-    ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker, str(ddp_out),
-         str(tmp_path / "ddp.json")], env=env, capture_output=True, text=True, timeout=600)
-    assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
+    for out, argfile in ((ddp_out, "ddp.json"), (acc_out, "acc.json")):
+        ddp = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker, str(out),
+             str(tmp_path / argfile)], env=env, capture_output=True, text=True, timeout=600)
+        assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
     one = subprocess.run([sys.executable, worker, str(one_out), str(tmp_path / "one.json")],
                          env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
@@ -256,6 +261,12 @@ def test_torchrun_two_gloo_ranks_take_the_single_process_step_on_the_global_batc
     ck_one, _ = _state(tmp_path / "logs" / "one" / "checkpoints" / "epoch_2.pt")
     assert model.keys() == ck_one["state_dict"].keys()
     _assert_close_models(model, ck_one["state_dict"], "2 ranks vs 1 process")
+    a0, a1 = torch.load(acc_out / "rank0.pt"), torch.load(acc_out / "rank1.pt")
+    for key in ("log_u_img", "log_u_txt"):
+        assert torch.equal(a0[key], a1[key]), key
+    _assert_close_states(a0, r0, "2 ranks with --accum-freq 2 vs without")
+    ck_acc, _ = _state(tmp_path / "logs" / "acc" / "checkpoints" / "epoch_2.pt")
+    _assert_close_models(ck_acc["state_dict"], ck["state_dict"], "2 ranks with --accum-freq 2 vs without")
 
 
 # ----------------------------------------------------------------------------
