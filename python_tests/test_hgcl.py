@@ -237,6 +237,184 @@ def test_first_visit_takes_log_phi(backend):
     assert math.isclose(lu2[4].item(), ref.log_u_txt[4].item(), rel_tol=1e-5, abs_tol=1e-5)
 
 
+# --------------------------------------------------------------------------
+# state semantics: the stateless call and duplicate indices
+# --------------------------------------------------------------------------
+
+DUP_INDEX = torch.tensor([3, 1, 3, 7, 1, 3, 0, 5, 9, 7])  # 3 three times, 1 and 7 twice
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stateless_call_reads_u_and_writes_nothing(backend, mode):
+    """update_state=False on the state an updating call left: the same loss and gradient; the
+    state is untouched bit for bit; on a fresh state, unvisited entries read Phi (the reference)."""
+    dev = dev_of(backend)
+    require_backend("hgcl", backend, dev)
+    n, b, d = 16, 10, 12
+    kw = dict(tau=0.05, gamma=0.6, margin=MODES[mode])
+    index = torch.tensor([14, 2, 5, 0, 11, 7, 3, 9, 12, 6])
+    img, txt = feats(b, d), feats(b, d)
+    lu1, lu2 = state(n, [2, 0, 7, 15]), state(n, [5, 0, 9])
+    k1, k2 = lu1.clone(), lu2.clone()
+    loss_u, gi_u, gt_u = run_backend(backend, img, txt, index, k1, k2, **kw)
+    s1, s2 = k1.clone(), k2.clone()
+    loss_s, gi_s, gt_s = run_backend(backend, img, txt, index, k1, k2, update_state=False, **kw)
+    assert torch.equal(k1, s1) and torch.equal(k2, s2)  # nothing written
+    assert abs(loss_s.item() - loss_u.item()) <= 1e-6 * max(1.0, abs(loss_u.item()))
+    assert rel_err(gi_s, gi_u) < 1e-6 and rel_err(gt_s, gt_u) < 1e-6
+    # on the original state: current u where visited, Phi where not (the reference's stateless call)
+    k1, k2 = lu1.clone(), lu2.clone()
+    ref = R.hgcl(img, txt, index, lu1, lu2, update_state=False, **kw)
+    loss, gi, gt = run_backend(backend, img, txt, index, k1, k2, update_state=False, **kw)
+    assert torch.equal(k1, lu1) and torch.equal(k2, lu2)
+    assert torch.equal(ref.log_u_img.float(), lu1)
+    assert abs(loss.item() - ref.loss.item()) <= LOSS_TOL[torch.float32] * max(1.0, abs(ref.loss.item()))
+    assert rel_err(gi, ref.grad_img) < GRAD_TOL[torch.float32]
+    assert rel_err(gt, ref.grad_txt) < GRAD_TOL[torch.float32]
+    upd = R.hgcl(img, txt, index, lu1, lu2, **kw)
+    assert not math.isclose(upd.loss.item(), ref.loss.item(), rel_tol=1e-3)  # the stateless loss is another one
+
+
+@pytest.mark.parametrize("update_state", [True, False], ids=["update", "stateless"])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_duplicate_indices_match_the_reference(backend, mode, update_state):
+    """Anchors sharing an index: one update with their mean Phi, all read the same new u."""
+    dev = dev_of(backend)
+    require_backend("hgcl", backend, dev)
+    n, d = 12, 16
+    b = DUP_INDEX.shape[0]
+    kw = dict(tau=0.05, gamma=0.7, margin=MODES[mode], update_state=update_state)
+    for visited in ([], [3, 0, 9]):  # a fresh state, then a partly visited one
+        lu1, lu2 = state(n, visited), state(n, [1, 3])
+        img, txt = feats(b, d), feats(b, d)
+        ref = R.hgcl(img, txt, DUP_INDEX, lu1, lu2, **kw)
+        k1, k2 = lu1.clone(), lu2.clone()
+        loss, gi, gt = run_backend(backend, img, txt, DUP_INDEX, k1, k2, **kw)
+        assert_state(k1, ref.log_u_img)
+        assert_state(k2, ref.log_u_txt)
+        assert abs(loss.item() - ref.loss.item()) <= LOSS_TOL[torch.float32] * max(1.0, abs(ref.loss.item()))
+        assert rel_err(gi, ref.grad_img) < GRAD_TOL[torch.float32]
+        assert rel_err(gt, ref.grad_txt) < GRAD_TOL[torch.float32]
+    # the rule is not "last occurrence wins": the entry of 3 is the mean over its three anchors
+    lphi = ref.log_phi_img[DUP_INDEX == 3]  # the three anchors' own Phi differ: the mean is not any one of them
+    assert lphi.max() - lphi.min() > 1e-3
+
+
+def test_reference_duplicate_rule_is_the_mean_of_phi():
+    index = torch.tensor([4, 2, 4, 4])
+    log_phi = torch.tensor([0.5, -1.0, 2.0, 1.0], dtype=torch.float64)
+    got = R.duplicate_log_mean(index, log_phi)
+    mean4 = math.log((math.exp(0.5) + math.exp(2.0) + math.exp(1.0)) / 3)
+    assert torch.allclose(got, torch.tensor([mean4, -1.0, mean4, mean4], dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("update_state", [True, False], ids=["update", "stateless"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_duplicates_are_order_independent(backend, update_state):
+    """The state step on a permuted batch gives the permuted result bit for bit (the same log Phi
+    values in another order), and every anchor of an index reads the same u; through the whole op
+    a permuted batch gives the same state and loss within float32 rounding (the sweeps' sums run
+    in another order)."""
+    from vlmkern.ops import hgcl as ops
+
+    dev = dev_of(backend)
+    require_backend("hgcl", backend, dev)
+    n = 12
+    b = DUP_INDEX.shape[0]
+    g = torch.Generator().manual_seed(3)
+    lphi1, lphi2 = torch.randn(b, generator=g) * 3, torch.randn(b, generator=g) * 3
+    base1, base2 = state(n, [3, 7]), state(n, [1])
+    no = torch.zeros((), dtype=torch.bool, device=dev)
+    results = []
+    for perm in (torch.arange(b), torch.randperm(b, generator=g), torch.arange(b).flip(0)):
+        k1, k2 = base1.clone().to(dev), base2.clone().to(dev)
+        ld1, ld2 = ops._guarded_state_update(backend, k1, k2, DUP_INDEX[perm].to(dev), lphi1[perm].to(dev),
+                                             lphi2[perm].to(dev), 0.7, 1e-14, no, update_state)
+        inv = torch.argsort(perm)
+        results.append((k1.cpu(), k2.cpu(), ld1.cpu()[inv], ld2.cpu()[inv]))
+    for r in results[1:]:
+        assert all(torch.equal(x, y) for x, y in zip(r, results[0]))
+    k1, k2, ld1, ld2 = results[0]
+    for k in DUP_INDEX.unique():
+        same = DUP_INDEX == k
+        assert (ld1[same] == ld1[same][0]).all() and (ld2[same] == ld2[same][0]).all()
+    # whole op
+    d = 16
+    img, txt = feats(b, d), feats(b, d)
+    perm = torch.randperm(b, generator=g)
+    outs = []
+    for p in (torch.arange(b), perm):
+        k1, k2 = base1.clone(), base2.clone()
+        loss, gi, _ = run_backend(backend, img[p], txt[p], DUP_INDEX[p], k1, k2, tau=0.05, gamma=0.7,
+                                  update_state=update_state)
+        outs.append((loss, gi[torch.argsort(p)], k1, k2))
+    assert abs(outs[0][0].item() - outs[1][0].item()) <= 1e-5 * max(1.0, abs(outs[0][0].item()))
+    assert rel_err(outs[1][1], outs[0][1]) < 1e-5
+    fin = torch.isfinite(outs[0][2])
+    assert torch.equal(fin, torch.isfinite(outs[1][2]))
+    assert torch.allclose(outs[1][2][fin], outs[0][2][fin], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("update_state", [True, False], ids=["update", "stateless"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_separate_text_index_and_state_length(backend, update_state):
+    """Multi-caption set: 6 images, 15 captions; a batch holds two captions of image 2 (a duplicate
+    image index, distinct caption indices); the text state is indexed by txt_index."""
+    dev = dev_of(backend)
+    require_backend("hgcl", backend, dev)
+    index = torch.tensor([2, 0, 2, 5, 1, 4, 3])
+    txt_index = torch.tensor([7, 0, 8, 14, 3, 11, 9])
+    b, d = index.shape[0], 16
+    kw = dict(tau=0.05, gamma=0.7, margin=0.1, update_state=update_state)
+    lu1, lu2 = state(6, [2, 4]), state(15, [8, 1])
+    for _ in range(2):  # a fresh-ish state, then the state the first call left
+        img, txt = feats(b, d), feats(b, d)
+        ref = R.hgcl(img, txt, index, lu1, lu2, txt_index=txt_index, **kw)
+        k1, k2 = lu1.clone(), lu2.clone()
+        loss, gi, gt = run_backend(backend, img, txt, index, k1, k2, txt_index=txt_index, **kw)
+        assert k1.shape == (6,) and k2.shape == (15,)
+        assert_state(k1, ref.log_u_img)
+        assert_state(k2, ref.log_u_txt)
+        assert abs(loss.item() - ref.loss.item()) <= LOSS_TOL[torch.float32] * max(1.0, abs(ref.loss.item()))
+        assert rel_err(gi, ref.grad_img) < GRAD_TOL[torch.float32]
+        assert rel_err(gt, ref.grad_txt) < GRAD_TOL[torch.float32]
+        lu1, lu2 = k1, k2
+    # txt_index = index is the default
+    img, txt = feats(b, d), feats(b, d)
+    same = [state(6, [1]), state(6, [1])]
+    dflt = [s.clone() for s in same]
+    l_a = run_backend(backend, img, txt, index, *same, txt_index=index, **kw)[0]
+    l_b = run_backend(backend, img, txt, index, *dflt, **kw)[0]
+    assert torch.equal(l_a, l_b) and torch.equal(same[1], dflt[1])
+
+
+def test_module_with_a_text_state_of_its_own_length():
+    m = GlobalContrastiveLoss(6, tau=0.05, gamma=0.9, num_txt_samples=15)
+    assert m.log_u_img.shape == (6,) and m.log_u_txt.shape == (15,) and "num_txt_samples=15" in repr(m)
+    img, txt = feats(3, 8), feats(3, 8)
+    m(img, txt, torch.tensor([0, 0, 5]), txt_index=torch.tensor([0, 1, 14]))
+    assert torch.isfinite(m.log_u_txt[[0, 1, 14]]).all() and torch.isneginf(m.log_u_txt[2:14]).all()
+    with pytest.raises(ValueError, match="needs txt_index"):
+        m(img, txt, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="num_txt_samples must be > 0"):
+        GlobalContrastiveLoss(6, tau=0.05, gamma=0.9, num_txt_samples=0)
+
+
+def test_duplicate_mean_keeps_unshared_anchors_bit_for_bit():
+    from vlmkern.ops import hgcl as ops
+
+    index = torch.tensor([5, 2, 8, 2, 0])
+    lphi = torch.tensor([1.2345678, -3.0, 7.5, 0.25, -math.inf])
+    got = ops._duplicate_log_mean(index, lphi)
+    assert torch.equal(got[[0, 2, 4]], lphi[[0, 2, 4]])
+    assert got[1] == got[3] and math.isclose(got[1].item(), math.log((math.exp(-3.0) + math.exp(0.25)) / 2),
+                                             rel_tol=1e-6)
+    both_neginf = ops._duplicate_log_mean(torch.tensor([1, 1]), torch.full((2,), -math.inf))
+    assert torch.isneginf(both_neginf).all()
+
+
 def _adversarial(b, d, dtype):
     """Positives at the minimum p_i = -1 and half of the negatives at the maximum
     s_ij = +1 (x = 2, the largest possible): img_i = +-e, txt_i = -img_i (nearly)."""
@@ -491,10 +669,17 @@ BAD = [
     ("index dtype", lambda a: a.update(index=torch.arange(4).float()), TypeError, "index must be int64"),
     ("index range", lambda a: a.update(index=torch.tensor([0, 1, 2, 10])), IndexError, "index values must be in"),
     ("index neg", lambda a: a.update(index=torch.tensor([0, -1, 2, 3])), IndexError, "index values must be in"),
-    ("index dup", lambda a: a.update(index=torch.tensor([0, 1, 1, 3])), ValueError, "index has duplicate"),
     ("state dtype", lambda a: a.update(log_u_img=state(10).double()), TypeError, "log_u_img must be float32"),
     ("state dim", lambda a: a.update(log_u_txt=state(10)[None]), ValueError, "log_u_txt must be 1-D"),
-    ("state len", lambda a: a.update(log_u_txt=state(11)), ValueError, "log_u_txt has shape"),
+    ("state len", lambda a: a.update(log_u_txt=state(11)), ValueError, "log_u_txt has shape .* needs txt_index"),
+    ("txt_index type", lambda a: a.update(txt_index=[0, 1, 2, 3]), TypeError, "txt_index must be a Tensor"),
+    ("txt_index len", lambda a: a.update(txt_index=torch.arange(5)), ValueError, "txt_index must be 1-D of length"),
+    ("txt_index dtype", lambda a: a.update(txt_index=torch.arange(4).float()), TypeError, "txt_index must be int64"),
+    ("txt_index range", lambda a: a.update(txt_index=torch.tensor([0, 1, 2, 11]), log_u_txt=state(11)), IndexError,
+     r"txt_index values must be in \[0, len\(log_u_txt\)\) = \[0, 11\)"),
+    ("index range txt", lambda a: a.update(txt_index=torch.tensor([0, 1, 2, 10]), log_u_txt=state(11),
+                                           index=torch.tensor([0, 1, 2, 10])), IndexError,
+     r"index values must be in \[0, num_samples\) = \[0, 10\)"),
     ("tau", lambda a: a.update(tau=0.0), ValueError, "tau must be"),
     ("tau neg", lambda a: a.update(tau=-1.0), ValueError, "tau must be"),
     ("gamma 0", lambda a: a.update(gamma=0.0), ValueError, "gamma must be in"),
@@ -530,9 +715,11 @@ def test_bad_input_names_the_argument(case):
 
 def test_validate_false_skips_host_checks():
     a = _good()
-    a["index"] = torch.tensor([0, 1, 1, 3])  # duplicates pass unchecked; last occurrence wins
-    hgcl_loss(a["img"], a["txt"], a["index"], a["log_u_img"], a["log_u_txt"], tau=0.1, gamma=0.5,
-              validate=False, backend="torch")
+    a["index"] = torch.tensor([0, 1, 9, 3])
+    a["log_u_img"] = state(9)  # index 9 is out of range: found by the indexing itself, not by validate
+    with pytest.raises(IndexError):
+        hgcl_loss(a["img"], a["txt"], a["index"], a["log_u_img"], a["log_u_txt"][:9], tau=0.1, gamma=0.5,
+                  validate=False, backend="torch")
 
 
 def test_unknown_backend_is_an_error():

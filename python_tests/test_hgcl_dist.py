@@ -3,7 +3,9 @@
 Each rank holds half of a global batch.  Checked against one process on the
 concatenated batch: the mean of the ranks' losses equals the single-process
 loss, the state is identical on both ranks and equal to the single-process
-state (over several steps with overlapping indices), and each rank's feature
+state (over several steps with overlapping indices, with indices repeated
+within and across ranks, and with separate text indices into a longer text
+state), and each rank's feature
 gradient is ``world_size`` times the single-process gradient of its slice
 (the documented convention: DDP's averaging then gives the global gradient).
 """
@@ -25,15 +27,22 @@ WORLD = 2
 B_LOCAL = 6
 D = 16
 N = 30
-STEPS = [list(range(0, 12)), list(range(6, 18)), [29, 3, 17, 8, 0, 21, 5, 11, 26, 14, 2, 19]]
-KW = dict(tau=0.05, gamma=0.7, margin=0.1)
+# the last step repeats indices within a rank (4) and across ranks (4, 9, 2): one update with the mean Phi
+STEPS = [list(range(0, 12)), list(range(6, 18)), [29, 3, 17, 8, 0, 21, 5, 11, 26, 14, 2, 19],
+         [0, 4, 9, 4, 13, 2, 9, 20, 4, 25, 2, 7], list(range(12, 24))]
+# the text anchors' own indices into a longer text state (multi-caption): the image index on the other
+# steps (txt_index is required once the text state has its own length)
+N_TXT = 45
+TXT_STEPS = {4: [40, 1, 33, 1, 44, 7, 12, 30, 2, 33, 9, 41]}
+KW = dict(tau=0.05, gamma=0.7, margin=0.1, num_txt_samples=N_TXT)
 
 
 def _data(step):
     g = torch.Generator().manual_seed(100 + step)
     img = torch.nn.functional.normalize(torch.randn(WORLD * B_LOCAL, D, generator=g), dim=1)
     txt = torch.nn.functional.normalize(torch.randn(WORLD * B_LOCAL, D, generator=g), dim=1)
-    return img, txt, torch.tensor(STEPS[step])
+    txt_index = torch.tensor(TXT_STEPS.get(step, STEPS[step]))
+    return img, txt, torch.tensor(STEPS[step]), txt_index
 
 
 def _free_port() -> int:
@@ -57,11 +66,11 @@ def _worker(rank, port, backend, outdir):
         loss_fn = GlobalContrastiveLoss(N, backend=backend, **KW)
         out = []
         for step in range(len(STEPS)):
-            img, txt, index = _data(step)
+            img, txt, index, txt_index = _data(step)
             sl = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
             a = img[sl].clone().requires_grad_()
             t = txt[sl].clone().requires_grad_()
-            loss = loss_fn(a, t, index[sl])
+            loss = loss_fn(a, t, index[sl], txt_index=txt_index[sl])
             loss.backward()
             out.append(dict(loss=loss.detach(), grad_img=a.grad, grad_txt=t.grad,
                             log_u_img=loss_fn.log_u_img.clone(), log_u_txt=loss_fn.log_u_txt.clone()))
@@ -94,9 +103,9 @@ def test_two_process_gloo_matches_one_process(backend):
 
     single = GlobalContrastiveLoss(N, backend=backend, **KW)
     for step in range(len(STEPS)):
-        img, txt, index = _data(step)
+        img, txt, index, txt_index = _data(step)
         a, t = img.clone().requires_grad_(), txt.clone().requires_grad_()
-        loss = single(a, t, index)
+        loss = single(a, t, index, txt_index=txt_index)
         loss.backward()
         mean_loss = sum(r[step]["loss"] for r in res) / WORLD
         assert math.isclose(mean_loss.item(), loss.item(), rel_tol=1e-5, abs_tol=1e-6)
@@ -104,10 +113,10 @@ def test_two_process_gloo_matches_one_process(backend):
             # identical state on every rank (bit for bit) and equal to one process
             assert torch.equal(res[r][step]["log_u_img"], res[0][step]["log_u_img"])
             assert torch.equal(res[r][step]["log_u_txt"], res[0][step]["log_u_txt"])
-            fin = torch.isfinite(single.log_u_img)
-            assert torch.equal(fin, torch.isfinite(res[r][step]["log_u_img"]))
-            assert torch.allclose(res[r][step]["log_u_img"][fin], single.log_u_img[fin], rtol=1e-5, atol=1e-5)
-            assert torch.allclose(res[r][step]["log_u_txt"][fin], single.log_u_txt[fin], rtol=1e-5, atol=1e-5)
+            for key in ("log_u_img", "log_u_txt"):
+                fin = torch.isfinite(getattr(single, key))
+                assert torch.equal(fin, torch.isfinite(res[r][step][key])), (step, key)
+                assert torch.allclose(res[r][step][key][fin], getattr(single, key)[fin], rtol=1e-5, atol=1e-5)
             sl = slice(r * B_LOCAL, (r + 1) * B_LOCAL)
             assert rel_err(res[r][step]["grad_img"], WORLD * a.grad[sl]) < 1e-5
             assert rel_err(res[r][step]["grad_txt"], WORLD * t.grad[sl]) < 1e-5

@@ -4,8 +4,11 @@ End to end: ``python -m vlmkern.integrations.open_clip_train`` trains the tiny
 ``vlmkern-micro-ViT`` on a 32-image CSV dataset for 2 epochs, then a second run
 ``--resume``s a checkpoint whose u state was overwritten with a marker value
 and checks that the state went on from the marker (restored, then updated once
-per sample). Unit tests cover the loss adapter, the index hand-off (through
-DataLoader workers) and the clear errors for unsupported options.
+per sample). ``--batch-size 4 --accum-freq 2`` is checked against
+``--batch-size 8``, and 2 gloo ranks under torchrun (``--batch-size 4`` each)
+against one process on the same global batches (``--batch-size 8``). Unit tests
+cover the loss adapter, the index hand-off (through DataLoader workers and
+accumulation steps) and the clear errors for unsupported options.
 
 Without open_clip_train's dependencies the module skips (with the pip command),
 except under CI, where it fails.
@@ -13,6 +16,7 @@ except under CI, where it fails.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -25,6 +29,7 @@ import pytest
 import torch
 
 import vlmkern
+from vlmkern import reference as R
 
 INSTALL = "pip install braceexpand webdataset pandas  (or: pip install 'vlmkern[open_clip_train]')"
 try:
@@ -78,9 +83,9 @@ def _run(args, timeout=300):
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _common(csv, logs, name, epochs):
+def _common(csv, logs, name, epochs, batch_size=8):
     return ["--train-data", str(csv), "--csv-separator", ",", "--csv-img-key", "filepath",
-            "--csv-caption-key", "title", "--model", MODEL, "--batch-size", "8", "--epochs", str(epochs),
+            "--csv-caption-key", "title", "--model", MODEL, "--batch-size", str(batch_size), "--epochs", str(epochs),
             "--workers", "0", "--device", "cpu", "--precision", "fp32", "--lr", "1e-4", "--warmup", "2",
             "--log-every-n-steps", "1", "--seed", "0", "--logs", str(logs), "--name", name]
 
@@ -155,13 +160,121 @@ def test_resume_restores_the_state_and_updates_it_once_per_sample(first_run, csv
         assert torch.allclose(u, torch.full_like(u, marker + math.log(1 - GAMMA)), atol=1e-3), (key, u)
 
 
+# Runs compared step for step: the random crop is the full image whatever the RNG draws
+# (open_clip's train transform draws per image; the compared runs draw in other streams).
+SAME_PIXELS = ["--aug-cfg", "scale=(1.0,1.0)", "ratio=(1.0,1.0)"]
+HGCL = ["--vlmkern-loss", "hgcl", "--vlmkern-margin", "0.1", "--vlmkern-gamma", str(GAMMA), "--vlmkern-tau", str(TAU)]
+# Tolerances of the step-for-step comparisons. The compared runs compute the same float32 quantities with
+# other matmul shapes (BLAS blocking) and other summation orders of the gradient (accum: two backward
+# passes summed; DDP: an all-reduce): ~1e-7 relative per step. Measured over 8 AdamW steps at lr 1e-4
+# (accum-freq 2 vs the doubled batch): log u within 1e-6 (values ~0.4), parameters within 1.2e-7, and
+# the logged losses equal in all 5 printed digits; 2 gloo ranks vs one process: log u within 2e-6,
+# parameters within 1.2e-7. STATE_TOL leaves a factor 5-10 for other BLAS builds;
+# the logged losses are printed with 5 significant digits (open_clip's #.5g): 1e-4 relative is one unit
+# of the last printed digit.
+STATE_TOL = 1e-5
+LOGGED_LOSS_RTOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def accum_runs(csv_dataset, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("accum_logs")
+    for name, batch, extra in (("b8", 8, []), ("b4x2", 4, ["--accum-freq", "2"])):
+        r = _run([*HGCL, *_common(csv_dataset, logs, name, 2, batch_size=batch), *SAME_PIXELS, *extra])
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return logs / "b8", logs / "b4x2"
+
+
+def _assert_close_states(a, b, what):
+    for key in ("log_u_img", "log_u_txt"):
+        x, y = a[key], b[key]
+        assert x.shape == (N,) and torch.isfinite(x).all() and torch.isfinite(y).all(), (what, key)
+        assert torch.allclose(x, y, rtol=STATE_TOL, atol=STATE_TOL), (what, key, (x - y).abs().max())
+
+
+def _assert_close_models(a, b, what):
+    for name, x in a.items():
+        assert torch.allclose(x, b[name], rtol=STATE_TOL, atol=STATE_TOL), (what, name, (x - b[name]).abs().max())
+
+
+def test_accum_freq_2_takes_the_steps_of_the_doubled_batch(accum_runs):
+    """--batch-size 4 --accum-freq 2 vs --batch-size 8 (same data order, seed, steps): the u state,
+    the model and the logged losses agree (open_clip: the two are equivalent up to floating point).
+    Updating u on every one of open_clip's accum-freq loss calls would leave a different u."""
+    big, acc = accum_runs
+    lb, la = _losses((big / "out.log").read_text()), _losses((acc / "out.log").read_text())
+    assert len(lb) == len(la) == 2 * 4, (lb, la)
+    for x, y in zip(la, lb):
+        assert math.isclose(x, y, rel_tol=LOGGED_LOSS_RTOL), (la, lb)
+    for epoch in (1, 2):
+        ckb, eb = _state(big / "checkpoints" / f"epoch_{epoch}.pt")
+        cka, ea = _state(acc / "checkpoints" / f"epoch_{epoch}.pt")
+        _assert_close_states(ea["state_dict"], eb["state_dict"], f"epoch {epoch}")
+        _assert_close_models(cka["state_dict"], ckb["state_dict"], f"epoch {epoch}")
+
+
+@pytest.mark.multiproc
+def test_torchrun_two_gloo_ranks_take_the_single_process_step_on_the_global_batch(csv_dataset, tmp_path):
+    """open_clip's real main under torchrun, 2 CPU ranks (gloo), --batch-size 4 each, against one
+    process at --batch-size 8 whose sampler yields the same global batches (rank 0's rows, then
+    rank 1's): the u state is bit for bit the same on both ranks, saved once (rank 0's checkpoints),
+    and equal to the single-process state; the model too. And the two together: 2 ranks at
+    --batch-size 2 --accum-freq 2 take the steps of 2 ranks at --batch-size 4."""
+    worker = str(Path(__file__).resolve().parent / "open_clip_train_worker.py")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["OMP_NUM_THREADS"] = "1"
+    ddp_out, one_out, acc_out = tmp_path / "ddp_state", tmp_path / "one_state", tmp_path / "acc_state"
+    ddp_out.mkdir(), one_out.mkdir(), acc_out.mkdir()
+    (tmp_path / "ddp.json").write_text(json.dumps(
+        [*HGCL, *_common(csv_dataset, tmp_path / "logs", "ddp", 2, batch_size=4), *SAME_PIXELS,
+         "--dist-backend", "gloo", "--local-loss", "--gather-with-grad"]))
+    (tmp_path / "acc.json").write_text(json.dumps(
+        [*HGCL, *_common(csv_dataset, tmp_path / "logs", "acc", 2, batch_size=2), *SAME_PIXELS,
+         "--accum-freq", "2", "--dist-backend", "gloo", "--local-loss", "--gather-with-grad"]))
+    (tmp_path / "one.json").write_text(json.dumps(
+        ["--combined-order", "2", *HGCL, *_common(csv_dataset, tmp_path / "logs", "one", 2, batch_size=8),
+         *SAME_PIXELS]))
+    for out, argfile in ((ddp_out, "ddp.json"), (acc_out, "acc.json")):
+        ddp = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker, str(out),
+             str(tmp_path / argfile)], env=env, capture_output=True, text=True, timeout=600)
+        assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
+    one = subprocess.run([sys.executable, worker, str(one_out), str(tmp_path / "one.json")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+
+    log = (tmp_path / "logs" / "ddp" / "out.log").read_text()
+    assert "vlmkern: 2 ranks" in log and len(_losses(log)) == 2 * 4  # 16 samples a rank / 4 = 4 steps an epoch
+    r0, r1 = torch.load(ddp_out / "rank0.pt"), torch.load(ddp_out / "rank1.pt")
+    for key in ("log_u_img", "log_u_txt"):
+        assert torch.equal(r0[key], r1[key]), key  # one u, the same on every rank
+    ckpts = sorted(p.name for p in (tmp_path / "logs" / "ddp" / "checkpoints").iterdir())
+    assert ckpts == ["epoch_1.pt", "epoch_2.pt"], ckpts
+    ck, entry = _state(tmp_path / "logs" / "ddp" / "checkpoints" / "epoch_2.pt")
+    for key in ("log_u_img", "log_u_txt"):
+        assert torch.equal(entry["state_dict"][key], r0[key]), key
+    # open_clip saves the DDP-wrapped model's state dict ("module." prefix; its --resume strips it)
+    model = {k.removeprefix("module."): v for k, v in ck["state_dict"].items()}
+    single = torch.load(one_out / "rank0.pt")
+    _assert_close_states(r0, single, "2 ranks vs 1 process")
+    ck_one, _ = _state(tmp_path / "logs" / "one" / "checkpoints" / "epoch_2.pt")
+    assert model.keys() == ck_one["state_dict"].keys()
+    _assert_close_models(model, ck_one["state_dict"], "2 ranks vs 1 process")
+    a0, a1 = torch.load(acc_out / "rank0.pt"), torch.load(acc_out / "rank1.pt")
+    for key in ("log_u_img", "log_u_txt"):
+        assert torch.equal(a0[key], a1[key]), key
+    _assert_close_states(a0, r0, "2 ranks with --accum-freq 2 vs without")
+    ck_acc, _ = _state(tmp_path / "logs" / "acc" / "checkpoints" / "epoch_2.pt")
+    _assert_close_models(ck_acc["state_dict"], ck["state_dict"], "2 ranks with --accum-freq 2 vs without")
+
+
 # ----------------------------------------------------------------------------
 # clear errors instead of silent garbage
 # ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("extra, needle", [
-    (["--accum-freq", "2"], "--accum-freq 2 is not supported"),
     (["--siglip"], "--siglip is not supported"),
     (["--model", "coca_ViT-B-32"], "(CoCa) is not supported"),
     (["--distill-model", "ViT-B-32", "--distill-pretrained", "openai"], "--distill-model/--distill-pretrained"),
@@ -174,6 +287,18 @@ def test_unsupported_open_clip_options_fail_before_training(extra, needle, capsy
         oct.main(args)
     assert e.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+def test_torchrun_without_gather_with_grad_is_refused(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets in every rank
+    with pytest.raises(SystemExit) as e:
+        oct.main(["--vlmkern-loss", "hgcl", "--train-data", "x.csv", "--model", MODEL, "--local-loss"])
+    assert e.value.code == 2
+    assert "torchrun without --gather-with-grad is not supported" in capsys.readouterr().err
+    from open_clip_train.params import parse_args
+
+    oct.check_open_clip_args(parse_args(
+        ["--train-data", "x.csv", "--model", MODEL, "--gather-with-grad"]))  # accepted, --local-loss or not
 
 
 @pytest.mark.parametrize("flags, needle", [
@@ -240,7 +365,7 @@ def test_adapter_takes_each_batch_index_from_the_handoff_exactly_once():
     h.put(torch.arange(8))
     a(f, t, output_dict=True)
     assert torch.isfinite(a.loss.log_u_img[:8]).all() and torch.isinf(a.loss.log_u_img[8:]).all()
-    with pytest.raises(RuntimeError, match="without a pending"):  # e.g. --accum-freq > 1 calling it again
+    with pytest.raises(RuntimeError, match="without a pending"):  # a second call on one batch (accum_freq = 1)
         a(f, t, output_dict=True)
     h.put(torch.arange(8))
     with pytest.raises(RuntimeError, match="before the loss took the previous batch"):
@@ -251,14 +376,59 @@ def test_adapter_takes_each_batch_index_from_the_handoff_exactly_once():
         a(f, t, output_dict=True)
 
 
-def test_adapter_rejects_duplicate_indices_and_leaves_the_state_alone():
+def test_adapter_accepts_duplicate_indices_one_update_with_the_mean_phi():
+    """A resampling loader repeats samples: the repeated entry is updated once (mean Phi), as the op says."""
+    a = oct.OpenClipLoss(vlmkern.GlobalContrastiveLoss(20, tau=0.07, gamma=0.9, margin=None))
+    f, t = _features()
+    index = torch.tensor([0, 1, 2, 3, 4, 5, 6, 6])
+    a(f, t, index=index)
+    ref = R.hgcl(f, t, index, torch.full((20,), -math.inf), torch.full((20,), -math.inf),
+                 tau=0.07, gamma=0.9, margin=None)  # GCL: every anchor's Phi differs
+    assert torch.allclose(a.loss.log_u_img.double()[:7], ref.log_u_img[:7], rtol=1e-5, atol=1e-5)
+    assert torch.allclose(a.loss.log_u_txt.double()[:7], ref.log_u_txt[:7], rtol=1e-5, atol=1e-5)
+    phi6 = ref.log_phi_img[6:]
+    assert not torch.allclose(phi6[0], phi6[1]) and phi6.min() < ref.log_u_img[6] < phi6.max()
+
+
+def test_adapter_stateless_call():
     a = oct.OpenClipLoss(vlmkern.GlobalContrastiveLoss(20, tau=0.07, gamma=0.9))
     f, t = _features()
-    a(f, t, index=torch.arange(8))
+    updating = a(f, t, index=torch.arange(8))
     before = a.loss.log_u_img.clone(), a.loss.log_u_txt.clone()
-    with pytest.raises(ValueError, match="duplicate"):
-        a(f, t, index=torch.tensor([0, 1, 2, 3, 4, 5, 6, 6]))
+    again = a(f, t, index=torch.arange(8), update_state=False)
     assert torch.equal(a.loss.log_u_img, before[0]) and torch.equal(a.loss.log_u_txt, before[1])
+    assert torch.allclose(again, updating, rtol=1e-6, atol=1e-7)
+
+
+def test_handoff_serves_an_accumulation_step():
+    """--accum-freq 3: three micro-batches arrive, then three loss calls on their concatenation:
+    the first updates the state, the other two are stateless, all with the same index."""
+    h = oct.IndexHandoff(accum_freq=3)
+    a = oct.OpenClipLoss(vlmkern.GlobalContrastiveLoss(30, tau=0.07, gamma=0.9), h)
+    ref = vlmkern.GlobalContrastiveLoss(30, tau=0.07, gamma=0.9)
+    parts = [torch.tensor([4, 0]), torch.tensor([9, 2]), torch.tensor([7, 1])]
+    f, t = _features(b=6)
+    for step in range(2):
+        for p in parts:
+            h.put(p + 10 * step)
+        index = torch.cat(parts) + 10 * step
+        losses = [a(f, t) for _ in range(3)]
+        expected = ref(f, t, index)  # one updating call on the concatenated batch
+        assert torch.equal(a.loss.log_u_img, ref.log_u_img) and torch.equal(a.loss.log_u_txt, ref.log_u_txt)
+        assert torch.equal(losses[0], expected)
+        for later in losses[1:]:  # stateless: they read the updated u
+            assert torch.allclose(later, expected, rtol=1e-6, atol=1e-7)
+    with pytest.raises(RuntimeError, match="without a pending"):
+        a(f, t)
+    h.put(parts[0])
+    with pytest.raises(RuntimeError, match="1 of the 3 micro-batches"):  # the loss before the step is complete
+        a(f, t)
+    h.clear()
+    for p in parts:
+        h.put(p)
+    a(f, t)
+    with pytest.raises(RuntimeError, match="after 1 of the 3 loss calls"):  # the trainer skipped loss calls
+        h.put(parts[0])
 
 
 def test_adapter_rejects_siglip_coca_and_distill_outputs():
@@ -313,7 +483,8 @@ def test_apply_patches_open_clip_train_main_and_undo_restores_it(tmp_path):
     patch = oct.apply_vlmkern_to_open_clip_train("gcl", gamma=0.5)
     try:
         assert all(getattr(ocmain, n) is not before[n] for n in oct.OpenClipTrainPatch.NAMES)
-        assert ocmain.torch.cuda is torch.cuda and ocmain.torch.nn is torch.nn  # the proxy is torch otherwise
+        assert ocmain.torch.cuda is torch.cuda and ocmain.torch.nn.Module is torch.nn.Module  # torch otherwise
+        assert ocmain.torch.nn.parallel.DistributedDataParallel is oct._ddp_on_any_device
         patch.session.loss = oct.OpenClipLoss(vlmkern.GlobalContrastiveLoss(4, tau=0.1, gamma=0.5, margin=None))
         ocmain.torch.save({"epoch": 1, "name": "x", "state_dict": {}, "optimizer": {}}, tmp_path / "ck.pt")
         ocmain.torch.save({"other": 1}, tmp_path / "other.pt")  # not a training checkpoint: as is

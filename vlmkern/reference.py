@@ -74,6 +74,16 @@ def hinge_grad(x: torch.Tensor, margin: Optional[float]) -> torch.Tensor:
     return 2.0 * torch.clamp(x + margin, min=0.0)
 
 
+def duplicate_log_mean(index: torch.Tensor, log_phi: torch.Tensor) -> torch.Tensor:
+    """Per anchor, ``log`` of the mean ``Phi`` of the anchors sharing its index
+    (``logsumexp(log Phi) - log k`` over the ``k`` of them), in float64."""
+    out = log_phi.double().clone()
+    for k in torch.unique(index).tolist():
+        same = index == k
+        out[same] = torch.logsumexp(log_phi.double()[same], 0) - math.log(int(same.sum()))
+    return out
+
+
 def update_log_state(old: torch.Tensor, log_phi: torch.Tensor, gamma: float) -> torch.Tensor:
     """``u <- (1-gamma) u + gamma Phi`` in the log domain; ``-inf`` = never visited.
 
@@ -100,6 +110,8 @@ def hgcl(
     all_img: Optional[torch.Tensor] = None,
     all_txt: Optional[torch.Tensor] = None,
     offset: int = 0,
+    update_state: bool = True,
+    txt_index: Optional[torch.Tensor] = None,
 ) -> HGCLResult:
     """SPEC §1, materialised in float64.
 
@@ -114,6 +126,12 @@ def hgcl(
     compositional estimator ``tau/b sum_i [grad Phi1_i/(eps+u1_i) + grad Phi2_i/(eps+u2_i)]``
     with the *updated* u.  With ``B == 1`` there are no negatives: ``Phi = 0``
     (``log Phi = -inf``) and the gradient is zero.
+
+    Anchors sharing an index update their entry once, with the mean of their
+    ``Phi``, and all read that updated ``u`` (:func:`duplicate_log_mean`).
+    ``update_state=False``: the returned state is the input state, and each
+    anchor reads its entry's ``u`` as it is (a never-visited entry: its mean ``Phi``).
+    ``txt_index`` (default ``index``): the text anchors' entries of ``log_u_txt``.
     """
     F = img.detach().double()
     G = txt.detach().double()
@@ -141,12 +159,19 @@ def hgcl(
         log_phi2 = torch.full((b,), -math.inf, dtype=torch.float64)
 
     idx = index.long()
+    tidx = idx if txt_index is None else txt_index.long()
     new_u1 = log_u_img.detach().double().clone()
     new_u2 = log_u_txt.detach().double().clone()
-    lu1 = update_log_state(new_u1[idx], log_phi1, gamma)
-    lu2 = update_log_state(new_u2[idx], log_phi2, gamma)
-    new_u1[idx] = lu1
-    new_u2[idx] = lu2
+    mean_phi1 = duplicate_log_mean(idx, log_phi1)
+    mean_phi2 = duplicate_log_mean(tidx, log_phi2)
+    if update_state:
+        lu1 = update_log_state(new_u1[idx], mean_phi1, gamma)
+        lu2 = update_log_state(new_u2[tidx], mean_phi2, gamma)
+        new_u1[idx] = lu1  # duplicates write the same value
+        new_u2[tidx] = lu2
+    else:
+        lu1 = torch.where(torch.isneginf(new_u1[idx]), mean_phi1, new_u1[idx])
+        lu2 = torch.where(torch.isneginf(new_u2[tidx]), mean_phi2, new_u2[tidx])
 
     log_eps = math.log(eps)
     logden1 = torch.logaddexp(lu1, torch.full_like(lu1, log_eps))  # log(eps + u1)

@@ -245,8 +245,10 @@ at::Tensor hgcl_state_update_cpu(at::Tensor& log_u, const at::Tensor& index,
   const float l1mg = static_cast<float>(std::log1p(-gamma));
   const float lg = static_cast<float>(std::log(gamma));
   const float leps = static_cast<float>(std::log(eps));
-  // Sequential on purpose: with duplicate indices (rejected by the Python
-  // API) the last occurrence wins, deterministically.
+  // Sequential on purpose: with repeated indices each occurrence reads what the
+  // previous one wrote, deterministically.  The Python API calls it on the
+  // gathered entries (one distinct position per anchor) after merging the
+  // duplicates' Phi (SPEC §1 "Duplicate indices").
   for (int64_t i = 0; i < n; ++i) {
     const int64_t k = idx[i];
     TORCH_CHECK(k >= 0 && k < N, op, ": index[", i, "] = ", k, " is outside [0, ", N, ")");

@@ -51,18 +51,38 @@ The ``--vlmkern-*`` flags are taken off, the repo's tiny model configs
     (``epoch_<n>.pt``, ``epoch_latest.pt``): whatever ``main``'s rules for
     when and where to save are, the state goes with them. ``pt_load`` (used by
     ``main`` for ``--resume`` only) keeps the entry of the checkpoint it loads,
-    and ``create_loss`` restores it.
+    and ``create_loss`` restores it. The proxy's
+    ``torch.nn.parallel.DistributedDataParallel`` drops the ``device_ids=[cpu]``
+    that ``main`` passes for a model on the CPU (DDP accepts none for CPU
+    modules), so torchrun with ``--device cpu --dist-backend gloo`` runs.
 
 open_clip calls the loss inside its ``--precision amp`` region; the op keeps
 its own fp32 accumulation there (``hgcl_loss`` turns autocast off for its
 kernels).
 
+``--accum-freq k``
+    open_clip caches the features of ``k`` micro-batches, then calls the loss
+    ``k`` times on their concatenation (each call carrying one micro-batch's
+    gradient) before one optimizer step. :class:`IndexHandoff` concatenates the
+    ``k`` micro-batches' indices in that order; the first call updates ``u``,
+    the ``k - 1`` others are stateless calls that read the updated ``u`` (SPEC §1):
+    the step is the one ``--batch-size k*b --accum-freq 1`` takes, up to
+    floating point (python_tests/test_open_clip_integration.py checks the state
+    and the logged losses of the two).
+torchrun (``torch.distributed``, e.g. ``--dist-backend gloo`` on CPUs)
+    each rank's loader hands its own batch's index (open_clip's
+    ``DistributedSampler`` is kept); :class:`vlmkern.GlobalContrastiveLoss`
+    gathers every rank's features (with gradient) and indices, so ``u`` is the
+    same on every rank and the step is the single-process step on the global
+    batch (rank 0's rows, then rank 1's, ...). That is open_clip's
+    ``--gather-with-grad`` (``--local-loss`` or not: same gradient), which is
+    therefore required: open_clip's gradient-free gather gives another gradient.
+    Checkpoints are written by rank 0 only, with the one ``u``.
+
 What this slice does not honour raises :class:`UnsupportedOption` naming the
-option: ``--accum-freq`` > 1, ``--siglip``, CoCa models, ``--distill-*``,
-``--horovod``, webdataset training data (no stable sample index yet).
-``--local-loss`` / ``--gather-with-grad`` have no effect: under
-``torch.distributed`` the loss always gathers every rank's features itself, with
-the full gradient.
+option: ``--siglip``, CoCa models, ``--distill-*``, ``--horovod``, more than
+one rank without ``--gather-with-grad``, webdataset training data (no stable
+sample index yet).
 """
 
 from __future__ import annotations
@@ -71,10 +91,11 @@ import argparse
 import dataclasses
 import logging
 import math
+import os
 import sys
 import types
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -138,15 +159,19 @@ def _is_webdataset(args) -> bool:
     return False
 
 
+def _world_size(args) -> int:
+    """open_clip's world size: ``args.world_size`` once ``main`` has initialised the processes,
+    before that the ``WORLD_SIZE`` that torchrun sets."""
+    if getattr(args, "distributed", False):
+        return int(args.world_size)
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def check_open_clip_args(args) -> None:
     """Raise :class:`UnsupportedOption` for an open_clip_train option this slice cannot honour."""
     def no(option, why):
         raise UnsupportedOption(f"vlmkern.integrations.open_clip_train: {option} is not supported: {why}")
 
-    if args.accum_freq > 1:
-        no(f"--accum-freq {args.accum_freq}", "open_clip calls the loss again on the same anchors for every "
-           "accumulation step, which would update each sample's u state accum-freq times a step "
-           "(use --accum-freq 1 and a larger --batch-size)")
     if args.siglip:
         no("--siglip", "the vlmkern loss replaces open_clip's contrastive loss; SigLIP's sigmoid loss is another loss")
     if "coca" in args.model.lower():
@@ -155,6 +180,11 @@ def check_open_clip_args(args) -> None:
         no("--distill-model/--distill-pretrained", "distillation is not combined with the vlmkern loss")
     if args.horovod:
         no("--horovod", "the vlmkern loss gathers across ranks with torch.distributed (use torchrun)")
+    if _world_size(args) > 1 and not args.gather_with_grad:
+        no("torchrun without --gather-with-grad", "the vlmkern loss always gathers every rank's features with "
+           "their gradient (each rank's anchors against the global batch, the exact global-batch gradient: what "
+           "open_clip computes with --gather-with-grad, with or without --local-loss); open_clip's gather without "
+           "gradient gives another gradient. Add --gather-with-grad (and --local-loss, which it implies here)")
     if (args.train_data or args.dataset_type == "synthetic") and _is_webdataset(args):
         no("--dataset-type webdataset (--train-data " + str(args.train_data) + ")",
            "the loss keeps per-sample state indexed by a stable dataset index, and the webdataset pipeline "
@@ -167,27 +197,55 @@ def check_open_clip_args(args) -> None:
 
 
 class IndexHandoff:
-    """One batch's index, from the loader (``put``) to the loss (``take``), exactly once."""
+    """The batches' indices, from the loader (``put``) to the loss (``take_step``).
 
-    def __init__(self):
-        self._pending: Optional[Tensor] = None
+    ``accum_freq = k`` (open_clip's ``--accum-freq``): open_clip's ``train_one_epoch``
+    caches the features of ``k`` micro-batches, then calls the loss ``k`` times on
+    their concatenation (in loader order), each call with the gradient of one
+    micro-batch. So the loss takes the ``k`` pending indices at once, concatenated
+    in that order, on its first call of the step (which updates the ``u`` state)
+    and gets the same index, stateless, on the ``k - 1`` calls that follow (they
+    see the updated ``u``, as the estimator wants: the ``k`` calls together are the
+    one step on the ``k``-times larger batch). Any other interleaving raises
+    rather than pairing features with another batch's indices."""
 
-    def put(self, index: Tensor) -> None:
-        if self._pending is not None:
-            raise RuntimeError("vlmkern.integrations.open_clip_train: a new training batch arrived before the loss "
-                               "took the previous batch's sample index (the trainer skipped the loss for a batch?)")
-        self._pending = index
-
-    def take(self) -> Tensor:
-        if self._pending is None:
-            raise RuntimeError("vlmkern.integrations.open_clip_train: the loss was called without a pending training "
-                               "batch index (it takes each batch's index once; with --accum-freq > 1 open_clip calls "
-                               "it again on the same batch)")
-        index, self._pending = self._pending, None
-        return index
+    def __init__(self, accum_freq: int = 1):
+        self.accum_freq = int(accum_freq)
+        self.clear()
 
     def clear(self) -> None:
-        self._pending = None
+        self._pending: List[Tensor] = []
+        self._step_index: Optional[Tensor] = None
+        self._calls_left = 0
+
+    def put(self, index: Tensor) -> None:
+        if self._calls_left:
+            raise RuntimeError(f"vlmkern.integrations.open_clip_train: a new training batch arrived after "
+                               f"{self.accum_freq - self._calls_left} of the {self.accum_freq} loss calls of an "
+                               "accumulation step (--accum-freq); the trainer skipped loss calls")
+        if len(self._pending) >= self.accum_freq:
+            raise RuntimeError("vlmkern.integrations.open_clip_train: a new training batch arrived before the loss "
+                               "took the previous batch's sample index (the trainer skipped the loss for a batch?)")
+        self._pending.append(index)
+
+    def take_step(self) -> Tuple[Tensor, bool]:
+        """``(index, update_state)`` for one loss call: the first call of a step takes the pending
+        indices (``update_state=True``), the ``accum_freq - 1`` calls after it reuse them (``False``)."""
+        if self._calls_left:
+            self._calls_left -= 1
+            return self._step_index, False
+        if len(self._pending) < self.accum_freq:
+            raise RuntimeError("vlmkern.integrations.open_clip_train: the loss was called without a pending training "
+                               f"batch index ({len(self._pending)} of the {self.accum_freq} micro-batches of a step "
+                               f"have arrived; each step's indices serve accum_freq = {self.accum_freq} loss calls)")
+        index = self._pending[0] if self.accum_freq == 1 else torch.cat(self._pending)
+        self._pending = []
+        self._step_index, self._calls_left = index, self.accum_freq - 1
+        return index, True
+
+    def take(self) -> Tensor:
+        """The next loss call's index (see :meth:`take_step`)."""
+        return self.take_step()[0]
 
 
 class IndexedDataset(Dataset):
@@ -260,8 +318,10 @@ def with_index(info, handoff: IndexHandoff):
 class OpenClipLoss(torch.nn.Module):
     """:class:`vlmkern.GlobalContrastiveLoss` called the way open_clip calls its losses.
 
-    ``forward(image_features, text_features, logit_scale=None, output_dict=False, index=None)``:
-    ``index`` (the batch's dataset indices) defaults to the one ``handoff`` holds. Returns the loss,
+    ``forward(image_features, text_features, logit_scale=None, output_dict=False, index=None,
+    update_state=True)``: ``index`` (the batch's dataset indices) defaults to the one ``handoff``
+    holds, and then ``update_state`` is the handoff's (stateless on the repeated calls of an
+    ``--accum-freq`` step); ``update_state=False``: the stateless call. Returns the loss,
     or ``{"contrastive_loss": loss}`` with ``output_dict=True``. ``logit_scale`` is used only with
     ``learn_tau=True`` (open_clip's convention, ``model.logit_scale.exp()``: ``tau = 1/logit_scale``,
     which then receives its gradient); otherwise the temperature is the loss's fixed ``tau``.
@@ -275,7 +335,7 @@ class OpenClipLoss(torch.nn.Module):
         self.learn_tau = learn_tau
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale=None, logit_bias=None,
-                output_dict: bool = False, index: Optional[Tensor] = None, **other):
+                output_dict: bool = False, index: Optional[Tensor] = None, update_state: bool = True, **other):
         if logit_bias is not None:
             raise UnsupportedOption("vlmkern.integrations.open_clip_train: the model returns logit_bias (a SigLIP "
                                     "model); the vlmkern loss is not a sigmoid loss")
@@ -285,7 +345,7 @@ class OpenClipLoss(torch.nn.Module):
         if index is None:
             if self.handoff is None:
                 raise ValueError("vlmkern.integrations.open_clip_train: no index given and no loader hands one over")
-            index = self.handoff.take()
+            index, update_state = self.handoff.take_step()
         index = torch.as_tensor(index).to(device=image_features.device, dtype=torch.int64)
         if index.dim() != 1 or index.shape[0] != image_features.shape[0]:
             raise RuntimeError(f"vlmkern.integrations.open_clip_train: the batch index has shape {tuple(index.shape)} "
@@ -294,9 +354,9 @@ class OpenClipLoss(torch.nn.Module):
             if logit_scale is None:
                 raise ValueError("vlmkern.integrations.open_clip_train: learn_tau needs the model's logit_scale "
                                  "(open_clip passes it to the loss)")
-            loss = self.loss(image_features, text_features, index, logit_scale=logit_scale)
+            loss = self.loss(image_features, text_features, index, logit_scale=logit_scale, update_state=update_state)
         else:
-            loss = self.loss(image_features, text_features, index)
+            loss = self.loss(image_features, text_features, index, update_state=update_state)
         return {"contrastive_loss": loss} if output_dict else loss
 
 
@@ -315,15 +375,37 @@ def _is_train_checkpoint(obj) -> bool:
     return isinstance(obj, dict) and {"epoch", "state_dict", "optimizer"} <= obj.keys()
 
 
+class _Overlay(types.ModuleType):
+    """A module whose attributes are ``real``'s, except the ``overrides``."""
+
+    def __init__(self, real: types.ModuleType, **overrides):
+        super().__init__(real.__name__, real.__doc__)
+        self._real = real
+        self.__dict__.update(overrides)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_real"], name)
+
+
+def _ddp_on_any_device(module, device_ids=None, *args, **kwargs):
+    """``DistributedDataParallel`` as open_clip's ``main`` calls it (``device_ids=[args.device]``),
+    without ``device_ids`` for a model on the CPU, which DDP refuses them for (gloo on CPUs)."""
+    if device_ids and all(torch.device(d).type == "cpu" for d in device_ids):
+        device_ids = None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids, *args, **kwargs)
+
+
 class _TorchSavingLossState(types.ModuleType):
     """``torch`` for ``open_clip_train.main``'s namespace: every attribute is the real module's,
     except that ``save`` of a training checkpoint (a dict with epoch/state_dict/optimizer)
-    adds the loss state under :data:`CHECKPOINT_KEY`."""
+    adds the loss state under :data:`CHECKPOINT_KEY`, and that
+    ``torch.nn.parallel.DistributedDataParallel`` is :func:`_ddp_on_any_device`."""
 
     def __init__(self, real: types.ModuleType, session: "Session"):
         super().__init__(real.__name__, real.__doc__)
         self._real = real
         self._session = session
+        self.nn = _Overlay(real.nn, parallel=_Overlay(real.nn.parallel, DistributedDataParallel=_ddp_on_any_device))
 
     def __getattr__(self, name):
         return getattr(self._real, name)
@@ -411,9 +493,10 @@ def _build_loss(session: Session, args) -> OpenClipLoss:
         how = f"the temperature is fixed: model.logit_scale = {math.log(1 / tau):.6g} is frozen (requires_grad=False)"
     _log.info(f"vlmkern: loss {cfg.loss.upper()} (vlmkern.GlobalContrastiveLoss: num_samples={session.num_samples}, "
               f"tau={tau:.6g}, gamma={cfg.gamma}, margin={margin}); {how}")
-    if args.local_loss or args.gather_with_grad:
-        _log.info("vlmkern: --local-loss/--gather-with-grad have no effect: the vlmkern loss gathers every rank's "
-                  "features itself, with the full gradient")
+    if args.distributed and args.world_size > 1:
+        _log.info(f"vlmkern: {args.world_size} ranks: the loss gathers every rank's features and indices with the "
+                  "gradient (--gather-with-grad; each rank's anchors against the global batch, --local-loss) and "
+                  "keeps the same u state on every rank")
     entry = session.resume_entry
     if entry is not None:
         n = int(entry.get("num_samples", -1))
@@ -463,6 +546,8 @@ def apply_vlmkern_to_open_clip_train(loss: str = "hgcl", gamma: float = 0.9, mar
     def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
         check_open_clip_args(args)
         data = originals["get_data"](args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+        session.handoff.accum_freq = int(args.accum_freq)
+        session.handoff.clear()
         if "train" in data:
             data["train"] = with_index(data["train"], session.handoff)
             session.num_samples = len(data["train"].dataloader.dataset)

@@ -10,7 +10,9 @@ call, each an op with a fake kernel (so the loss works under ``torch.compile``):
    learnable ``tau`` also ``lbar`` (softmax-weighted mean of ``l`` over the negatives),
    from which the ``tau`` gradient takes O(b) work (``_tau_term``).
 2. **state update** (in place, no gradient): ``log u <- logaddexp(log(1-gamma) + log u,
-   log gamma + log Phi)`` (``log Phi`` on a first visit); returns ``log(eps + u_new)``.
+   log gamma + log Phi)`` (``log Phi`` on a first visit; anchors sharing an index
+   use their mean ``Phi``); returns ``log(eps + u_new)``.  ``update_state=False``
+   reads ``u`` and writes nothing.
 3. **core** ``vlmkern::hgcl_loss_core`` (differentiable): forward
    ``tau/b * sum_i (logden1_i + logden2_i)``; backward the compositional
    estimator (``hgcl_grad``), **not** the autograd of that scalar (which would
@@ -216,21 +218,73 @@ def _nonfinite_features(*ts: Optional[Tensor]) -> Tensor:
     return bad
 
 
-def _guarded_state_update(backend, log_u_img, log_u_txt, index, lphi1, lphi2, gamma, eps, bad):
-    """The two state updates under the bad-input rule (SPEC §1 "Bad input"):
-    when ``bad`` (non-finite features) or a touched state entry is NaN / +inf,
-    both buffers are left bit for bit as they were and the returned ``logden``
-    are NaN (so the loss and every gradient entry are NaN).  Decided on the
-    device with ``torch.where``: no host sync; costs O(b)."""
+def _duplicate_log_mean(index: Tensor, log_phi: Tensor) -> Tensor:
+    """Per anchor, the log of the mean ``Phi`` over the anchors sharing its index
+    (``logsumexp(log Phi) - log k`` over the ``k`` of them; an unshared anchor
+    keeps its own ``log Phi`` bit for bit).
+
+    Device ops only (no host sync, no data-dependent shape): the anchors are
+    sorted by ``(index, log Phi)`` (two stable sorts), each one finds the first
+    and last position of its run with a running max, and the run's sum of
+    ``exp(log Phi - max)`` is a difference of one float64 prefix sum.  The sorted
+    sequence depends only on the multiset of ``(index, log Phi)`` pairs, so a
+    permuted batch gives the permuted result bit for bit."""
+    n = index.shape[0]
+    x = log_phi.float()
+    by_value = torch.argsort(x, stable=True)
+    order = by_value[torch.argsort(index[by_value], stable=True)]
+    si, sx = index[order], x[order]
+    pos = torch.arange(n, device=x.device)
+    first = torch.ones(n, dtype=torch.bool, device=x.device)
+    first[1:] = si[1:] != si[:-1]
+    last = torch.ones(n, dtype=torch.bool, device=x.device)
+    last[:-1] = first[1:]
+    start = torch.cummax(torch.where(first, pos, 0), 0).values
+    end = (n - 1) - torch.cummax(torch.where(last, n - 1 - pos, 0).flip(0), 0).values.flip(0)
+    top = sx[end].double()  # the run's max: its last element (ascending by value within a run)
+    shifted = torch.where(torch.isneginf(top), 0.0, sx.double() - top)
+    csum = torch.cat([shifted.new_zeros(1), torch.cumsum(torch.exp(shifted), 0)])
+    count = (end - start + 1).double()
+    mean = (top + torch.log(csum[end + 1] - csum[start]) - torch.log(count)).float()
+    mean = torch.where(end == start, sx, mean)
+    return torch.empty_like(x).index_copy_(0, order, mean)
+
+
+def _guarded_state_update(backend, log_u_img, log_u_txt, index, lphi1, lphi2, gamma, eps, bad,
+                          update_state=True, txt_index=None):
+    """The two state updates under the duplicate and bad-input rules (SPEC §1).
+
+    Duplicates: the anchors sharing an index make one update with the mean of
+    their ``Phi`` (:func:`_duplicate_log_mean`) and all read the same new ``u``.
+    The update runs on the gathered entries (one distinct position per anchor,
+    so the compiled kernel never reads an entry a duplicate already wrote), and
+    one ``index_copy_`` writes them back (duplicates write the same value).
+
+    Bad input: when ``bad`` (non-finite features) or a touched state entry is
+    NaN / +inf, both buffers are left bit for bit as they were and the returned
+    ``logden`` are NaN (so the loss and every gradient entry are NaN).  Decided
+    on the device with ``torch.where``: no host sync; costs O(b log b).
+
+    ``update_state=False``: nothing is written; each anchor reads its current
+    ``u`` (a never-visited entry reads its mean ``Phi``, as a first visit would
+    write it).  ``txt_index`` (default ``index``): the text anchors' entries of ``log_u_txt``."""
+    txt_index = index if txt_index is None else txt_index
     old1 = log_u_img.index_select(0, index)
-    old2 = log_u_txt.index_select(0, index)
+    old2 = log_u_txt.index_select(0, txt_index)
     bad = bad | ~(old1 < math.inf).all() | ~(old2 < math.inf).all()  # NaN or +inf state
-    ld1 = _state_update(backend, log_u_img, index, lphi1, gamma, eps)
-    ld2 = _state_update(backend, log_u_txt, index, lphi2, gamma, eps)
-    for log_u, old in ((log_u_img, old1), (log_u_txt, old2)):
-        log_u.index_copy_(0, index, torch.where(bad, old, log_u.index_select(0, index)))
-    nan = torch.full((), math.nan, dtype=torch.float32, device=ld1.device)
-    return torch.where(bad, nan, ld1), torch.where(bad, nan, ld2)
+    lphi1, lphi2 = _duplicate_log_mean(index, lphi1), _duplicate_log_mean(txt_index, lphi2)
+    nan = torch.full((), math.nan, dtype=torch.float32, device=old1.device)
+    out = []
+    for log_u, idx, old, lphi in ((log_u_img, index, old1, lphi1), (log_u_txt, txt_index, old2, lphi2)):
+        if update_state:
+            new = old.clone()
+            ld = _state_update(backend, new, torch.arange(new.shape[0], device=new.device), lphi, gamma, eps)
+            log_u.index_copy_(0, idx, torch.where(bad, old, new))
+        else:
+            cur = torch.where(torch.isneginf(old), lphi, old)
+            ld = torch.logaddexp(cur, torch.full_like(cur, math.log(eps)))
+        out.append(torch.where(bad, nan, ld))
+    return out[0], out[1]
 
 
 # ----------------------------------------------------------------------------
@@ -289,11 +343,11 @@ def _fail(exc, msg):
 
 
 def _check_args(img, txt, index, log_u_img, log_u_txt, tau, gamma, margin, eps, all_img, all_txt, offset,
-                check_finite, validate, global_index=None, rho=0.0) -> float:
+                check_finite, validate, global_index=None, rho=0.0, txt_index=None, global_txt_index=None) -> float:
     """Raises on a bad argument (the message names it); returns ``tau`` as a float
     (reading a tensor ``tau`` is one host sync on CUDA)."""
     for name, t in (("img", img), ("txt", txt), ("index", index), ("log_u_img", log_u_img),
-                    ("log_u_txt", log_u_txt)):
+                    ("log_u_txt", log_u_txt)) + ((("txt_index", txt_index),) if txt_index is not None else ()):
         if not isinstance(t, torch.Tensor):
             _fail(TypeError, f"{name} must be a Tensor, got {type(t).__name__}")
     if img.dim() != 2:
@@ -334,12 +388,13 @@ def _check_args(img, txt, index, log_u_img, log_u_txt, tau, gamma, margin, eps, 
         what = "img has" if all_img is None else "all_img has"
         _fail(ValueError, f"{what} {n_cols} column(s); the loss needs at least 2 (B >= 2: every anchor "
                           "needs a negative)")
-    if index.dim() != 1 or index.shape[0] != b:
-        _fail(ValueError, f"index must be 1-D of length b = {b}, got shape {tuple(index.shape)}")
-    if index.dtype not in (torch.int64, torch.int32):
-        _fail(TypeError, f"index must be int64 (or int32), got {index.dtype}")
-    if index.device != dev:
-        _fail(ValueError, f"index is on {index.device} but img is on {dev}")
+    for name, t in (("index", index),) + ((("txt_index", txt_index),) if txt_index is not None else ()):
+        if t.dim() != 1 or t.shape[0] != b:
+            _fail(ValueError, f"{name} must be 1-D of length b = {b}, got shape {tuple(t.shape)}")
+        if t.dtype not in (torch.int64, torch.int32):
+            _fail(TypeError, f"{name} must be int64 (or int32), got {t.dtype}")
+        if t.device != dev:
+            _fail(ValueError, f"{name} is on {t.device} but img is on {dev}")
     for name, t in (("log_u_img", log_u_img), ("log_u_txt", log_u_txt)):
         if t.dtype != torch.float32:
             _fail(TypeError, f"{name} must be float32 (log u state), got {t.dtype}")
@@ -347,8 +402,9 @@ def _check_args(img, txt, index, log_u_img, log_u_txt, tau, gamma, margin, eps, 
             _fail(ValueError, f"{name} must be 1-D [num_samples], got shape {tuple(t.shape)}")
         if t.device != dev:
             _fail(ValueError, f"{name} is on {t.device} but img is on {dev}")
-    if log_u_txt.shape != log_u_img.shape:
-        _fail(ValueError, f"log_u_txt has shape {tuple(log_u_txt.shape)} but log_u_img has {tuple(log_u_img.shape)}")
+    if txt_index is None and log_u_txt.shape != log_u_img.shape:
+        _fail(ValueError, f"log_u_txt has shape {tuple(log_u_txt.shape)} but log_u_img has {tuple(log_u_img.shape)}; "
+                          "a text state of another length needs txt_index (the text anchors' own indices)")
     if isinstance(tau, torch.Tensor):
         if tau.dim() != 0:
             _fail(ValueError, f"tau must be a number or a 0-d tensor, got a tensor of shape {tuple(tau.shape)}")
@@ -372,14 +428,15 @@ def _check_args(img, txt, index, log_u_img, log_u_txt, tau, gamma, margin, eps, 
     if not (isinstance(eps, (int, float)) and eps > 0):
         _fail(ValueError, f"eps must be > 0, got {eps}")
     if validate:  # the checks below synchronise with the host
-        n = log_u_img.shape[0]
-        gi = index if global_index is None else global_index
-        lo, hi = int(gi.min()), int(gi.max())
-        if lo < 0 or hi >= n:
-            _fail(IndexError, f"index values must be in [0, num_samples) = [0, {n}), got min {lo}, max {hi}")
-        if torch.unique(gi).numel() != gi.numel():
-            _fail(ValueError, "index has duplicate entries within the batch; every anchor must be a distinct "
-                              "sample (its state entry is updated once per call)")
+        checks = [("index", index if global_index is None else global_index, "num_samples", log_u_img)]
+        if txt_index is not None:
+            checks.append(("txt_index", txt_index if global_txt_index is None else global_txt_index,
+                           "len(log_u_txt)", log_u_txt))
+        for name, gi, what, state in checks:
+            n = state.shape[0]
+            lo, hi = int(gi.min()), int(gi.max())
+            if lo < 0 or hi >= n:
+                _fail(IndexError, f"{name} values must be in [0, {what}) = [0, {n}), got min {lo}, max {hi}")
     if check_finite:
         for name, t in (("img", img), ("txt", txt), ("all_img", all_img), ("all_txt", all_txt)):
             if t is not None and not bool(torch.isfinite(t).all()):
@@ -411,6 +468,8 @@ def hgcl_loss(
     backend: Optional[str] = None,
     check_finite: bool = False,
     validate: bool = True,
+    update_state: bool = True,
+    txt_index: Optional[Tensor] = None,
 ) -> Tensor:
     """Hinged (``margin`` given) or plain (``margin=None``) global contrastive loss, SPEC §1.
 
@@ -425,6 +484,19 @@ def hgcl_loss(
     ``F = tau/b * sum_i [log(eps + u1_i) + log(eps + u2_i)] + rho * tau`` (the tracked
     estimate of the objective, for logging; it can be negative) and updates
     ``log_u_img`` / ``log_u_txt`` in place.
+
+    **Duplicate indices** (anchors of the batch sharing a dataset index; with
+    ``group=`` the global batch, across ranks): they make *one* update of their
+    entry with the mean of their ``Phi`` (in the log domain
+    ``logsumexp(log Phi) - log k`` over the ``k`` of them), and all of them read
+    that same updated ``u``.  The result does not depend on the anchors' order
+    (a permuted batch gives the permuted result) and costs no host sync.
+
+    **Stateless call** (``update_state=False``, for validation and for the 2nd..k-th
+    loss call of a gradient-accumulation step): nothing is written; each anchor
+    reads its entry's current ``u`` (an entry never visited reads the mean
+    ``Phi`` a first visit would write).  Loss and gradient are those of the
+    updating call whenever the state already holds the values that call writes.
 
     **Backward is the compositional estimator**
     ``tau/b * sum_i [grad Phi1_i/(eps + u1_i) + grad Phi2_i/(eps + u2_i)]`` with the
@@ -463,8 +535,8 @@ def hgcl_loss(
     Args:
         img, txt: L2-normalised local features ``[b, d]`` (float32/bfloat16/float16,
             fp32 accumulation).
-        index: ``[b]`` int64 dataset indices of the anchors.  Duplicates within a
-            batch are rejected (``ValueError``): each anchor is a distinct sample.
+        index: ``[b]`` int64 dataset indices of the anchors.  Duplicates are
+            allowed (see above).
         log_u_img, log_u_txt: float32 ``[num_samples]`` state, ``-inf`` = never visited.
         tau: temperature > 0: a number, or a 0-d floating-point tensor on the features'
             device (learned when it requires grad).  gamma: moving-average rate in (0, 1].
@@ -490,16 +562,25 @@ def hgcl_loss(
             ``GradScaler`` (or any finiteness check) skips the step.  A batch
             with fewer than 2 columns (``B < 2``: no negatives) is a
             ``ValueError``.
-        validate: check ``index`` range and duplicates (one host sync); ``False``
-            skips them (e.g. inside ``torch.compile(fullgraph=True)`` or CUDA graphs).
+        validate: check that ``index`` is in ``[0, len(log_u_img))`` and ``txt_index`` in
+            ``[0, len(log_u_txt))`` (one host sync); ``False`` skips it (e.g. inside
+            ``torch.compile(fullgraph=True)`` or CUDA graphs).
+        update_state: ``False`` for the stateless call (see above).
+        txt_index: ``[b]`` indices of the text anchors into ``log_u_txt`` when they are
+            not ``index`` (multi-caption sets: one state entry per caption, image
+            anchors indexed by image); ``log_u_txt`` may then have its own length.
+            Default: ``index`` (and ``log_u_txt`` as long as ``log_u_img``).
     """
     global_index = index
+    global_txt_index = txt_index
     if group is not None:
         if all_img is not None or all_txt is not None or offset != 0:
             _fail(ValueError, "give group (the op gathers every rank's batch) or all_img/all_txt/offset, not both")
         all_img, all_txt, global_index, offset = _gather_batch(img, txt, index, group)
+        if isinstance(txt_index, torch.Tensor):
+            global_txt_index = _all_gather(txt_index.long(), group)
     tau_f = _check_args(img, txt, index, log_u_img, log_u_txt, tau, gamma, margin, eps, all_img, all_txt, offset,
-                        check_finite, validate, global_index, rho)
+                        check_finite, validate, global_index, rho, txt_index, global_txt_index)
     learn_tau = isinstance(tau, torch.Tensor) and tau.requires_grad and torch.is_grad_enabled()
     name = _choose(str(img.device), backend)
     hinge = margin is not None
@@ -520,7 +601,8 @@ def hgcl_loss(
             lphi1, lphi2 = _all_gather(lphi1, group), _all_gather(lphi2, group)
             bad = _nonfinite_features(all_img, all_txt)
         ld1, ld2 = _guarded_state_update(name, log_u_img, log_u_txt, global_index.long(), lphi1, lphi2,
-                                         float(gamma), float(eps), bad)
+                                         float(gamma), float(eps), bad, bool(update_state),
+                                         None if global_txt_index is None else global_txt_index.long())
         if group is not None:
             ld1, ld2 = ld1[offset:offset + b].contiguous(), ld2[offset:offset + b].contiguous()
     loss = _loss_core(img, txt, all_img, all_txt, ld1, ld2, int(offset), tau_f, m, hinge, name)
@@ -578,7 +660,11 @@ class GlobalContrastiveLoss(torch.nn.Module):
     """HGCL / GCL with its per-sample state as buffers (``state_dict`` saves it).
 
     ``forward(img, txt, index)`` returns this rank's loss, the mean over its
-    local anchors (like open_clip's ``ClipLoss``), and updates the state.
+    local anchors (like open_clip's ``ClipLoss``), and updates the state;
+    ``forward(img, txt, index, update_state=False)`` is the stateless call (reads
+    ``u``, writes nothing: validation, the repeated calls of gradient accumulation).
+    ``num_txt_samples`` (default ``num_samples``) sizes the text anchors' state, indexed
+    by ``forward(..., txt_index=)`` (multi-caption sets: one entry per caption).
 
     Under ``torch.distributed`` (initialised, world size > 1) it calls
     :func:`hgcl_loss` with ``group=process_group`` (default: all ranks), so the
@@ -605,12 +691,14 @@ class GlobalContrastiveLoss(torch.nn.Module):
 
     def __init__(self, num_samples: int, tau: float, gamma: float, margin: Optional[float] = 0.1,
                  eps: float = 1e-14, backend: Optional[str] = None, validate: bool = True, process_group=None,
-                 rho: float = 0.0):
+                 rho: float = 0.0, num_txt_samples: Optional[int] = None):
         super().__init__()
-        if int(num_samples) <= 0:
-            raise ValueError(f"vlmkern.GlobalContrastiveLoss: num_samples must be > 0, got {num_samples}")
+        num_txt = num_samples if num_txt_samples is None else num_txt_samples
+        for name, n in (("num_samples", num_samples), ("num_txt_samples", num_txt)):
+            if int(n) <= 0:
+                raise ValueError(f"vlmkern.GlobalContrastiveLoss: {name} must be > 0, got {n}")
         self.register_buffer("log_u_img", torch.full((int(num_samples),), -math.inf, dtype=torch.float32))
-        self.register_buffer("log_u_txt", torch.full((int(num_samples),), -math.inf, dtype=torch.float32))
+        self.register_buffer("log_u_txt", torch.full((int(num_txt),), -math.inf, dtype=torch.float32))
         self.tau = float(tau)
         self.gamma = gamma
         self.margin = margin
@@ -633,13 +721,16 @@ class GlobalContrastiveLoss(torch.nn.Module):
         self._gamma = float(value)
 
     def extra_repr(self) -> str:
-        return (f"num_samples={self.log_u_img.shape[0]}, tau={self.tau}, gamma={self.gamma}, "
+        txt = "" if self.log_u_txt.shape == self.log_u_img.shape else f"num_txt_samples={self.log_u_txt.shape[0]}, "
+        return (f"num_samples={self.log_u_img.shape[0]}, {txt}tau={self.tau}, gamma={self.gamma}, "
                 f"margin={self.margin}, eps={self.eps}, rho={self.rho}")
 
-    def forward(self, img: Tensor, txt: Tensor, index: Tensor, *, tau: Union[float, Tensor, None] = None,
+    def forward(self, img: Tensor, txt: Tensor, index: Tensor, update_state: bool = True,
+                txt_index: Optional[Tensor] = None, *, tau: Union[float, Tensor, None] = None,
                 logit_scale: Union[float, Tensor, None] = None) -> Tensor:
-        """The loss of this batch; ``tau`` / ``logit_scale`` (at most one) override the fixed
-        ``self.tau`` for this call (see the class docstring)."""
+        """The loss of this batch; ``update_state=False`` is the stateless call and ``txt_index``
+        the text anchors' own indices (see :func:`hgcl_loss`); ``tau`` / ``logit_scale`` (at
+        most one) override the fixed ``self.tau`` for this call (see the class docstring)."""
         if tau is not None and logit_scale is not None:
             raise ValueError("vlmkern.GlobalContrastiveLoss: give tau or logit_scale, not both")
         if logit_scale is not None:
@@ -661,4 +752,4 @@ class GlobalContrastiveLoss(torch.nn.Module):
             group = g if dist.get_world_size(g) > 1 else None
         return hgcl_loss(img, txt, index, self.log_u_img, self.log_u_txt, tau=tau, gamma=self.gamma,
                          margin=self.margin, eps=self.eps, rho=self.rho, group=group, backend=self.backend,
-                         validate=self.validate)
+                         validate=self.validate, update_state=update_state, txt_index=txt_index)
