@@ -14,6 +14,9 @@ against the 24 class-prompt features.  Routes for the M Jacobian rows:
 * ``vmap-math``: the same with ``sdpa_kernel(SDPBackend.MATH)``: on the CPU the
   fused attention kernel has no vmap batching rule (torch falls back to a loop).
 
+* ``scalar``: for scale, the gradient of the mean loss (one ordinary backward:
+  what a scalar-observation step needs).
+
 Each includes the batch's forward pass.  Also timed: one whole optimizer step
 by ``step(closure)`` and by ``step_per_sample`` (math attention).  Routes
 slower than ``--max-seconds`` per call are timed once.
@@ -52,7 +55,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--max-seconds", type=float, default=5.0)
-    p.add_argument("--routes", nargs="+", default=["batched", "loop", "vmap", "vmap-math"])
+    p.add_argument("--routes", nargs="+", default=["scalar", "batched", "loop", "vmap", "vmap-math"])
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -75,6 +78,7 @@ def main(argv=None):
         x = K.render(y, torch.Generator().manual_seed(M), shifted=True)
         eye = torch.eye(M)
         routes = {
+            "scalar": lambda: torch.autograd.grad(loss(model, x, y).mean(), params),
             "batched": lambda: torch.autograd.grad(loss(model, x, y), params, grad_outputs=eye, is_grads_batched=True),
             "loop": lambda: (lambda ls: [torch.autograd.grad(ls[m], params, retain_graph=True) for m in range(M)])(
                 loss(model, x, y)),

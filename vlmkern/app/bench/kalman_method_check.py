@@ -14,7 +14,7 @@ against the 24 prompt features, cross-entropy over the classes), on a shifted
 domain (striped, coloured-noise backgrounds, smaller shapes), from 4 shots per
 class.  Only LoRA adapters (rank 4, both towers, attention qkv/out + MLP) are
 trained, full batch, ``--iters`` iterations; test accuracy on 20 fresh images
-per class is measured every 10 iterations.  Each optimizer gets two settings
+per class is measured every ``--eval-every`` (10) iterations.  Each optimizer gets two settings
 (reported, not tuned on the test set beyond that): AdamW lr in {3e-3, 1e-2};
 the scalar Kalman filter (one observation per step: the batch loss) p0 in
 {0.1, 1.0}; the per-sample Kalman filter (SPEC §3b: one observation per
@@ -135,7 +135,7 @@ def accuracy(model, images, labels, tokens) -> float:
     return acc
 
 
-def finetune(base, opt_name, hp, train, test, tokens, iters, seed):
+def finetune(base, opt_name, hp, train, test, tokens, iters, seed, eval_every=10):
     model = copy.deepcopy(base)
     torch.manual_seed(seed)
     add_lora(model, rank=4, alpha=8)
@@ -179,7 +179,7 @@ def finetune(base, opt_name, hp, train, test, tokens, iters, seed):
         else:
             loss = opt.step(closure)
         curve["loss"].append(float(loss.detach()))
-        if it % 10 == 0:
+        if it % eval_every == 0:
             curve["acc"][it] = accuracy(model, *test, tokens)
     if isinstance(opt, KalmanOptimizer):  # how far P moved from its prior: mean |log(p / p0)| over all parameters
         logs = torch.cat([(opt.state[q]["variance"] / hp).log().abs().flatten() for q in params])
@@ -227,6 +227,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--iters", type=int, default=60)
+    p.add_argument("--eval-every", type=int, default=10, help="test accuracy every this many iterations")
     p.add_argument("--shots", type=int, default=4)
     p.add_argument("--pretrain-steps", type=int, default=300)
     p.add_argument("--threads", type=int, default=1)
@@ -258,7 +259,7 @@ def main(argv=None):
         train = (render(y, g, shifted=True), y)
         for name, hp in settings:
             t1 = time.time()
-            curve = finetune(base, name, hp, train, test, tokens, args.iters, seed)
+            curve = finetune(base, name, hp, train, test, tokens, args.iters, seed, args.eval_every)
             run = {"seed": seed, "optimizer": name, "hp": hp, **curve, "seconds": time.time() - t1}
             results["runs"].append(run)
             accs = " ".join(f"{k}:{v:.3f}" for k, v in curve["acc"].items())
