@@ -463,3 +463,37 @@ def test_step_per_sample_errors_name_the_argument():
         opt.step_per_sample(model, _ce, x, y, chunk_size=0)
     with pytest.raises(TypeError, match=r"batch\[0\] must be a tensor"):
         opt.step_per_sample(model, _ce, [1, 2], y)
+
+
+def test_method_check_summary_standard_errors_and_target():
+    pytest.importorskip("open_clip")
+    from vlmkern.app.bench.kalman_method_check import summarise
+
+    runs = [{"optimizer": "kalman-ps", "hp": 0.1, "seconds": 1.0, "mean_abs_log_p_over_p0": m,
+             "acc": {0: 0.2, 10: a10, 20: a20}} for m, a10, a20 in [(0.5, 0.5, 0.6), (0.7, 0.3, 0.4), (0.6, 0.4, 0.5)]]
+    runs.append({"optimizer": "adamw", "hp": 1e-3, "seconds": 1.0, "acc": {0: 0.2, 10: 0.2, 20: 0.3}})
+    rows = {r["optimizer"]: r for r in summarise(runs)}
+    ps = rows["kalman-ps"]
+    assert ps["target"] == pytest.approx(0.9 * 0.6)
+    aucs = [(0.2 + 0.5 + 0.6) / 3, (0.2 + 0.3 + 0.4) / 3, (0.2 + 0.4 + 0.5) / 3]
+    mean = sum(aucs) / 3
+    sd = (sum((a - mean) ** 2 for a in aucs) / 2) ** 0.5
+    assert ps["auc_mean"] == pytest.approx(mean) and ps["auc_se"] == pytest.approx(sd / 3 ** 0.5)
+    assert ps["reached"] == 1 and ps["iters_to_target"] == 20  # only the first seed reaches 0.54, at 20
+    assert ps["mean_abs_log_p_over_p0"] == pytest.approx(0.6)
+    assert rows["adamw"]["reached"] == 0 and rows["adamw"]["iters_to_target"] is None
+    assert rows["adamw"]["mean_abs_log_p_over_p0"] is None
+
+
+def test_jacobian_bench_runs(tmp_path):
+    pytest.importorskip("open_clip")
+    import json
+
+    from vlmkern.app.bench.kalman_jacobian_bench import main
+
+    out = main(["--M", "2", "--routes", "scalar", "vmap-math", "--reps", "1", "--threads", str(torch.get_num_threads()),
+                "--out", str(tmp_path / "j.json")])
+    row = out["rows"][0]
+    assert row["M"] == 2 and row["vmap-math_ms"] > 0 and row["step_per_sample_ms"] > 0
+    assert "step_closure_ms" not in row  # only timed with the batched route
+    assert json.loads((tmp_path / "j.json").read_text())["rows"][0]["M"] == 2
