@@ -424,7 +424,12 @@ def test_per_sample_nonfinite_rows_skip_the_step(route):
         r = (m(xb)[:, 0] - yb).half() * 30.0
         return (r * r).float() / 900.0
 
-    good = lambda: opt.step_per_sample(lin, loss, x, y) if route == "step_per_sample" else opt.step(lambda: loss(lin, x, y))
+    def good():
+        if route == "step_per_sample":
+            opt.step_per_sample(lin, loss, x, y)
+        else:
+            opt.step(lambda: loss(lin, x, y))
+
     good()
     assert bool(opt.last_step_taken)
     before = [t.detach().clone() for t in (lin.weight, lin.bias, opt.state[lin.weight]["variance"],

@@ -1,5 +1,6 @@
 """A small, honest method check: LoRA fine-tuning of a tiny CLIP for few-shot
-classification, KalmanOptimizer vs AdamW (CPU, offline, ~2 minutes).
+classification, KalmanOptimizer vs AdamW (CPU, offline; the default run about
+10 minutes on a shared 2-core VM, 1 thread: bench/RESULTS_kalman.md).
 
     python -m vlmkern.app.bench.kalman_method_check [--seeds 0 1] [--iters 60] [--out bench/out]
 
@@ -267,9 +268,10 @@ def main(argv=None):
                   f"{curve['loss'][-1]:.3f}  test acc {accs}  ({run['seconds']:.0f}s)", flush=True)
     results["summary"] = summarise(results["runs"])
     for row in results["summary"]:
-        it = ("-" if row["iters_to_target"] is None else
-              f"median {row['iters_to_target']}, mean {row['iters_to_target_mean']:.1f} +- {row['iters_to_target_se']:.1f}")
-        moved = "" if row["mean_abs_log_p_over_p0"] is None else f"  mean|log p/p0| {row['mean_abs_log_p_over_p0']:.4f}"
+        it = "-" if row["iters_to_target"] is None else (
+            f"median {row['iters_to_target']}, mean {row['iters_to_target_mean']:.1f} "
+            f"+- {row['iters_to_target_se']:.1f}")
+        moved = "" if row["mean_abs_log_p_over_p0"] is None else f"  mean|log p/p0| {row['mean_abs_log_p_over_p0']:.3g}"
         print(f"{row['optimizer']:10s} {HP_NAME[row['optimizer']]}={row['hp']:<6g} AUC {row['auc_mean']:.3f} "
               f"+- {row['auc_se']:.3f} (se)  final {row['final_mean']:.3f} +- {row['final_se']:.3f}  iterations to "
               f"{row['target']:.3f}: {it} ({row['reached']}/{row['seeds']} seeds){moved}  "
