@@ -259,3 +259,246 @@ def test_per_sample_closure_must_return_losses_with_graph():
         opt.step(lambda: lin(x)[:, 0].detach())
     with pytest.raises(ValueError, match="observation must be"):
         KalmanOptimizer(lin.parameters(), observation="outputs")
+
+
+# ---------------------------------------------------------------------------
+# KalmanOptimizer.step_per_sample: the torch.func route (vmap(grad) over samples)
+# ---------------------------------------------------------------------------
+
+
+class _Tower(torch.nn.Module):
+    """A frozen base with a trainable low-rank adapter and a shared 'class
+    prompt' table (no batch input), like LoRA on CLIP with class prompts;
+    attention over a per-sample token set, optional dropout."""
+
+    def __init__(self, d=8, n_cls=5, dropout=0.0):
+        super().__init__()
+        g = torch.Generator().manual_seed(11)
+        self.base = torch.nn.Linear(d, d)
+        self.base.requires_grad_(False)
+        self.a = torch.nn.Parameter(0.3 * torch.randn(2, d, generator=g))
+        self.b = torch.nn.Parameter(0.3 * torch.randn(d, 2, generator=g))
+        self.attn = torch.nn.MultiheadAttention(d, 2, batch_first=True)
+        self.attn.requires_grad_(False)
+        self.classes = torch.nn.Parameter(torch.randn(n_cls, d, generator=g))
+        self.drop = torch.nn.Dropout(dropout)
+
+    def encode(self, x):  # x [B, T, d]
+        h = self.base(x) + self.drop(x @ self.a.T) @ self.b.T
+        h, _ = self.attn(h, h, h, need_weights=False)
+        return h.mean(1)
+
+    def logits(self, x):
+        return self.encode(x) @ torch.tanh(self.classes).T
+
+
+def _ce(model, x, y):
+    return torch.nn.functional.cross_entropy(model.logits(x), y, reduction="none")
+
+
+def _tower_batch(M=6, seed=12):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(M, 4, 8, generator=g), torch.randint(0, 5, (M,), generator=g)
+
+
+def test_per_sample_jacobian_rows_equal_the_batched_backward_rows():
+    from vlmkern.optim import per_sample_jacobian
+
+    model = _Tower()
+    x, y = _tower_batch()
+    params = [model.a, model.b, model.classes]
+    rows, losses = per_sample_jacobian(model, params, _ce, x, y)
+    ref_losses = _ce(model, x, y)
+    ref = torch.autograd.grad(ref_losses, params, grad_outputs=torch.eye(6), is_grads_batched=True)
+    assert torch.allclose(losses, ref_losses.detach(), atol=1e-6)
+    for r, h in zip(rows, ref):
+        assert r.shape == h.shape and r.dtype == h.dtype
+        assert torch.allclose(r, h, atol=1e-5, rtol=1e-5), float((r - h).abs().max())
+    assert model.a.grad is None and model.base.weight.grad is None  # nothing leaks into .grad
+    # chunked vmap gives the same rows
+    rows_c, _ = per_sample_jacobian(model, params, _ce, x, y, chunk_size=4)
+    for r, rc in zip(rows, rows_c):
+        assert torch.allclose(r, rc, atol=1e-6)
+
+
+def test_step_per_sample_equals_the_closure_route():
+    torch.manual_seed(0)
+    fast, slow = _Tower(), _Tower()
+    slow.load_state_dict(fast.state_dict())
+    kw = dict(p0=0.05, obs_noise0=0.5, process_noise=1e-4, observation="per_sample")
+    o_fast = KalmanOptimizer([fast.a, fast.b, fast.classes], **kw)
+    o_slow = KalmanOptimizer([slow.a, slow.b, slow.classes], **kw)
+    for step in range(3):
+        x, y = _tower_batch(seed=20 + step)
+        lf = o_fast.step_per_sample(fast, _ce, x, y)
+        ls = o_slow.step(lambda: _ce(slow, x, y))
+        assert torch.allclose(lf, ls, atol=1e-5)
+        assert bool(o_fast.last_step_taken)
+    for pf, ps in zip([fast.a, fast.b, fast.classes], [slow.a, slow.b, slow.classes]):
+        assert torch.allclose(pf, ps, atol=1e-5)
+        assert torch.allclose(o_fast.state[pf]["variance"], o_slow.state[ps]["variance"], rtol=1e-4, atol=1e-8)
+        assert not torch.equal(o_fast.state[pf]["variance"], torch.full_like(pf, 0.05))  # P moved
+    assert abs(float(o_fast.obs_noise) - float(o_slow.obs_noise)) < 1e-5
+
+
+def test_step_per_sample_rows_match_on_the_method_checks_clip():
+    """The real use: LoRA on the method check's tiny open_clip CLIP, loss
+    against the class prompts (text tower unbatched)."""
+    pytest.importorskip("open_clip")
+    from vlmkern.app.bench import kalman_method_check as K
+    from vlmkern.app.models.lora import add_lora, lora_parameters
+    from vlmkern.optim import per_sample_jacobian
+
+    model = K.tiny_clip(0)
+    add_lora(model, rank=2, alpha=4)
+    model.train()
+    params = lora_parameters(model)
+    tokens = K.prompts()
+    y = torch.tensor([0, 5, 11, 23])
+    x = K.render(y, torch.Generator().manual_seed(1), shifted=True)
+    # LoRA B starts at zero: move it so that every row is non-trivial
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+
+    def loss(m, xb, yb):
+        return torch.nn.functional.cross_entropy(K.class_logits(m, xb, tokens), yb, reduction="none")
+
+    rows, losses = per_sample_jacobian(model, params, loss, x, y)
+    ref = torch.autograd.grad(loss(model, x, y), params, grad_outputs=torch.eye(4), is_grads_batched=True)
+    scale = max(float(h.abs().max()) for h in ref)
+    assert scale > 0
+    for r, h in zip(rows, ref):
+        assert float((r - h).abs().max()) <= 1e-4 * scale
+
+
+def test_step_per_sample_randomness_dropout():
+    """Dropout under vmap: 'different' draws a mask per sample (two copies of
+    one sample get different rows), 'same' one mask for all (identical rows),
+    'error' refuses the random op."""
+    from vlmkern.optim import per_sample_jacobian
+
+    model = _Tower(dropout=0.5).train()
+    x, y = _tower_batch(M=1)
+    x2, y2 = x.expand(2, -1, -1).contiguous(), y.expand(2).contiguous()
+    torch.manual_seed(3)
+    rd, _ = per_sample_jacobian(model, [model.a], _ce, x2, y2, randomness="different")
+    assert not torch.allclose(rd[0][0], rd[0][1])
+    rs, _ = per_sample_jacobian(model, [model.a], _ce, x2, y2, randomness="same")
+    assert torch.equal(rs[0][0], rs[0][1])
+    with pytest.raises(RuntimeError, match="randomness"):
+        per_sample_jacobian(model, [model.a], _ce, x2, y2, randomness="error")
+    model.eval()  # no dropout: every setting gives the rows of the batched backward
+    r0, _ = per_sample_jacobian(model, [model.a], _ce, x2, y2, randomness="error")
+    assert torch.allclose(r0[0][0], r0[0][1])
+
+
+def test_step_per_sample_under_bf16_autocast():
+    model = _Tower()
+    x, y = _tower_batch()
+    params = [model.a, model.b, model.classes]
+    from vlmkern.optim import per_sample_jacobian
+
+    def loss(m, xb, yb):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _ce(m, xb, yb).float()
+
+    rows, _ = per_sample_jacobian(model, params, loss, x, y)
+    ref = torch.autograd.grad(loss(model, x, y), params, grad_outputs=torch.eye(6), is_grads_batched=True)
+    for r, h in zip(rows, ref):
+        assert r.dtype == torch.float32
+        assert float((r - h).abs().max()) <= 3e-2 * float(h.abs().max())
+
+
+@pytest.mark.parametrize("route", ["step_per_sample", "closure"])
+def test_per_sample_nonfinite_rows_skip_the_step(route):
+    """An fp16 overflow in one sample's forward makes its Jacobian row (and
+    loss) non-finite: the step is skipped on the device -- parameters,
+    variances and R bit for bit unchanged -- and the next good step is taken."""
+    lin = torch.nn.Linear(4, 1)
+    opt = KalmanOptimizer(lin.parameters(), p0=0.1, observation="per_sample")
+    g = torch.Generator().manual_seed(9)
+    x, y = torch.randn(5, 4, generator=g), torch.randn(5, generator=g)
+
+    def loss(m, xb, yb):  # the residual in fp16, as under fp16 autocast
+        r = (m(xb)[:, 0] - yb).half() * 30.0
+        return (r * r).float() / 900.0
+
+    def good():
+        if route == "step_per_sample":
+            opt.step_per_sample(lin, loss, x, y)
+        else:
+            opt.step(lambda: loss(lin, x, y))
+
+    good()
+    assert bool(opt.last_step_taken)
+    before = [t.detach().clone() for t in (lin.weight, lin.bias, opt.state[lin.weight]["variance"],
+                                            opt.state[lin.bias]["variance"], opt.obs_noise)]
+    xb = x.clone()
+    xb[2] = 1e3  # (30 * residual)^2 overflows fp16 for this sample only
+    if route == "step_per_sample":
+        opt.step_per_sample(lin, loss, xb, y)
+    else:
+        opt.step(lambda: loss(lin, xb, y))
+    assert not bool(opt.last_step_taken)
+    after = (lin.weight, lin.bias, opt.state[lin.weight]["variance"], opt.state[lin.bias]["variance"], opt.obs_noise)
+    for a, b in zip(after, before):
+        assert torch.equal(a.detach(), b)
+    good()
+    assert bool(opt.last_step_taken)
+
+
+def test_step_per_sample_errors_name_the_argument():
+    model = _Tower()
+    x, y = _tower_batch()
+    scalar = KalmanOptimizer([model.a])
+    with pytest.raises(ValueError, match="observation='per_sample'"):
+        scalar.step_per_sample(model, _ce, x, y)
+    opt = KalmanOptimizer([model.a, torch.nn.Parameter(torch.zeros(3))], observation="per_sample")
+    with pytest.raises(ValueError, match=r"params\[1\].*not parameters of module"):
+        opt.step_per_sample(model, _ce, x, y)
+    opt = KalmanOptimizer([model.a], observation="per_sample")
+    with pytest.raises(ValueError, match=r"batch\[1\] has 5 samples"):
+        opt.step_per_sample(model, _ce, x, y[:5])
+    with pytest.raises(ValueError, match="one-element tensor"):
+        opt.step_per_sample(model, lambda m, xb, yb: m.logits(xb), x, y)
+    with pytest.raises(ValueError, match="randomness must be"):
+        opt.step_per_sample(model, _ce, x, y, randomness="per_sample")
+    with pytest.raises(ValueError, match="chunk_size"):
+        opt.step_per_sample(model, _ce, x, y, chunk_size=0)
+    with pytest.raises(TypeError, match=r"batch\[0\] must be a tensor"):
+        opt.step_per_sample(model, _ce, [1, 2], y)
+
+
+def test_method_check_summary_standard_errors_and_target():
+    pytest.importorskip("open_clip")
+    from vlmkern.app.bench.kalman_method_check import summarise
+
+    runs = [{"optimizer": "kalman-ps", "hp": 0.1, "seconds": 1.0, "mean_abs_log_p_over_p0": m,
+             "acc": {0: 0.2, 10: a10, 20: a20}} for m, a10, a20 in [(0.5, 0.5, 0.6), (0.7, 0.3, 0.4), (0.6, 0.4, 0.5)]]
+    runs.append({"optimizer": "adamw", "hp": 1e-3, "seconds": 1.0, "acc": {0: 0.2, 10: 0.2, 20: 0.3}})
+    rows = {r["optimizer"]: r for r in summarise(runs)}
+    ps = rows["kalman-ps"]
+    assert ps["target"] == pytest.approx(0.9 * 0.6)
+    aucs = [(0.2 + 0.5 + 0.6) / 3, (0.2 + 0.3 + 0.4) / 3, (0.2 + 0.4 + 0.5) / 3]
+    mean = sum(aucs) / 3
+    sd = (sum((a - mean) ** 2 for a in aucs) / 2) ** 0.5
+    assert ps["auc_mean"] == pytest.approx(mean) and ps["auc_se"] == pytest.approx(sd / 3 ** 0.5)
+    assert ps["reached"] == 1 and ps["iters_to_target"] == 20  # only the first seed reaches 0.54, at 20
+    assert ps["mean_abs_log_p_over_p0"] == pytest.approx(0.6)
+    assert rows["adamw"]["reached"] == 0 and rows["adamw"]["iters_to_target"] is None
+    assert rows["adamw"]["mean_abs_log_p_over_p0"] is None
+
+
+def test_jacobian_bench_runs(tmp_path):
+    pytest.importorskip("open_clip")
+    import json
+
+    from vlmkern.app.bench.kalman_jacobian_bench import main
+
+    out = main(["--M", "2", "--routes", "scalar", "vmap-math", "--reps", "1", "--threads", str(torch.get_num_threads()),
+                "--out", str(tmp_path / "j.json")])
+    row = out["rows"][0]
+    assert row["M"] == 2 and row["vmap-math_ms"] > 0 and row["step_per_sample_ms"] > 0
+    assert "step_closure_ms" not in row  # only timed with the batched route
+    assert json.loads((tmp_path / "j.json").read_text())["rows"][0]["M"] == 2

@@ -84,14 +84,16 @@ def test_wrf4cir_gamma_zero_equals_plain_adamw(tmp_path):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("optimizer,observation", [("kalman", "loss"), ("kalman", "per_sample"), ("adamw", "loss")])
-def test_kalman_trainer_curve(tmp_path, optimizer, observation):
+@pytest.mark.parametrize("optimizer,observation,jacobian", [("kalman", "loss", "vmap"), ("kalman", "per_sample", "vmap"),
+                                                            ("kalman", "per_sample", "batched"), ("adamw", "loss", "vmap")])
+def test_kalman_trainer_curve(tmp_path, optimizer, observation, jacobian):
     from vlmkern.app.methods.kalman import KalmanTrainConfig, train_kalman
 
     m, tok = _clip()
     tr, va = S.labelled(24, 12, seed=1, image_size=16, num_classes=6)
     res = train_kalman(m, tok, tr, va, tr.prompts(), KalmanTrainConfig(optimizer=optimizer, steps=6, batch_size=8,
-                                                                       eval_every=3, observation=observation),
+                                                                       eval_every=3, observation=observation,
+                                                                       jacobian=jacobian),
                        str(tmp_path))
     assert all(math.isfinite(c["loss"]) for c in res["curve"] if "loss" in c) and "loss" in res["curve"][-1]
     assert [c["step"] for c in res["curve"]] == [0, 3, 6]

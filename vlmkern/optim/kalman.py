@@ -13,13 +13,13 @@ with the host.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..ops.kalman import _DEFAULT_VAR_FLOOR, gate_innovation, kalman_step_
 
-__all__ = ["KalmanOptimizer"]
+__all__ = ["KalmanOptimizer", "per_sample_jacobian"]
 
 
 class KalmanOptimizer(torch.optim.Optimizer):
@@ -92,15 +92,28 @@ class KalmanOptimizer(torch.optim.Optimizer):
             ``"torch"``); default: by device.
         observation: ``"loss"`` (default: the scalar batch loss, the form
             above) or ``"per_sample"``: the vector-observation filter of SPEC
-            §3b, one observation per sample.  The closure then returns the
-            per-sample losses ``[M]`` *with their graph* and does not call
-            ``backward()``; the step takes the Jacobian rows (per-sample
-            gradients) with one batched backward, solves the M x M system on the
-            device, and estimates ``R`` (one value for every sample) as
+            §3b, one observation per sample.  Two ways to step it:
+
+            * :meth:`step_per_sample` ``(module, loss_fn, *batch)`` (fast; use
+              it whenever each sample's loss depends only on that sample): the
+              rows of the Jacobian (per-sample gradients) come from
+              ``torch.func.vmap(grad(...))`` over the samples, about one
+              batched backward.
+            * :meth:`step` ``(closure)`` (general; any coupling between the
+              samples): the closure returns the per-sample losses ``[M]``
+              *with their graph* and does not call ``backward()``; the rows
+              come from one vmapped backward over the rows of I_M, which runs
+              M passes over the whole batch's graph (cost ~ M^2:
+              bench/RESULTS_kalman.md measures both).
+
+            Either way the step solves the M x M system on the device and
+            estimates ``R`` (one value for every sample) as
             ``max(beta R + (1 - beta) mean_b (e_b^2 - (H P H^T)_bb)_+, floor)``.
             Here P learns: each step brings up to M units of information
-            instead of less than one.  No ``GradScaler`` support yet in this
-            mode (non-finite per-sample gradients still skip the step).
+            instead of less than one.  No ``GradScaler`` in this mode (there
+            is no ``.grad`` to scale); a NaN/inf per-sample gradient or loss
+            (an fp16 overflow) skips the step on the device: parameters,
+            variances and ``R`` unchanged, no host sync.
 
     :meth:`step` takes a ``closure`` that zeroes the gradients, computes the
     loss, calls ``backward()`` and returns the loss, or ``loss=`` when the
@@ -271,36 +284,108 @@ class KalmanOptimizer(torch.optim.Optimizer):
         self.last_step_taken = taken
         return loss
 
+    def _owned_per_sample(self):
+        owned = [(p, g) for g in self.param_groups for p in g["params"] if p.requires_grad]
+        return [p for p, _ in owned], [float(g["process_noise"]) for _, g in owned], [g for _, g in owned]
+
     def _step_per_sample(self, losses: torch.Tensor) -> torch.Tensor:
-        """SPEC §3b: M = len(losses) observations, target ``y*`` each; the
-        Jacobian rows are the per-sample gradients, computed here with one
-        batched backward (``is_grads_batched``: vmap over the rows of I_M)."""
+        """SPEC §3b from a closure's per-sample losses: the Jacobian rows come
+        from one batched backward (``is_grads_batched``: vmap over the rows of
+        I_M).  General (any coupling between the samples), but every one of
+        the M vmapped backward passes runs over the whole batch's graph, so the
+        cost grows like M^2; :meth:`step_per_sample` is the fast route."""
         if losses.dim() != 1 or losses.numel() == 0:
             raise ValueError("KalmanOptimizer.step (observation='per_sample'): the closure must return the "
                              f"per-sample losses as a non-empty 1-D tensor, got shape {tuple(losses.shape)}")
         if not losses.requires_grad:
             raise ValueError("KalmanOptimizer.step (observation='per_sample'): the losses carry no graph; "
                              "return them from the closure without calling backward()")
-        owned = [(p, g) for g in self.param_groups for p in g["params"] if p.requires_grad]
-        params = [p for p, _ in owned]
-        q_of = [float(g["process_noise"]) for _, g in owned]
+        params, q_of, groups = self._owned_per_sample()
         if not params:
-            return losses
+            return losses.detach()
         M = losses.shape[0]
-        device = params[0].device
         with torch.enable_grad():
             eye = torch.eye(M, dtype=losses.dtype, device=losses.device)
             hs = torch.autograd.grad(losses, params, grad_outputs=eye, is_grads_batched=True, allow_unused=True)
         grads = [torch.zeros((M, *p.shape), dtype=p.dtype, device=p.device) if h is None else h.to(p.dtype)
                  for h, p in zip(hs, params)]
+        self._vector_update(losses.detach(), params, grads, q_of, groups)
+        return losses.detach()
+
+    @torch.no_grad()
+    def step_per_sample(self, module: torch.nn.Module, loss_fn: Callable[..., torch.Tensor], *batch: torch.Tensor,
+                        randomness: str = "different", chunk_size: Optional[int] = None) -> torch.Tensor:
+        """One vector-observation step (SPEC §3b) with the Jacobian rows from
+        ``torch.func``: ``vmap(grad(...))`` over the samples of ``batch``.
+
+        ``loss_fn(module, *sample)`` is called on one sample at a time: every
+        tensor of ``batch`` sliced to a leading dimension of 1 (``x[m:m+1]``),
+        so the batched loss of a training loop usually works unchanged; it
+        returns that sample's loss (one element: ``[1]`` or 0-d).  Inside,
+        the optimizer's parameters are substituted into ``module``
+        (``torch.func.functional_call``) and differentiated; the module's other
+        parameters and buffers are held fixed.  Under ``vmap`` every operation
+        runs once, batched over the M samples (a forward that does not depend
+        on the sample, e.g. the class-prompt text tower's, runs once
+        unbatched; its backward is batched over the M samples like the rest),
+        so the M rows cost about one batched backward instead of the closure
+        route's M passes over the whole batch (bench/RESULTS_kalman.md: 1.1 s
+        against 42 s at M = 96 on a tiny CLIP).  On the CPU, run attention
+        with ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`` inside
+        ``loss_fn``: the fused CPU kernel has no vmap batching rule (torch
+        warns and loops over the samples; 2x slower there).
+
+        **Use it when** each sample's loss depends only on that sample (and
+        the parameters): a per-sample cross-entropy against shared class
+        prompts, regression, and the like.  It does **not** apply to losses
+        that couple samples (in-batch contrastive losses, batch norm in
+        training mode, which also cannot update running statistics under
+        vmap): use :meth:`step` with a closure returning the per-sample losses
+        (``observation="per_sample"``), which allows any coupling.
+
+        Args:
+            module: the ``nn.Module`` that holds every parameter of this
+                optimizer (matched by identity in ``module.named_parameters()``).
+            loss_fn: ``loss_fn(module, *sample) -> loss`` for one sample.
+            *batch: tensors with the same leading dimension M (the samples).
+            randomness: ``vmap``'s ``randomness``: ``"different"`` (default:
+                every sample draws its own dropout mask, as in a batched
+                forward), ``"same"``, or ``"error"`` (raise on any random op).
+            chunk_size: ``vmap``'s ``chunk_size``: samples per vectorised chunk
+                (bounds the memory of the batched backward); ``None`` = all M.
+
+        Returns the per-sample losses ``[M]`` (detached, float32).  Needs
+        ``observation="per_sample"``.  Autocast: wrap the body of ``loss_fn``
+        (the rows are taken w.r.t. the parameters in their own dtype).  A row
+        with a NaN/inf entry (e.g. an fp16 overflow) skips the step on the
+        device, as in :meth:`step`.  ``GradScaler`` is not used here: there is
+        no ``.grad`` for it to scale.
+        """
+        if self.observation != "per_sample":
+            raise ValueError("KalmanOptimizer.step_per_sample: needs KalmanOptimizer(..., observation='per_sample'), "
+                             f"this one has observation={self.observation!r}")
+        params, q_of, groups = self._owned_per_sample()
+        if not params:
+            raise ValueError("KalmanOptimizer.step_per_sample: none of the optimizer's params requires grad; "
+                             "there is nothing to update")
+        grads, losses = per_sample_jacobian(module, params, loss_fn, *batch, randomness=randomness,
+                                            chunk_size=chunk_size)
+        self._vector_update(losses, params, grads, q_of, groups)
+        return losses
+
+    def _vector_update(self, losses, params, grads, q_of, groups) -> None:
+        """The filter update shared by both per-sample routes: innovation,
+        fused vector step, observation-noise estimate; no host sync."""
+        M = losses.shape[0]
+        device = params[0].device
         variances = []
-        for p, g in owned:
+        for p, g in zip(params, groups):
             st = self.state[p]
             if "variance" not in st:
                 st["variance"] = torch.full(p.shape, float(g["p0"]), dtype=torch.float32, device=p.device)
             variances.append(st["variance"])
         R = self._obs_noise_on(device)
-        e = self.target - losses.detach().to(device=device, dtype=torch.float32)
+        e = self.target - losses.to(device=device, dtype=torch.float32)
         step_vars, q = variances, q_of[0]
         if len(set(q_of)) > 1:  # as in the scalar step: predict into copies, kept only if the step is taken
             step_vars, q = [v + qi if qi != 0.0 else v.clone() for v, qi in zip(variances, q_of)], 0.0
@@ -323,7 +408,6 @@ class KalmanOptimizer(torch.optim.Optimizer):
         R.copy_(torch.where(taken, R_new, R))
         self.step_count += 1
         self.last_S, self.last_innovation, self.last_gated, self.last_step_taken = S, e, gated, taken
-        return losses.detach()
 
     def _obs_noise_on(self, device: torch.device) -> torch.Tensor:
         if self.obs_noise is None:
@@ -362,6 +446,83 @@ class KalmanOptimizer(torch.optim.Optimizer):
         R = extra.get("obs_noise")
         self.obs_noise = None if R is None else R.detach().to(torch.float32).clone()
         self.step_count = int(extra.get("step", 0))
+
+
+def per_sample_jacobian(module: torch.nn.Module, params: Sequence[torch.Tensor], loss_fn: Callable[..., torch.Tensor],
+                    *batch: torch.Tensor, randomness: str = "different",
+                    chunk_size: Optional[int] = None) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    """Per-sample gradients of ``loss_fn`` w.r.t. ``params`` by
+    ``torch.func.vmap(grad(...))`` over the samples of ``batch``.
+
+    ``loss_fn(module, *sample)`` gets every batch tensor sliced to one sample
+    (``x[m:m+1]``, leading dimension 1) and returns that sample's loss (one
+    element).  ``params`` (parameters of ``module``, matched by identity) are
+    substituted with ``torch.func.functional_call`` and differentiated; the
+    module's other parameters and buffers are held fixed.  Returns
+    ``(rows, losses)``: ``rows[t]`` of shape ``[M, *params[t].shape]`` in
+    ``params[t].dtype`` and the losses ``[M]`` (float32, no graph).  See
+    :meth:`KalmanOptimizer.step_per_sample` for ``randomness`` and ``chunk_size``.
+    """
+    op = "per_sample_jacobian"
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"{op}: module must be an nn.Module, got {type(module).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"{op}: loss_fn must be callable, got {type(loss_fn).__name__}")
+    if randomness not in ("different", "same", "error"):
+        raise ValueError(f"{op}: randomness must be 'different', 'same' or 'error', got {randomness!r}")
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"{op}: chunk_size must be an int >= 1 or None, got {chunk_size!r}")
+    if not batch:
+        raise ValueError(f"{op}: batch is empty; pass the batch tensors after loss_fn")
+    for i, b in enumerate(batch):
+        if not isinstance(b, torch.Tensor) or b.dim() == 0:
+            got = type(b).__name__ if not isinstance(b, torch.Tensor) else "a 0-d tensor"
+            raise TypeError(f"{op}: batch[{i}] must be a tensor with a leading sample dimension, got {got}")
+    M = batch[0].shape[0]
+    for i, b in enumerate(batch):
+        if b.shape[0] != M:
+            raise ValueError(f"{op}: batch[{i}] has {b.shape[0]} samples, batch[0] has {M}")
+    if M == 0:
+        raise ValueError(f"{op}: the batch has 0 samples")
+    name_of = {}
+    for n, p in module.named_parameters(remove_duplicate=False):
+        name_of.setdefault(id(p), n)
+    missing = [i for i, p in enumerate(params) if id(p) not in name_of]
+    if missing:
+        raise ValueError(f"{op}: {len(missing)} of params (first: params[{missing[0]}], shape "
+                         f"{tuple(params[missing[0]].shape)}) are not parameters of module; pass the module that "
+                         "holds them")
+    names = [name_of[id(p)] for p in params]
+    wrapper = _LossOf(module, loss_fn)
+    from torch.func import functional_call, grad, vmap
+
+    def sample_loss(theta, *sample):
+        out = functional_call(wrapper, {"module." + n: t for n, t in theta.items()},
+                              tuple(s.unsqueeze(0) for s in sample))
+        if not isinstance(out, torch.Tensor) or out.numel() != 1:
+            got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"{op}: loss_fn must return one sample's loss as a one-element tensor, got {got}")
+        out = out.reshape(()).float()
+        return out, out.detach()
+
+    theta = {n: p.detach() for n, p in zip(names, params)}
+    rows, losses = vmap(grad(sample_loss, has_aux=True), in_dims=(None,) + (0,) * len(batch),
+                        randomness=randomness, chunk_size=chunk_size)(theta, *batch)
+    return [rows[n].to(p.dtype) for n, p in zip(names, params)], losses
+
+
+class _LossOf(torch.nn.Module):
+    """``forward(*sample) = loss_fn(module, *sample)``: lets
+    ``torch.func.functional_call`` substitute parameters for a loss that calls
+    any method of the module (not only its ``forward``)."""
+
+    def __init__(self, module: torch.nn.Module, loss_fn: Callable[..., torch.Tensor]):
+        super().__init__()
+        self.module = module
+        self.loss_fn = loss_fn
+
+    def forward(self, *sample):
+        return self.loss_fn(self.module, *sample)
 
 
 def _amp_scalar(t, device) -> Optional[torch.Tensor]:

@@ -1,5 +1,6 @@
 """A small, honest method check: LoRA fine-tuning of a tiny CLIP for few-shot
-classification, KalmanOptimizer vs AdamW (CPU, offline, ~2 minutes).
+classification, KalmanOptimizer vs AdamW (CPU, offline; the default run about
+10 minutes on a shared 2-core VM, 1 thread: bench/RESULTS_kalman.md).
 
     python -m vlmkern.app.bench.kalman_method_check [--seeds 0 1] [--iters 60] [--out bench/out]
 
@@ -14,17 +15,19 @@ against the 24 prompt features, cross-entropy over the classes), on a shifted
 domain (striped, coloured-noise backgrounds, smaller shapes), from 4 shots per
 class.  Only LoRA adapters (rank 4, both towers, attention qkv/out + MLP) are
 trained, full batch, ``--iters`` iterations; test accuracy on 20 fresh images
-per class is measured every 10 iterations.  Each optimizer gets two settings
+per class is measured every ``--eval-every`` (10) iterations.  Each optimizer gets two settings
 (reported, not tuned on the test set beyond that): AdamW lr in {3e-3, 1e-2};
 the scalar Kalman filter (one observation per step: the batch loss) p0 in
 {0.1, 1.0}; the per-sample Kalman filter (SPEC §3b: one observation per
-training image, M = 24 x shots) p0 in {0.01, 0.1}; SGD with a Polyak step
+training image, M = 24 x shots; Jacobian rows by ``torch.func`` vmap(grad) over
+the images, ``KalmanOptimizer.step_per_sample``) p0 in {0.01, 0.1}; SGD with a Polyak step
 ``-c L / ||g||^2 g``, c in {0.1, 1} (the scalar filter is this step damped by
 R / p0).  Kalman: R0 = 1, beta = 0.9, no process noise, gate off.  Reported per
 arm over the seeds: the mean test accuracy over the evaluation points (area
 under the accuracy-vs-iteration curve, normalised) and the first iteration at
 which the accuracy reaches the target (90% of the best final accuracy of any
-run), with the number of seeds that reach it.
+run), with the number of seeds that reach it; for the Kalman arms, how far
+P moved from its prior (mean |log(p / p0)| over the LoRA parameters at the end).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import time
 import open_clip
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vlmkern.app.models.lora import add_lora, lora_parameters
 from vlmkern.optim import KalmanOptimizer
@@ -132,7 +136,7 @@ def accuracy(model, images, labels, tokens) -> float:
     return acc
 
 
-def finetune(base, opt_name, hp, train, test, tokens, iters, seed):
+def finetune(base, opt_name, hp, train, test, tokens, iters, seed, eval_every=10):
     model = copy.deepcopy(base)
     torch.manual_seed(seed)
     add_lora(model, rank=4, alpha=8)
@@ -155,9 +159,9 @@ def finetune(base, opt_name, hp, train, test, tokens, iters, seed):
         loss.backward()
         return loss
 
-    def per_sample():
-        model.train()
-        return F.cross_entropy(class_logits(model, x, tokens), y, reduction="none")
+    def sample_loss(m, xs, ys):  # one sample; KalmanOptimizer.step_per_sample runs it under torch.func.vmap
+        with sdpa_kernel([SDPBackend.MATH]):  # the CPU's fused attention has no vmap batching rule
+            return F.cross_entropy(class_logits(m, xs, tokens), ys, reduction="none")
 
     for it in range(1, iters + 1):
         if opt_name == "adamw":
@@ -171,12 +175,16 @@ def finetune(base, opt_name, hp, train, test, tokens, iters, seed):
                 for q in params:
                     q.add_(q.grad, alpha=-float(eta))
         elif opt_name == "kalman-ps":
-            loss = opt.step(per_sample).mean()
+            model.train()
+            loss = opt.step_per_sample(model, sample_loss, x, y).mean()
         else:
             loss = opt.step(closure)
         curve["loss"].append(float(loss.detach()))
-        if it % 10 == 0:
+        if it % eval_every == 0:
             curve["acc"][it] = accuracy(model, *test, tokens)
+    if isinstance(opt, KalmanOptimizer):  # how far P moved from its prior: mean |log(p / p0)| over all parameters
+        logs = torch.cat([(opt.state[q]["variance"] / hp).log().abs().flatten() for q in params])
+        curve["mean_abs_log_p_over_p0"] = float(logs.mean())
     return curve
 
 
@@ -184,10 +192,15 @@ HP_NAME = {"adamw": "lr", "kalman": "p0", "kalman-ps": "p0", "sgd-polyak": "c"}
 
 
 def summarise(runs):
-    """Per arm: mean/sd over seeds of the normalised area under the accuracy
-    curve, the final accuracy, and the median first iteration reaching the
-    target (90% of the best final accuracy of any run)."""
+    """Per arm: mean, sd and standard error over seeds of the normalised area
+    under the accuracy curve and of the final accuracy; the first iteration
+    reaching the target (90% of the best accuracy of any run): median, mean
+    and standard error over the seeds that reach it, and how many do; for the
+    Kalman arms the mean |log(p/p0)| at the end."""
     import statistics
+
+    def se(xs):
+        return statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else 0.0
 
     target = 0.9 * max(max(r["acc"].values()) for r in runs)
     arms = {}
@@ -198,10 +211,16 @@ def summarise(runs):
         aucs = [sum(r["acc"].values()) / len(r["acc"]) for r in rs]
         hits = [min((k for k, v in r["acc"].items() if v >= target), default=None) for r in rs]
         reached = [h for h in hits if h is not None]
+        finals = [list(r["acc"].values())[-1] for r in rs]
+        moved = [r["mean_abs_log_p_over_p0"] for r in rs if "mean_abs_log_p_over_p0" in r]
         rows.append({"optimizer": name, "hp": hp, "seeds": len(rs), "target": target,
                      "auc_mean": statistics.mean(aucs), "auc_sd": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
-                     "final_mean": statistics.mean(list(r["acc"].values())[-1] for r in rs),
-                     "iters_to_target": statistics.median(reached) if reached else None, "reached": len(reached)})
+                     "auc_se": se(aucs), "final_mean": statistics.mean(finals), "final_se": se(finals),
+                     "iters_to_target": statistics.median(reached) if reached else None,
+                     "iters_to_target_mean": statistics.mean(reached) if reached else None,
+                     "iters_to_target_se": se(reached) if reached else None, "reached": len(reached),
+                     "mean_abs_log_p_over_p0": statistics.mean(moved) if moved else None,
+                     "seconds_per_run": statistics.mean(r["seconds"] for r in rs)})
     return rows
 
 
@@ -209,14 +228,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--iters", type=int, default=60)
+    p.add_argument("--eval-every", type=int, default=10, help="test accuracy every this many iterations")
     p.add_argument("--shots", type=int, default=4)
     p.add_argument("--pretrain-steps", type=int, default=300)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="bench/out")
-    p.add_argument("--arms", nargs="+", default=["adamw", "kalman", "sgd-polyak"],
-                   choices=sorted(HP_NAME),
-                   help="optimizers to run; kalman-ps (per-sample observations) is opt-in: its Jacobian by one "
-                        "batched backward costs ~40 s per iteration here (bench/RESULTS_kalman.md)")
+    p.add_argument("--arms", nargs="+", default=["adamw", "kalman", "kalman-ps", "sgd-polyak"],
+                   choices=sorted(HP_NAME), help="optimizers to run (kalman-ps: per-sample observations)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)  # 1: reproducible, and no OpenMP oversubscription on a shared machine
     t0 = time.time()
@@ -242,7 +260,7 @@ def main(argv=None):
         train = (render(y, g, shifted=True), y)
         for name, hp in settings:
             t1 = time.time()
-            curve = finetune(base, name, hp, train, test, tokens, args.iters, seed)
+            curve = finetune(base, name, hp, train, test, tokens, args.iters, seed, args.eval_every)
             run = {"seed": seed, "optimizer": name, "hp": hp, **curve, "seconds": time.time() - t1}
             results["runs"].append(run)
             accs = " ".join(f"{k}:{v:.3f}" for k, v in curve["acc"].items())
@@ -250,9 +268,14 @@ def main(argv=None):
                   f"{curve['loss'][-1]:.3f}  test acc {accs}  ({run['seconds']:.0f}s)", flush=True)
     results["summary"] = summarise(results["runs"])
     for row in results["summary"]:
+        it = "-" if row["iters_to_target"] is None else (
+            f"median {row['iters_to_target']}, mean {row['iters_to_target_mean']:.1f} "
+            f"+- {row['iters_to_target_se']:.1f}")
+        moved = "" if row["mean_abs_log_p_over_p0"] is None else f"  mean|log p/p0| {row['mean_abs_log_p_over_p0']:.3g}"
         print(f"{row['optimizer']:10s} {HP_NAME[row['optimizer']]}={row['hp']:<6g} AUC {row['auc_mean']:.3f} "
-              f"+- {row['auc_sd']:.3f}  final {row['final_mean']:.3f}  iterations to {row['target']:.3f}: "
-              f"{row['iters_to_target']} ({row['reached']}/{row['seeds']} seeds)")
+              f"+- {row['auc_se']:.3f} (se)  final {row['final_mean']:.3f} +- {row['final_se']:.3f}  iterations to "
+              f"{row['target']:.3f}: {it} ({row['reached']}/{row['seeds']} seeds){moved}  "
+              f"{row['seconds_per_run']:.0f}s/run")
     results["total_s"] = time.time() - t0
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "kalman_method_check.json"), "w") as f:

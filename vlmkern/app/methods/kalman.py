@@ -4,6 +4,8 @@ the optimizer (SPEC §3), for few-shot classification; baseline LoRA + AdamW.
     add LoRA adapters (both towers); only the adapters train
     for each step: loss = CE(logit_scale * f_img . f_class^T, y)   (class prompts)
                    KalmanOptimizer.step(closure)     e = 0 - loss, h = grad loss
+      or, --observation per_sample: e_b = 0 - loss_b per image, H = per-sample gradients
+                   (KalmanOptimizer.step_per_sample: torch.func vmap(grad) over the batch)
     every ``eval_every`` steps: zero-shot accuracy on the validation set
 
 Logs loss and accuracy against iterations, so "fewer iterations to reach an
@@ -41,6 +43,10 @@ class KalmanTrainConfig:
     observation: Literal["loss", "per_sample"] = field(default="loss", metadata={
         "help": "'loss': one scalar observation per step (the batch loss); 'per_sample': one per sample "
                 "(SPEC §3b; single process only for now)"})
+    jacobian: Literal["vmap", "batched"] = field(default="vmap", metadata={
+        "help": "per_sample only: how the Jacobian rows are taken. 'vmap': torch.func vmap(grad) over the "
+                "samples (KalmanOptimizer.step_per_sample, ~ one batched backward); 'batched': one vmapped "
+                "backward over the batch graph (step(closure), ~ M backward passes; bench/RESULTS_kalman.md)"})
     # AdamW baseline
     lr: float = 1e-3
     wd: float = 0.0
@@ -54,6 +60,22 @@ class KalmanTrainConfig:
             raise ValueError(f"optimizer must be 'kalman' or 'adamw', got {self.optimizer!r}")
         if self.observation not in ("loss", "per_sample"):
             raise ValueError(f"observation must be 'loss' or 'per_sample', got {self.observation!r}")
+        if self.jacobian not in ("vmap", "batched"):
+            raise ValueError(f"jacobian must be 'vmap' or 'batched', got {self.jacobian!r}")
+
+
+def vmap_attention(device):
+    """Attention kernel for a forward under ``torch.func.vmap``: on the CPU the
+    fused ``scaled_dot_product_attention`` kernel has no vmap batching rule
+    (torch loops over the samples), the math one has, and is about 2x faster
+    there (bench/RESULTS_kalman.md); elsewhere the default choice."""
+    import contextlib
+
+    if torch.device(device).type != "cpu":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _accuracy(model, class_tokens, dataset, device, amp=None, batch_size=256) -> float:
@@ -130,6 +152,10 @@ def train_kalman(model, tokenizer, train_ds, val_ds, prompts: List[str], cfg: Ka
             with autocast(device, cfg.amp):
                 return prompt_classification_loss(model, images, labels, class_tokens, reduction="none").float()
 
+        def sample_loss(m, x, y):  # one sample (leading dim 1), run under vmap by step_per_sample
+            with autocast(device, cfg.amp), vmap_attention(device):
+                return prompt_classification_loss(m, x, y, class_tokens, reduction="none").float()
+
         def closure():
             opt.zero_grad(set_to_none=True)
             with autocast(device, cfg.amp):
@@ -142,7 +168,9 @@ def train_kalman(model, tokenizer, train_ds, val_ds, prompts: List[str], cfg: Ka
                 loss /= torch.distributed.get_world_size()
             return loss
 
-        if cfg.optimizer == "kalman" and cfg.observation == "per_sample":
+        if cfg.optimizer == "kalman" and cfg.observation == "per_sample" and cfg.jacobian == "vmap":
+            loss = opt.step_per_sample(model, sample_loss, images, labels).mean()
+        elif cfg.optimizer == "kalman" and cfg.observation == "per_sample":
             loss = opt.step(per_sample_closure).mean()
         elif cfg.optimizer == "kalman":
             loss = opt.step(closure)
