@@ -129,7 +129,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "held-out shift (Fig. 3/4/7)")
     pf.add_argument("--lr-mults", type=float, nargs="*", default=None,
                     help="hgcl protocol: the common learning rates, as multiples of the base model's peak "
-                         "(default 0.1 0.3)")
+                         "(default 0.03 0.1 0.3)")
     pf.add_argument("--cache", default=None,
                     help="cache folder for base models (default $VLMKERN_CACHE or runs/cache)")
     pf.set_defaults(fn=cmd_fidelity)

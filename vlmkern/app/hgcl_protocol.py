@@ -52,7 +52,7 @@ import torch
 from .base_model import CACHE_SUBDIR, _encode, base_model
 
 PROTOCOL_DEFAULTS: Dict[str, Any] = dict(
-    ft_n=256, batch=32, epochs=8, osr_epochs=1, eval_every=2, lr_mults=(0.1, 0.3), wd=0.02, margin=0.1,
+    ft_n=256, batch=32, epochs=8, osr_epochs=1, eval_every=2, lr_mults=(0.03, 0.1, 0.3), wd=0.02, margin=0.1,
     gamma=0.9, fn_frac=1.0, holdout_per_shape=2, heldout_renders=2)
 
 ATTR_NAMES = ("shape", "colour", "size", "pos")
