@@ -344,7 +344,7 @@ def run_fidelity(seeds: Sequence[int] = (0, 1, 2), scale: str = "default", out: 
     finished run of the same scale left one), its claims' table; "osr": the OSR protocol
     (:func:`vlmkern.app.osr_protocol.run_osr`, base model cached under ``cache_dir``), its section;
     "hgcl": the HGCL-vs-GCL protocol (:func:`vlmkern.app.hgcl_protocol.run_hgcl`, same base model), its
-    section."""
+    section; ``protocol`` overrides that protocol's settings (``lr_mults``, ...), the OSR protocol ignores it."""
     claims = list(CLAIM_GROUPS) if not claims else list(claims)
     unknown = [c for c in claims if c not in CLAIM_GROUPS]
     if unknown:
