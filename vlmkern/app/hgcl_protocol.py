@@ -61,12 +61,12 @@ SETS = ("fn", "clean")
 SET_TITLES = {"fn": "with false negatives", "clean": "without false negatives"}
 LOSS_TITLES = {"hgcl": "HGCL", "gcl": "GCL"}
 
-# (claim, sign, the paper's own statement for comparison, value of one seed's run at one LR)
 def _gap(r: Dict[str, Any], key: str, cap: str, split: str = "heldout") -> float:
     f = r["final"][key][cap]
     return f["hgcl"][split] - f["gcl"][split]
 
 
+# (claim, sign, the paper's own statement for comparison, value of one seed's run at one LR)
 COMPARISONS = [
     ("HGCL's held-out advantage over GCL grows with false negatives (the interaction; the claim value)", +1,
      "Fig. 3/7: GCL >= HGCL in supervised fine-tuning, HGCL >= GCL on Flickr test in self-supervised "
