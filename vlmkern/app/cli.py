@@ -82,9 +82,13 @@ def cmd_fidelity(args) -> int:
         return 0
     cmd = "vlmkern fidelity" + (" --claims " + " ".join(args.claims) if args.claims else "") + " --seeds " + \
         " ".join(map(str, args.seeds)) + scale_flag
+    protocol = None
+    if args.lr_mults:
+        cmd += " --lr-mults " + " ".join(f"{m:g}" for m in args.lr_mults)
+        protocol = {"lr_mults": tuple(args.lr_mults)}
     run_fidelity(seeds=args.seeds, scale=args.scale, out=args.out, report=args.report or
                  os.path.join(args.out, "FIDELITY.md"), command=cmd, reuse=args.reuse, claims=args.claims,
-                 cache_dir=args.cache)
+                 cache_dir=args.cache, protocol=protocol)
     return 0
 
 
@@ -118,9 +122,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     pf.add_argument("--out", default="runs/fidelity")
     pf.add_argument("--report", default=None, help="markdown report path (default <out>/FIDELITY.md)")
     pf.add_argument("--reuse", action="store_true", help="read finished seeds' results.json instead of re-running")
-    pf.add_argument("--claims", nargs="*", default=None, choices=("demo", "osr"),
+    pf.add_argument("--claims", nargs="*", default=None, choices=("demo", "osr", "hgcl"),
                     help="which claims to run (default all): demo = the claims read from the demo's runs; osr = "
-                         "the OSR protocol (converged cached base model, per-step evaluation, Table 2 ablation)")
+                         "the OSR protocol (converged cached base model, per-step evaluation, Table 2 ablation); "
+                         "hgcl = HGCL vs GCL with and without semantic false negatives, attribute-level relevance, "
+                         "held-out shift (Fig. 3/4/7)")
+    pf.add_argument("--lr-mults", type=float, nargs="*", default=None,
+                    help="hgcl protocol: the common learning rates, as multiples of the base model's peak "
+                         "(default 0.03 0.1 0.3)")
     pf.add_argument("--cache", default=None,
                     help="cache folder for base models (default $VLMKERN_CACHE or runs/cache)")
     pf.set_defaults(fn=cmd_fidelity)

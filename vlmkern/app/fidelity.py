@@ -14,8 +14,10 @@ seed, same pretrained model). A claim is
   then the claim is not tested here, and the report gives the premise's
   measured value instead. A claim without a check says "premise not checked".
 
-Claims with their own protocol (``--claims osr``: :mod:`vlmkern.app.osr_protocol`)
-run apart from the demo and write their own section of the report.
+Claims with their own protocol (``--claims osr``: :mod:`vlmkern.app.osr_protocol`;
+``--claims hgcl``: :mod:`vlmkern.app.hgcl_protocol`) run apart from the demo, on the
+cached converged base model of :mod:`vlmkern.app.base_model`, and write their own
+section of the report.
 
 Tiny models on tiny data: this checks the direction of an effect, not its size.
 """
@@ -32,6 +34,8 @@ import time
 from typing import Any, Callable, Dict, List, Sequence
 
 import torch
+
+from .base_model import CACHE_SUBDIR
 
 
 def _mean_r(res: Dict[str, Any], epoch: int) -> float:
@@ -326,19 +330,21 @@ def _settings_lines(r: Dict[str, Any]) -> List[str]:
 
 # ``--claims`` names: "demo" = the claims read from the demo's runs (:data:`CLAIMS`); the others
 # are claims with their own protocol, each writing its own section of the report.
-CLAIM_GROUPS = ("demo", "osr")
+CLAIM_GROUPS = ("demo", "osr", "hgcl")
 DEFAULT_CACHE = os.environ.get("VLMKERN_CACHE", os.path.join("runs", "cache"))
 
 
 def run_fidelity(seeds: Sequence[int] = (0, 1, 2), scale: str = "default", out: str = "runs/fidelity",
                  report: str = "runs/fidelity/FIDELITY.md", command: str = "vlmkern fidelity",
                  reuse: bool = False, claims: Sequence[str] | None = None,
-                 cache_dir: str | None = None) -> List[Dict[str, Any]]:
+                 cache_dir: str | None = None, protocol: Dict[str, Any] | None = None) -> List[Dict[str, Any]]:
     """Run the claims ``claims`` (default: all of :data:`CLAIM_GROUPS`) and write the report.
 
     "demo": the demo for each seed (``reuse``: read ``<out>/seed<n>/results.json`` where a
     finished run of the same scale left one), its claims' table; "osr": the OSR protocol
-    (:func:`vlmkern.app.osr_protocol.run_osr`, base model cached under ``cache_dir``), its section."""
+    (:func:`vlmkern.app.osr_protocol.run_osr`, base model cached under ``cache_dir``), its section;
+    "hgcl": the HGCL-vs-GCL protocol (:func:`vlmkern.app.hgcl_protocol.run_hgcl`, same base model), its
+    section; ``protocol`` overrides that protocol's settings (``lr_mults``, ...), the OSR protocol ignores it."""
     claims = list(CLAIM_GROUPS) if not claims else list(claims)
     unknown = [c for c in claims if c not in CLAIM_GROUPS]
     if unknown:
@@ -351,8 +357,17 @@ def run_fidelity(seeds: Sequence[int] = (0, 1, 2), scale: str = "default", out: 
 
         os.environ.setdefault("VLMKERN_NO_PROGRESS", "1")
         res = run_osr(seeds, out=os.path.join(out, "osr"),
-                      cache_dir=os.path.join(cache_dir or DEFAULT_CACHE, "osr_base"), command=command)
+                      cache_dir=os.path.join(cache_dir or DEFAULT_CACHE, CACHE_SUBDIR), command=command)
         upsert_section(report, "osr", res["section"])
+        rows += res["rows"]
+    if "hgcl" in claims:
+        from .hgcl_protocol import run_hgcl
+
+        os.environ.setdefault("VLMKERN_NO_PROGRESS", "1")
+        res = run_hgcl(seeds, out=os.path.join(out, "hgcl"),
+                       cache_dir=os.path.join(cache_dir or DEFAULT_CACHE, CACHE_SUBDIR), command=command,
+                       protocol=protocol)
+        upsert_section(report, "hgcl", res["section"])
         rows += res["rows"]
     return rows
 
