@@ -21,7 +21,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -191,3 +191,48 @@ def base_model(settings: Optional[Dict[str, Any]] = None, cache_dir: str = "runs
         f"val loss {curve[-1]['val_loss']:.3f}, last-quarter R@1 gain {100 * late:+.1f} pts "
         f"({'converged' if info['converged'] else 'NOT converged'}), {info['seconds']:.0f} s")
     return model, tok, {**info, "cached": False}
+
+
+# ----------------------------------------------------------------------------
+# what every per-claim protocol does with its runs (report rows, driver)
+# ----------------------------------------------------------------------------
+
+
+def pts(v: float) -> str:
+    """A fraction as signed percentage points (``n/a`` for NaN)."""
+    return "n/a" if v != v else f"{100 * v:+.1f}"
+
+
+def claim_table_lines(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """The claims table of a protocol's report section: one line per (LR, claim) row."""
+    from .fidelity import _ci
+
+    lines = ["| LR x peak | claim | paper | per seed | mean (sd) | 95% CI | premise | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for x in rows:
+        sd = "n/a" if x["std"] != x["std"] else f"{100 * x['std']:.1f}"
+        lines.append(f"| {x['lr_mult']} | {x['claim']} | {x['paper']} | {', '.join(pts(v) for v in x['values'])} "
+                     f"| {pts(x['mean'])} ({sd}) | {_ci(x['ci'], True)} | {x['premise']['text']} "
+                     f"| **{x['verdict']}** |")
+    return lines
+
+
+def run_protocol(name: str, run_seed: Callable, claim_rows: Callable, section: Callable, seeds: Sequence[int],
+                 out: str, cache_dir: str, base_settings: Optional[Dict[str, Any]],
+                 protocol: Optional[Dict[str, Any]], command: str, log=print) -> Dict[str, Any]:
+    """A whole protocol: the base model (cached), ``run_seed`` for every seed, the claims'
+    rows and the report section, written to ``<out>/<name>.json`` and ``<out>/<name>.md``;
+    returns ``{"runs", "rows", "base", "section", "seconds"}``."""
+    t0 = time.time()
+    base, tok, info = base_model(base_settings, cache_dir, log=log)
+    runs = [run_seed(base, tok, info, seed, protocol, log=log) for seed in seeds]
+    rows = claim_rows(runs)
+    seconds = time.time() - t0
+    text = section(runs, rows, info, command, seconds)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump({"base": info, "runs": runs, "rows": rows, "seconds": seconds}, f, indent=1, default=list)
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(text)
+    log(text)
+    return {"runs": runs, "rows": rows, "base": info, "section": text, "seconds": seconds}

@@ -41,7 +41,6 @@ below the positive. Its sharp prediction is an interaction: with true negatives 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import time
@@ -49,7 +48,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .base_model import CACHE_SUBDIR, _encode, base_model
+from .base_model import CACHE_SUBDIR, _encode, base_model, claim_table_lines, pts, run_protocol  # noqa: F401
 
 PROTOCOL_DEFAULTS: Dict[str, Any] = dict(
     ft_n=256, batch=32, epochs=8, osr_epochs=1, eval_every=2, lr_mults=(0.03, 0.1, 0.3), wd=0.02, margin=0.1,
@@ -329,10 +328,6 @@ def claim_rows(runs: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return rows
 
 
-def _pts(v: float) -> str:
-    return "n/a" if v != v else f"{100 * v:+.1f}"
-
-
 def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs)
 
@@ -341,8 +336,6 @@ def section(runs: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any]], base
             command: str, seconds: float) -> str:
     """The HGCL-vs-GCL protocol's section of the fidelity report (markdown)."""
     import platform
-
-    from .fidelity import _ci
 
     s, p = base_info["settings"], runs[0]["protocol"]
     tau = float(s["tau"])
@@ -398,13 +391,7 @@ def section(runs: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any]], base
                 he = _mean([r["final"][key][cap][loss]["heldout"] for r in runs])
                 lines.append(f"| {key} | {SET_TITLES[cap]} | {LOSS_TITLES[loss]} | {tr0:.3f} | {tr:.3f} | {he0:.3f} "
                              f"| {he:.3f} |")
-    lines += ["", "| LR x peak | claim | paper | per seed | mean (sd) | 95% CI | premise | verdict |",
-              "|---|---|---|---|---|---|---|---|"]
-    for x in rows:
-        sd = "n/a" if x["std"] != x["std"] else f"{100 * x['std']:.1f}"
-        lines.append(f"| {x['lr_mult']} | {x['claim']} | {x['paper']} | {', '.join(_pts(v) for v in x['values'])} "
-                     f"| {_pts(x['mean'])} ({sd}) | {_ci(x['ci'], True)} | {x['premise']['text']} "
-                     f"| **{x['verdict']}** |")
+    lines += ["", *claim_table_lines(rows)]
     lines += ["", "Values in points of attribute-level R@1. The third claim's value is HGCL - GCL without false "
               "negatives, so the paper's direction is below 0."]
     return "\n".join(lines) + "\n"
@@ -416,16 +403,5 @@ def run_hgcl(seeds: Sequence[int] = (0, 1, 2), out: str = "runs/fidelity/hgcl",
              command: str = "vlmkern fidelity --claims hgcl", log=print) -> Dict[str, Any]:
     """The whole protocol: base model (cached), every seed, the rows and the report section
     (``<out>/hgcl.json``, ``<out>/hgcl.md``); returns ``{"runs", "rows", "base", "section", "seconds"}``."""
-    t0 = time.time()
-    base, tok, info = base_model(base_settings, cache_dir, log=log)
-    runs = [run_seed(base, tok, info, seed, protocol, log=log) for seed in seeds]
-    rows = claim_rows(runs)
-    seconds = time.time() - t0
-    text = section(runs, rows, info, command, seconds)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "hgcl.json"), "w") as f:
-        json.dump({"base": info, "runs": runs, "rows": rows, "seconds": seconds}, f, indent=1, default=list)
-    with open(os.path.join(out, "hgcl.md"), "w") as f:
-        f.write(text)
-    log(text)
-    return {"runs": runs, "rows": rows, "base": info, "section": text, "seconds": seconds}
+    return run_protocol("hgcl", run_seed, claim_rows, section, seeds, out, cache_dir, base_settings, protocol,
+                        command, log)

@@ -34,16 +34,15 @@ demo's briefly pretrained one is not, so this protocol builds one:
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from .base_model import (BASE_DEFAULTS, _base_data, _code_version, _encode, _late_improvement,  # noqa: F401
-                         _pretrain, _val_loss, attribute_r1, base_key, base_model)
+                         _pretrain, _val_loss, attribute_r1, base_key, base_model, claim_table_lines, pts,
+                         run_protocol)
 
 PROTOCOL_DEFAULTS: Dict[str, Any] = dict(
     ft_n=512, eval_n=256, batch=32, osr_steps=64, steps=16, dip_window=4, lr_mults=(0.1, 0.3, 1.0),
@@ -182,16 +181,12 @@ def claim_rows(runs: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return rows
 
 
-def _pts(v: float) -> str:
-    return "n/a" if v != v else f"{100 * v:+.1f}"
-
-
 def section(runs: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any]], base_info: Dict[str, Any],
             command: str, seconds: float) -> str:
     """The OSR protocol's section of the fidelity report (markdown)."""
     import platform
 
-    from .fidelity import _ci, summarize
+    from .fidelity import summarize
 
     s, p = base_info["settings"], runs[0]["protocol"]
     last = base_info["curve"][-1]
@@ -234,14 +229,8 @@ def section(runs: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any]], base
             d = summarize([dip(c, p["dip_window"]) for c in cs])
             sd = "n/a" if d["std"] != d["std"] else f"{100 * d['std']:.1f}"
             lines.append(f"| {key} | {ARM_TITLES[arm]} | " + " | ".join(f"{v:.3f}" for v in mean[:5])
-                         + f" | {mean[-1]:.3f} | {_pts(d['mean'])} ({sd}) |")
-    lines += ["", "| LR x peak | claim | paper | per seed | mean (sd) | 95% CI | premise | verdict |",
-              "|---|---|---|---|---|---|---|---|"]
-    for x in rows:
-        sd = "n/a" if x["std"] != x["std"] else f"{100 * x['std']:.1f}"
-        lines.append(f"| {x['lr_mult']} | {x['claim']} | {x['paper']} | {', '.join(_pts(v) for v in x['values'])} "
-                     f"| {_pts(x['mean'])} ({sd}) | {_ci(x['ci'], True)} | {x['premise']['text']} "
-                     f"| **{x['verdict']}** |")
+                         + f" | {mean[-1]:.3f} | {pts(d['mean'])} ({sd}) |")
+    lines += ["", *claim_table_lines(rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -250,17 +239,5 @@ def run_osr(seeds: Sequence[int] = (0, 1, 2), out: str = "runs/fidelity/osr", ca
             command: str = "vlmkern fidelity --claims osr", log=print) -> Dict[str, Any]:
     """The whole OSR protocol: base model (cached), every seed, the claims' rows and the report section
     (``<out>/osr.json``, ``<out>/osr.md``); returns ``{"runs", "rows", "base", "section", "seconds"}``."""
-    t0 = time.time()
-    base, tok, info = base_model(base_settings, cache_dir, log=log)
-    runs = [run_seed(base, tok, info, seed, protocol, log=log) for seed in seeds]
-    rows = claim_rows(runs)
-    seconds = time.time() - t0
-    text = section(runs, rows, info, command, seconds)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "osr.json"), "w") as f:
-        json.dump({"base": {k: v for k, v in info.items()}, "runs": runs, "rows": rows, "seconds": seconds}, f,
-                  indent=1, default=list)
-    with open(os.path.join(out, "osr.md"), "w") as f:
-        f.write(text)
-    log(text)
-    return {"runs": runs, "rows": rows, "base": info, "section": text, "seconds": seconds}
+    return run_protocol("osr", run_seed, claim_rows, section, seeds, out, cache_dir, base_settings, protocol,
+                        command, log)
