@@ -6,7 +6,10 @@ End to end: ``python -m vlmkern.integrations.open_clip_train`` trains the tiny
 and checks that the state went on from the marker (restored, then updated once
 per sample). ``--batch-size 4 --accum-freq 2`` is checked against
 ``--batch-size 8``, and 2 gloo ranks under torchrun (``--batch-size 4`` each)
-against one process on the same global batches (``--batch-size 8``). Unit tests
+against one process on the same global batches (``--batch-size 8``). A run resumed from
+the epoch-1 checkpoint ends epoch 2 bit for bit like the uninterrupted run. Plain GCL at
+gamma = 1, eps = 1/(B-1) against open_clip's own ``ClipLoss`` (SGD, logit_scale frozen):
+the same steps at a learning rate 2*tau times smaller for ClipLoss. Unit tests
 cover the loss adapter, the index hand-off (through DataLoader workers and
 accumulation steps) and the clear errors for unsupported options.
 
@@ -474,6 +477,7 @@ def test_torchrun_without_gather_with_grad_is_refused(monkeypatch, capsys):
     (["--vlmkern-loss", "gcl", "--vlmkern-margin", "0.1"], "plain GCL (--vlmkern-loss gcl) has none"),
     (["--vlmkern-loss", "hgcl", "--vlmkern-tau", "0.001"], "--vlmkern-tau must be in [0.01, 1]"),
     (["--vlmkern-loss", "hgcl", "--vlmkern-gamma", "0"], "--vlmkern-gamma must be in (0, 1]"),
+    (["--vlmkern-loss", "gcl", "--vlmkern-eps", "0"], "--vlmkern-eps must be a number > 0"),
     (["--vlmkern-loss", "hgcl", "--vlmkern-taus", "0.1"], "unknown vlmkern flag"),
     (["--train-data", "x.csv"], "--vlmkern-loss"),
 ])

@@ -1,7 +1,7 @@
 """TuneCLIP's (H)GCL loss inside open_clip's own trainer (``open_clip_train.main``).
 
     python -m vlmkern.integrations.open_clip_train --vlmkern-loss hgcl --vlmkern-margin 0.1 \\
-        --vlmkern-gamma 0.9 [--vlmkern-tau 0.03] [--vlmkern-learn-tau [--vlmkern-rho 16]] \\
+        --vlmkern-gamma 0.9 [--vlmkern-tau 0.03] [--vlmkern-eps 1e-14] [--vlmkern-learn-tau [--vlmkern-rho 16]] \\
         <any open_clip_train.main arguments>
 
 The ``--vlmkern-*`` flags are taken off, the repo's tiny model configs
@@ -20,7 +20,11 @@ The ``--vlmkern-*`` flags are taken off, the repo's tiny model configs
     or ``synthetic``) is wrapped so that every item is ``(image, text, index)``
     and the DataLoader is rebuilt with the same sampler and settings: the index
     travels *inside the batch* through the DataLoader workers, collate and
-    pin-memory. The loader open_clip iterates is :class:`IndexedLoader`: it
+    pin-memory. Without torchrun, open_clip's ``shuffle=True`` sampler (its order drawn
+    from the global RNG, which open_clip's checkpoints do not hold) is replaced by
+    open_clip's torchrun sampler with one replica (:func:`epoch_seeded_order`: the order
+    of epoch ``e`` is a function of ``(--seed, e)``), so that ``--resume`` continues the
+    data order of the run it resumes. The loader open_clip iterates is :class:`IndexedLoader`: it
     yields the ``(images, texts)`` that ``train_one_epoch`` unpacks and, in the
     main process and the same thread, hands that batch's index to the loss
     (:class:`IndexHandoff`), which takes it exactly once: a batch whose index is
