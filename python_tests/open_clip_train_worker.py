@@ -12,6 +12,15 @@ writes ``OUTDIR/rank<RANK>.pt`` = ``{"log_u_img", "log_u_txt"}``.  ``--combined-
 first, i.e. the global batch in the order the loss gathers it; a single-process run with
 ``--batch-size WORLD*b`` then takes the same steps as the ``WORLD``-rank run with ``b``.
 Used by python_tests/test_open_clip_integration.py; open_clip's ``main`` runs unmodified.
+
+    python open_clip_train_worker.py --open-clip-loss TAU OUTDIR <open_clip_train.main arguments>
+
+runs open_clip's ``main`` with *open_clip's own loss* (``ClipLoss``), not the launcher, and only
+two changes: ``model.logit_scale`` is set to ``log(1/TAU)`` and frozen (``requires_grad=False``,
+the launcher's fixed temperature), and the training loader's shuffle is the launcher's
+(:func:`vlmkern.integrations.open_clip_train.epoch_seeded_order`), so that a vlmkern run and
+this one see the same batches. Writes ``OUTDIR/initial.pt``: the model's state dict as built
+(the starting point of the training steps).
 """
 
 from __future__ import annotations
@@ -69,9 +78,42 @@ def _use_combined_order(world: int) -> None:
     ocmain.get_data = get_data  # the launcher's patch wraps this one
 
 
+def _open_clip_loss_run(tau: float, outdir: str, argv) -> int:
+    import math
+
+    import open_clip
+    import open_clip_train.main as ocmain
+
+    from vlmkern.app.models.clip import CONFIG_DIR
+    from vlmkern.integrations import open_clip_train as oct
+
+    open_clip.add_model_config(CONFIG_DIR)
+    real_create, real_get_data = ocmain.create_model_and_transforms, ocmain.get_data
+
+    def create_model_and_transforms(*a, **k):
+        out = real_create(*a, **k)
+        with torch.no_grad():
+            out[0].logit_scale.fill_(math.log(1.0 / tau))
+        out[0].logit_scale.requires_grad_(False)
+        torch.save({k: v.detach().clone() for k, v in out[0].state_dict().items()},
+                   os.path.join(outdir, "initial.pt"))
+        return out
+
+    def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
+        data = real_get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+        data["train"] = oct.epoch_seeded_order(data["train"], int(args.seed), epoch)
+        return data
+
+    ocmain.create_model_and_transforms, ocmain.get_data = create_model_and_transforms, get_data
+    rc = ocmain.main(argv)
+    return 0 if rc in (None, 0) else 1
+
+
 def main() -> int:
     import json
 
+    if sys.argv[1:2] == ["--open-clip-loss"]:
+        return _open_clip_loss_run(float(sys.argv[2]), sys.argv[3], sys.argv[4:])
     outdir = sys.argv[1]
     with open(sys.argv[2]) as f:
         argv = json.load(f)

@@ -1,7 +1,7 @@
 """TuneCLIP's (H)GCL loss inside open_clip's own trainer (``open_clip_train.main``).
 
     python -m vlmkern.integrations.open_clip_train --vlmkern-loss hgcl --vlmkern-margin 0.1 \\
-        --vlmkern-gamma 0.9 [--vlmkern-tau 0.03] [--vlmkern-learn-tau [--vlmkern-rho 16]] \\
+        --vlmkern-gamma 0.9 [--vlmkern-tau 0.03] [--vlmkern-eps 1e-14] [--vlmkern-learn-tau [--vlmkern-rho 16]] \\
         <any open_clip_train.main arguments>
 
 The ``--vlmkern-*`` flags are taken off, the repo's tiny model configs
@@ -20,7 +20,11 @@ The ``--vlmkern-*`` flags are taken off, the repo's tiny model configs
     or ``synthetic``) is wrapped so that every item is ``(image, text, index)``
     and the DataLoader is rebuilt with the same sampler and settings: the index
     travels *inside the batch* through the DataLoader workers, collate and
-    pin-memory. The loader open_clip iterates is :class:`IndexedLoader`: it
+    pin-memory. Without torchrun, open_clip's ``shuffle=True`` sampler (its order drawn
+    from the global RNG, which open_clip's checkpoints do not hold) is replaced by
+    open_clip's torchrun sampler with one replica (:func:`epoch_seeded_order`: the order
+    of epoch ``e`` is a function of ``(--seed, e)``), so that ``--resume`` continues the
+    data order of the run it resumes. The loader open_clip iterates is :class:`IndexedLoader`: it
     yields the ``(images, texts)`` that ``train_one_epoch`` unpacks and, in the
     main process and the same thread, hands that batch's index to the loss
     (:class:`IndexHandoff`), which takes it exactly once: a batch whose index is
@@ -147,6 +151,8 @@ class LossConfig:
         if self.tau is not None and not (0.01 <= self.tau <= 1.0):
             raise ValueError(f"--vlmkern-tau must be in [0.01, 1] (open_clip clamps logit_scale = log(1/tau) "
                              f"to [0, ln 100]), got {self.tau}")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"--vlmkern-eps must be a number > 0, got {self.eps}")
         if not math.isfinite(self.rho):
             raise ValueError(f"--vlmkern-rho must be a finite number, got {self.rho}")
 
@@ -286,6 +292,37 @@ class IndexedLoader:
 
     def __getattr__(self, name):
         return getattr(self.__dict__["loader"], name)
+
+
+def epoch_seeded_order(info, seed: int, epoch: int):
+    """open_clip's single-process training loader with its shuffle made a function of ``(seed, epoch)``.
+
+    open_clip's CSV loader without torchrun is ``DataLoader(shuffle=True)``: its order is drawn from the
+    global torch RNG, whose state after epoch ``e`` depends on everything drawn before (the model's
+    initialisation, the augmentations of epochs ``0..e``) and is not in open_clip's checkpoints, so a
+    ``--resume``d run sees another order than the run it continues. The default ``RandomSampler`` of that
+    loader is replaced by the sampler open_clip uses under torchrun, ``DistributedSampler`` (here with
+    ``num_replicas=1``, ``seed=--seed``), which open_clip's ``DataInfo.set_epoch`` already advances
+    every epoch: epoch ``e``'s order is ``randperm(N)`` of a generator seeded with ``seed + e``, the same
+    in a resumed run. Any other sampler (torchrun's ``DistributedSampler``, a user's) is kept."""
+    dl = info.dataloader
+    sampler = getattr(dl, "sampler", None)
+    if not (type(sampler) is torch.utils.data.RandomSampler and sampler.generator is None
+            and not sampler.replacement and sampler._num_samples is None):
+        return info
+    ordered = torch.utils.data.distributed.DistributedSampler(dl.dataset, num_replicas=1, rank=0, shuffle=True,
+                                                              seed=seed)
+    ordered.set_epoch(epoch)
+    kw: Dict[str, Any] = dict(
+        batch_size=dl.batch_size, sampler=ordered, num_workers=dl.num_workers, collate_fn=dl.collate_fn,
+        pin_memory=dl.pin_memory, drop_last=dl.drop_last, timeout=dl.timeout, worker_init_fn=dl.worker_init_fn,
+        multiprocessing_context=dl.multiprocessing_context, persistent_workers=dl.persistent_workers)
+    if dl.num_workers > 0:
+        kw["prefetch_factor"] = dl.prefetch_factor
+    loader = DataLoader(dl.dataset, **kw)
+    loader.num_samples = getattr(dl, "num_samples", len(dl.dataset))
+    loader.num_batches = getattr(dl, "num_batches", len(loader))
+    return dataclasses.replace(info, dataloader=loader, sampler=ordered)
 
 
 def with_index(info, handoff: IndexHandoff):
@@ -549,7 +586,7 @@ def apply_vlmkern_to_open_clip_train(loss: str = "hgcl", gamma: float = 0.9, mar
         session.handoff.accum_freq = int(args.accum_freq)
         session.handoff.clear()
         if "train" in data:
-            data["train"] = with_index(data["train"], session.handoff)
+            data["train"] = with_index(epoch_seeded_order(data["train"], int(args.seed), epoch), session.handoff)
             session.num_samples = len(data["train"].dataloader.dataset)
         return data
 
@@ -591,6 +628,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vlmkern-learn-tau", action="store_true",
                    help="learn the temperature (model.logit_scale) with the loss's RGCL-g objective "
                         "(FastCLIP-v3) instead of freezing it")
+    p.add_argument("--vlmkern-eps", type=float, default=1e-14,
+                   help="eps in log(eps + u) (default 1e-14); 1/(B-1) with --vlmkern-gamma 1 and gcl makes the "
+                        "loss open_clip's ClipLoss x 2*tau up to a constant (docs/SPEC.md section 1)")
     p.add_argument("--vlmkern-rho", type=float, default=None,
                    help="RGCL-g's rho for --vlmkern-learn-tau, in this loss's scale (2 x FastCLIP's rho; "
                         "default 16.0 = FastCLIP's 8.0); keep it below 2 ln(global batch - 1)")
@@ -614,7 +654,7 @@ def main(argv=None) -> int:
         parser.error("--vlmkern-rho is the learned temperature's regulariser: give it with --vlmkern-learn-tau")
     rho = 16.0 if ours.vlmkern_rho is None else ours.vlmkern_rho
     try:
-        LossConfig(ours.vlmkern_loss, ours.vlmkern_gamma, margin, ours.vlmkern_tau,
+        LossConfig(ours.vlmkern_loss, ours.vlmkern_gamma, margin, ours.vlmkern_tau, eps=ours.vlmkern_eps,
                    learn_tau=ours.vlmkern_learn_tau, rho=rho)
     except ValueError as exc:
         parser.error(str(exc))
@@ -630,7 +670,7 @@ def main(argv=None) -> int:
     except UnsupportedOption as exc:
         parser.error(str(exc))
     patch = apply_vlmkern_to_open_clip_train(ours.vlmkern_loss, ours.vlmkern_gamma, margin, ours.vlmkern_tau,
-                                             learn_tau=ours.vlmkern_learn_tau, rho=rho)
+                                             eps=ours.vlmkern_eps, learn_tau=ours.vlmkern_learn_tau, rho=rho)
     import open_clip_train.main as ocmain
     try:
         rc = ocmain.main(rest)
