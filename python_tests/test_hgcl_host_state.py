@@ -173,3 +173,19 @@ def test_host_state_argument_errors():
     with pytest.raises(TypeError, match="state_on_host must be a bool"):
         GlobalContrastiveLoss(N, tau=0.05, gamma=0.8, state_on_host="cpu")
     assert a._pending is None and torch.isneginf(a.log_u_img).all()  # nothing was written
+
+
+def test_state_placement_benchmark_runs_from_run_all(tmp_path):
+    from vlmkern.app.bench import run_all
+
+    torch.set_num_threads(1)
+    assert run_all.main(["--only", "hgcl_state", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "hgcl_state_cpu.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| 1e+06 | 256 | 512 |")]
+    assert [r.split("|")[4].strip() for r in rows] == ["device-state", "host-state"]
+    import json
+
+    recs = json.loads((tmp_path / "hgcl_state_cpu.json").read_text())["records"]
+    assert [r["state_bytes_on_host"] for r in recs] == [8 * 10**6, 8 * 10**6]  # two float32 buffers of N
+    assert all(r["median_s"] > 0 for r in recs)
+    assert "hgcl_state on cpu" in (tmp_path / "SUMMARY_cpu.md").read_text()
