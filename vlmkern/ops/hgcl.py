@@ -687,6 +687,28 @@ class GlobalContrastiveLoss(torch.nn.Module):
     temperature gradient covers its local anchors, so DDP's averaging gives the
     global-batch gradient (like the feature gradients, without the ``world_size`` factor:
     the temperature is one shared parameter).
+
+    **State in host memory** (``state_on_host=True``): ``log_u_img`` / ``log_u_txt`` stay in
+    host memory (pinned when a CUDA runtime is present and ``pin_memory``), so the features'
+    device holds none of the ``8 N`` bytes (3.2 GB per GPU at N = 400M).  Each call gathers the
+    batch's distinct entries on the host into (pinned) staging, copies them to the features'
+    device (``non_blocking``), runs :func:`hgcl_loss` on that batch-local state with the
+    anchors' positions among the sorted distinct indices (a monotone relabelling: duplicates,
+    the bad-input rule, the stateless call and ``txt_index`` behave exactly as on the device,
+    and the loss, gradients and state are bit-identical), then copies the updated entries back
+    on a side CUDA stream into pinned memory with a recorded event, so the copy overlaps the
+    backward pass.  They are scattered into the host state by the next call, by
+    ``state_dict()`` / ``load_state_dict()``, on reading ``log_u_img`` / ``log_u_txt``, or by
+    :meth:`flush`.  Give the loader's CPU ``index`` (and ``txt_index``): a CUDA index costs a
+    device-to-host copy, one host sync per call.  With features on the CPU it is the same code
+    with plain copies.  ``.to(device)`` / ``.cuda()`` / ``.half()`` leave the state where and
+    as it is (float32 on the host); ``state_dict`` holds the same keys and values as the
+    on-device mode, so checkpoints load into either mode.  Under ``torch.distributed`` every
+    rank holds the whole host state: the indices are gathered first (one more all-gather,
+    on the features' device for NCCL, then a device-to-host copy) and every rank applies the
+    same update.  Cost: O(b log b) host work per call, two small host-device copies of
+    ``8 b`` bytes and the loop through Python; the device-memory saving is ``8 N`` bytes
+    (``python -m vlmkern.app.bench.hgcl_state``).
     """
 
     def __init__(self, num_samples: int, tau: float, gamma: float, margin: Optional[float] = 0.1,
@@ -818,6 +840,19 @@ class GlobalContrastiveLoss(torch.nn.Module):
         (the sorted order of the distinct indices, so duplicates and every rule are unchanged),
         and start the copy of the updated entries back to the host."""
         self.flush()
+        lu_img, lu_txt, loc_index, loc_txt, writes = self._gather_local(img, index, txt_index, group)
+        # the local indices are in range by construction (the global ones were checked on the host,
+        # without a device sync): the op's own range check (a host sync on CUDA) is skipped
+        kw = dict(kw, validate=False)
+        loss = hgcl_loss(img, txt, loc_index, lu_img, lu_txt, txt_index=loc_txt, **kw)
+        if kw["update_state"]:
+            self._start_write_back(writes, dev=img.device)
+        return loss
+
+    def _gather_local(self, img: Tensor, index: Tensor, txt_index: Optional[Tensor], group):
+        """``(log_u_img, log_u_txt, index, txt_index, writes)`` of the batch-local state on the
+        features' device; ``writes`` = ``[(buffer name, distinct indices, local state)]`` for
+        :meth:`_start_write_back`."""
         if not isinstance(img, torch.Tensor) or img.dim() != 2:
             raise ValueError("vlmkern.GlobalContrastiveLoss: img must be a 2-D [b, d] Tensor")
         dev, b = img.device, img.shape[0]
@@ -856,14 +891,8 @@ class GlobalContrastiveLoss(torch.nn.Module):
             local[key] = self._to_device(staged, dev)
         loc_index = self._to_device(inv["index"][rank_slice].contiguous(), dev)
         loc_txt = None if txt_index is None else self._to_device(inv["txt_index"][rank_slice].contiguous(), dev)
-        # the local indices are in range by construction (the global ones were checked on the host,
-        # without a device sync): the op's own range check (a host sync on CUDA) is skipped
-        kw = dict(kw, validate=False)
-        loss = hgcl_loss(img, txt, loc_index, local["log_u_img"], local["log_u_txt"], txt_index=loc_txt, **kw)
-        if kw["update_state"]:
-            self._start_write_back([("log_u_img", uniq["index"], local["log_u_img"]),
-                                    ("log_u_txt", uniq[txt_name], local["log_u_txt"])], dev)
-        return loss
+        writes = [("log_u_img", uniq["index"], local["log_u_img"]), ("log_u_txt", uniq[txt_name], local["log_u_txt"])]
+        return local["log_u_img"], local["log_u_txt"], loc_index, loc_txt, writes
 
     def _start_write_back(self, writes, dev: torch.device) -> None:
         """Copy the updated local entries to the host: on CUDA asynchronously (a side stream

@@ -28,12 +28,13 @@ import json
 import os
 import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as Fn
 
 from vlmkern import GlobalContrastiveLoss
-from vlmkern.app.bench.harness import _fmt_bytes, machine_description, peak_memory, time_callable
+from vlmkern.app.bench.harness import _fmt_bytes, _sync, machine_description, peak_memory, time_callable
 
 TAU, GAMMA, MARGIN, D = 0.05, 0.9, 0.1, 512
 
@@ -67,6 +68,7 @@ def make_step(case, host: bool, device: torch.device, calls: int = 64):
         loss.backward()
         return loss
 
+    step.img, step.indices = img, idx
     return step, loss_fn
 
 
@@ -87,18 +89,50 @@ def run_bench(device="cpu", quick: bool = False, out_dir: str = "bench/out", war
     device = torch.device(device)
     records = []
     for case in cases(quick, device):
+        # the two modes' steps alternate (device, host, host, device, ...): on a shared machine a load
+        # change then hits both medians alike
+        made = {host: make_step(case, host, device) for host in (False, True)}
+        times = {False: [], True: []}
+        for r in range(warmup + repeats):
+            for host in ((False, True) if r % 2 == 0 else (True, False)):
+                _sync(device)
+                t0 = time.perf_counter()
+                made[host][0]()
+                _sync(device)
+                if r >= warmup:
+                    times[host].append(time.perf_counter() - t0)
         for host in (False, True):
+            step, loss_fn = made[host]
             name = "host-state" if host else "device-state"
-            step, loss_fn = make_step(case, host, device)
-            times = time_callable(step, device, warmup=warmup, repeats=repeats)
             on_dev, on_host = state_bytes(loss_fn, device)
             peak = peak_memory(step, device) if device.type == "cuda" else None
-            rec = dict(case=case, provider=name, median_s=statistics.median(times), repeats=len(times),
-                       state_bytes_on_device=on_dev, state_bytes_on_host=on_host, peak_extra_device_bytes=peak)
+            q = statistics.quantiles(times[host], n=5) if len(times[host]) >= 2 else times[host] * 4
+            rec = dict(case=case, provider=name, median_s=statistics.median(times[host]), p20_s=q[0],
+                       p80_s=q[-1], repeats=len(times[host]), state_bytes_on_device=on_dev,
+                       state_bytes_on_host=on_host, peak_extra_device_bytes=peak)
             records.append(rec)
             print(f"  N={case['N']:.0e} B={case['B']} d={case['d']} {name:12s} {rec['median_s'] * 1e3:9.2f} ms  "
                   f"state on {device.type}: {_fmt_bytes(on_dev)}  host: {_fmt_bytes(on_host)}", flush=True)
-            del step, loss_fn
+        # the host mode's own work alone (no loss): flush of the previous write-back, index
+        # check, unique, gather into staging, copies to the device, start of the write-back
+        step, loss_fn = made[True]
+        img, idx = step.img, step.indices
+        k = [0]
+
+        def bookkeeping():
+            loss_fn.flush()
+            *_, writes = loss_fn._gather_local(img, idx[k[0] % len(idx)], None, None)
+            loss_fn._start_write_back(writes, img.device)
+            k[0] += 1
+
+        bk = time_callable(bookkeeping, device, warmup=warmup, repeats=repeats)
+        q = statistics.quantiles(bk, n=5) if len(bk) >= 2 else bk * 4
+        records.append(dict(case=case, provider="host-state bookkeeping only", median_s=statistics.median(bk),
+                            p20_s=q[0], p80_s=q[-1], repeats=len(bk), state_bytes_on_device=None,
+                            state_bytes_on_host=None, peak_extra_device_bytes=None))
+        print(f"  N={case['N']:.0e} B={case['B']} host bookkeeping only {records[-1]['median_s'] * 1e3:9.3f} ms",
+              flush=True)
+        del made, step, loss_fn
     m = machine_description(device)
     cmd = " ".join([os.path.basename(sys.executable), "-m", "vlmkern.app.bench.hgcl_state"] + sys.argv[1:]) \
         if __name__ == "__main__" else f"vlmkern.app.bench.run_all (device={device.type}, quick={quick})"
@@ -107,12 +141,13 @@ def run_bench(device="cpu", quick: bool = False, out_dir: str = "bench/out", war
         "",
         f"Machine: {m.get('gpu') or m.get('cpu_model', m.get('processor'))}, {m.get('cpu_threads')} threads, "
         f"torch {m.get('torch')}.  Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.  "
-        f"Command: `{cmd}`.  Median of {repeats} steps after {warmup} warm-up steps "
+        f"Command: `{cmd}`.  Median (p20-p80) of {repeats} steps after {warmup} warm-up steps, the two "
+        f"modes' steps alternating "
         f"(step = forward + backward + state update, HGCL margin {MARGIN}, tau {TAU}, gamma {GAMMA}).",
         "",
-        "| N | B | d | state | median ms | vs device-state | state on device | state in host memory "
+        "| N | B | d | state | median ms | p20-p80 ms | vs device-state | state on device | state in host memory "
         "| peak extra device mem |",
-        "|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     base = {}
     for r in records:
@@ -121,12 +156,14 @@ def run_bench(device="cpu", quick: bool = False, out_dir: str = "bench/out", war
         if r["provider"] == "device-state":
             base[key] = r["median_s"]
         rel = r["median_s"] / base[key] if key in base else None
-        lines.append(f"| {c['N']:.0e} | {c['B']} | {c['d']} | {r['provider']} | {r['median_s'] * 1e3:.2f} | "
-                     f"{(f'{rel:.2f}x' if rel else '')} | {_fmt_bytes(r['state_bytes_on_device'])} | "
+        lines.append(f"| {c['N']:.0e} | {c['B']} | {c['d']} | {r['provider']} | {r['median_s'] * 1e3:.3f} | "
+                     f"{r['p20_s'] * 1e3:.3f}-{r['p80_s'] * 1e3:.3f} | {(f'{rel:.3f}x' if rel else '')} | "
+                     f"{_fmt_bytes(r['state_bytes_on_device'])} | "
                      f"{_fmt_bytes(r['state_bytes_on_host'])} | {_fmt_bytes(r['peak_extra_device_bytes'])} |")
     if device.type == "cpu":
         lines += ["", "On the CPU both modes keep the state in host memory: the host-state row's extra time is "
-                      "the per-call gather, the local state and the scatter (no device copies).  Peak device "
+                      "the per-call gather, the local state and the scatter (no device copies); the "
+                      "bookkeeping-only row times that work alone (vs device-state: its share of a step).  Peak device "
                       "memory: n/a on the CPU."]
     md = "\n".join(lines) + "\n"
     if out_dir:
