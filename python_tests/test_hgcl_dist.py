@@ -51,7 +51,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, port, backend, outdir):
+def _worker(rank, port, backend, outdir, host=False):
     import torch.distributed as dist
 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -63,7 +63,7 @@ def _worker(rank, port, backend, outdir):
     try:
         from vlmkern import GlobalContrastiveLoss
 
-        loss_fn = GlobalContrastiveLoss(N, backend=backend, **KW)
+        loss_fn = GlobalContrastiveLoss(N, backend=backend, state_on_host=host, **KW)
         out = []
         for step in range(len(STEPS)):
             img, txt, index, txt_index = _data(step)
@@ -79,17 +79,19 @@ def _worker(rank, port, backend, outdir):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
-def test_two_process_gloo_matches_one_process(backend):
+@pytest.mark.parametrize("backend,host", [("cpu", False), ("torch", False), ("triton", False), ("torch", True)])
+def test_two_process_gloo_matches_one_process(backend, host):
     # triton: CPU tensors under TRITON_INTERPRET=1 (inherited by the workers);
-    # gloo moves CPU tensors, so on a GPU machine this case is skipped
+    # gloo moves CPU tensors, so on a GPU machine this case is skipped.
+    # host: the state in host memory (state_on_host=True) on every rank, against the
+    # on-device single process (the host mode's own bit-identity is test_hgcl_host_state)
     require_backend("hgcl", backend, "cpu")
     from vlmkern import GlobalContrastiveLoss
 
     with tempfile.TemporaryDirectory() as outdir:
         ctx = mp.get_context("spawn")
         port = _free_port()
-        procs = [ctx.Process(target=_worker, args=(r, port, backend, outdir)) for r in range(WORLD)]
+        procs = [ctx.Process(target=_worker, args=(r, port, backend, outdir, host)) for r in range(WORLD)]
         for p in procs:
             p.start()
         for p in procs:

@@ -131,6 +131,22 @@ def test_end_to_end_trains_logs_and_checkpoints_the_state(first_run):
     assert not torch.equal(e1["state_dict"]["log_u_img"], e2["state_dict"]["log_u_img"])
 
 
+def test_state_on_host_run_matches_the_on_device_run(first_run, csv_dataset, tmp_path):
+    """--vlmkern-state-on-host: the same run with the u state in host memory gives the same logged
+    losses and the same checkpointed state, bit for bit (CPU: same kernels, same order)."""
+    r = _run(["--vlmkern-loss", "hgcl", "--vlmkern-margin", "0.1", "--vlmkern-gamma", str(GAMMA),
+              "--vlmkern-tau", str(TAU), "--vlmkern-state-on-host", *_common(csv_dataset, tmp_path, "host", 2)])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    host_log = (tmp_path / "host" / "out.log").read_text()
+    assert "state_on_host=True: the u state is in host memory" in host_log
+    assert _losses(host_log) == _losses((first_run / "out.log").read_text())
+    for epoch in (1, 2):
+        _, ref = _state(first_run / "checkpoints" / f"epoch_{epoch}.pt")
+        _, got = _state(tmp_path / "host" / "checkpoints" / f"epoch_{epoch}.pt")
+        for key in ("log_u_img", "log_u_txt"):
+            assert torch.equal(got["state_dict"][key], ref["state_dict"][key]), (epoch, key)
+
+
 def test_the_checkpoint_still_loads_into_a_plain_open_clip_model(first_run):
     from vlmkern.app.models.clip import CONFIG_DIR
     open_clip.add_model_config(CONFIG_DIR)

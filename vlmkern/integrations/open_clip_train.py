@@ -2,6 +2,7 @@
 
     python -m vlmkern.integrations.open_clip_train --vlmkern-loss hgcl --vlmkern-margin 0.1 \\
         --vlmkern-gamma 0.9 [--vlmkern-tau 0.03] [--vlmkern-eps 1e-14] [--vlmkern-learn-tau [--vlmkern-rho 16]] \\
+        [--vlmkern-state-on-host] \\
         <any open_clip_train.main arguments>
 
 The ``--vlmkern-*`` flags are taken off, the repo's tiny model configs
@@ -135,6 +136,7 @@ class LossConfig:
     eps: float = 1e-14
     learn_tau: bool = False  # learn logit_scale (RGCL-g) instead of freezing it
     rho: float = 16.0  # RGCL-g's rho in our scale (2 x FastCLIP's 8.0); used with learn_tau only
+    state_on_host: bool = False  # the u state in (pinned) host memory (GlobalContrastiveLoss(state_on_host=True))
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -383,7 +385,9 @@ class OpenClipLoss(torch.nn.Module):
             if self.handoff is None:
                 raise ValueError("vlmkern.integrations.open_clip_train: no index given and no loader hands one over")
             index, update_state = self.handoff.take_step()
-        index = torch.as_tensor(index).to(device=image_features.device, dtype=torch.int64)
+        # a host-memory state takes the loader's CPU index as it is (no device-to-host copy)
+        target = torch.device("cpu") if getattr(self.loss, "state_on_host", False) else image_features.device
+        index = torch.as_tensor(index).to(device=target, dtype=torch.int64)
         if index.dim() != 1 or index.shape[0] != image_features.shape[0]:
             raise RuntimeError(f"vlmkern.integrations.open_clip_train: the batch index has shape {tuple(index.shape)} "
                                f"but the features have {image_features.shape[0]} rows")
@@ -516,8 +520,8 @@ def _build_loss(session: Session, args) -> OpenClipLoss:
     tau = _model_tau(session)
     margin = cfg.margin if cfg.loss == "hgcl" else None
     gcl = GlobalContrastiveLoss(session.num_samples, tau=tau, gamma=cfg.gamma, margin=margin, eps=cfg.eps,
-                                rho=cfg.rho if cfg.learn_tau else 0.0)
-    gcl = gcl.to(args.device)
+                                rho=cfg.rho if cfg.learn_tau else 0.0, state_on_host=cfg.state_on_host)
+    gcl = gcl.to(args.device)  # with state_on_host the state stays in host memory
     if cfg.learn_tau:
         how = (f"the temperature is learned (RGCL-g, rho={cfg.rho}): model.logit_scale = {math.log(1 / tau):.6g} "
                "gets its gradient from the loss")
@@ -529,7 +533,8 @@ def _build_loss(session: Session, args) -> OpenClipLoss:
     else:
         how = f"the temperature is fixed: model.logit_scale = {math.log(1 / tau):.6g} is frozen (requires_grad=False)"
     _log.info(f"vlmkern: loss {cfg.loss.upper()} (vlmkern.GlobalContrastiveLoss: num_samples={session.num_samples}, "
-              f"tau={tau:.6g}, gamma={cfg.gamma}, margin={margin}); {how}")
+              f"tau={tau:.6g}, gamma={cfg.gamma}, margin={margin}"
+              f"{', state_on_host=True: the u state is in host memory' if cfg.state_on_host else ''}); {how}")
     if args.distributed and args.world_size > 1:
         _log.info(f"vlmkern: {args.world_size} ranks: the loss gathers every rank's features and indices with the "
                   "gradient (--gather-with-grad; each rank's anchors against the global batch, --local-loss) and "
@@ -561,18 +566,19 @@ def _build_loss(session: Session, args) -> OpenClipLoss:
 
 def apply_vlmkern_to_open_clip_train(loss: str = "hgcl", gamma: float = 0.9, margin: Optional[float] = None,
                                      tau: Optional[float] = None, eps: float = 1e-14, learn_tau: bool = False,
-                                     rho: float = 16.0) -> OpenClipTrainPatch:
+                                     rho: float = 16.0, state_on_host: bool = False) -> OpenClipTrainPatch:
     """Patch ``open_clip_train.main`` so that its ``main()`` trains with vlmkern's (H)GCL loss
     (see the module docstring for what is patched and why). ``loss="gcl"`` needs ``margin=None``.
     ``margin=None``: 0.1 for HGCL. ``learn_tau``: learn ``logit_scale`` with RGCL-g's ``rho``
-    (our scale). Returns the patch; ``.undo()`` restores open_clip."""
+    (our scale). ``state_on_host``: the ``u`` state in (pinned) host memory. Returns the patch;
+    ``.undo()`` restores open_clip."""
     try:
         import open_clip_train.main as ocmain
     except ImportError as exc:
         raise ImportError(f"open_clip_train cannot be imported ({exc}): {INSTALL_HINT}") from exc
     session = Session(LossConfig(loss=loss, gamma=float(gamma), margin=None if margin is None else float(margin),
                                  tau=None if tau is None else float(tau), eps=float(eps),
-                                 learn_tau=bool(learn_tau), rho=float(rho)))
+                                 learn_tau=bool(learn_tau), rho=float(rho), state_on_host=bool(state_on_host)))
     originals = {name: getattr(ocmain, name) for name in OpenClipTrainPatch.NAMES}
 
     def create_model_and_transforms(*a, **k):
@@ -634,6 +640,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vlmkern-rho", type=float, default=None,
                    help="RGCL-g's rho for --vlmkern-learn-tau, in this loss's scale (2 x FastCLIP's rho; "
                         "default 16.0 = FastCLIP's 8.0); keep it below 2 ln(global batch - 1)")
+    p.add_argument("--vlmkern-state-on-host", action="store_true",
+                   help="keep the per-sample u state in (pinned) host memory instead of on every GPU (8 bytes x "
+                        "N each): each step gathers its batch's entries and writes them back asynchronously")
     return p
 
 
@@ -670,7 +679,8 @@ def main(argv=None) -> int:
     except UnsupportedOption as exc:
         parser.error(str(exc))
     patch = apply_vlmkern_to_open_clip_train(ours.vlmkern_loss, ours.vlmkern_gamma, margin, ours.vlmkern_tau,
-                                             eps=ours.vlmkern_eps, learn_tau=ours.vlmkern_learn_tau, rho=rho)
+                                             eps=ours.vlmkern_eps, learn_tau=ours.vlmkern_learn_tau, rho=rho,
+                                             state_on_host=ours.vlmkern_state_on_host)
     import open_clip_train.main as ocmain
     try:
         rc = ocmain.main(rest)

@@ -687,18 +687,50 @@ class GlobalContrastiveLoss(torch.nn.Module):
     temperature gradient covers its local anchors, so DDP's averaging gives the
     global-batch gradient (like the feature gradients, without the ``world_size`` factor:
     the temperature is one shared parameter).
+
+    **State in host memory** (``state_on_host=True``): ``log_u_img`` / ``log_u_txt`` stay in
+    host memory (pinned when a CUDA runtime is present and ``pin_memory``), so the features'
+    device holds none of the ``8 N`` bytes (3.2 GB per GPU at N = 400M).  Each call gathers the
+    batch's distinct entries on the host into (pinned) staging, copies them to the features'
+    device (``non_blocking``), runs :func:`hgcl_loss` on that batch-local state with the
+    anchors' positions among the sorted distinct indices (a monotone relabelling: duplicates,
+    the bad-input rule, the stateless call and ``txt_index`` behave exactly as on the device,
+    and the loss, gradients and state are bit-identical), then copies the updated entries back
+    on a side CUDA stream into pinned memory with a recorded event, so the copy overlaps the
+    backward pass.  They are scattered into the host state by the next call, by
+    ``state_dict()`` / ``load_state_dict()``, on reading ``log_u_img`` / ``log_u_txt``, or by
+    :meth:`flush`.  Give the loader's CPU ``index`` (and ``txt_index``): a CUDA index costs a
+    device-to-host copy, one host sync per call.  With features on the CPU it is the same code
+    with plain copies.  ``.to(device)`` / ``.cuda()`` / ``.half()`` leave the state where and
+    as it is (float32 on the host); ``state_dict`` holds the same keys and values as the
+    on-device mode, so checkpoints load into either mode.  Under ``torch.distributed`` every
+    rank holds the whole host state: the indices are gathered first (one more all-gather,
+    on the features' device for NCCL, then a device-to-host copy) and every rank applies the
+    same update.  Cost: O(b log b) host work per call (``unique``, gather, scatter), four
+    small host-to-device copies (the local state and indices, O(b) bytes each) and two back;
+    the device-memory saving is ``8 N`` bytes (``python -m vlmkern.app.bench.hgcl_state``;
+    on the CPU the host work is 0.1-0.3 ms a step at B = 256-1024, bench/RESULTS_hgcl.md).
+    The CUDA path (pinned staging, side-stream write-back) has not yet run on a GPU.
     """
 
     def __init__(self, num_samples: int, tau: float, gamma: float, margin: Optional[float] = 0.1,
                  eps: float = 1e-14, backend: Optional[str] = None, validate: bool = True, process_group=None,
-                 rho: float = 0.0, num_txt_samples: Optional[int] = None):
+                 rho: float = 0.0, num_txt_samples: Optional[int] = None, state_on_host: bool = False,
+                 pin_memory: bool = True):
         super().__init__()
         num_txt = num_samples if num_txt_samples is None else num_txt_samples
         for name, n in (("num_samples", num_samples), ("num_txt_samples", num_txt)):
             if int(n) <= 0:
                 raise ValueError(f"vlmkern.GlobalContrastiveLoss: {name} must be > 0, got {n}")
-        self.register_buffer("log_u_img", torch.full((int(num_samples),), -math.inf, dtype=torch.float32))
-        self.register_buffer("log_u_txt", torch.full((int(num_txt),), -math.inf, dtype=torch.float32))
+        if not isinstance(state_on_host, bool):
+            raise TypeError(f"vlmkern.GlobalContrastiveLoss: state_on_host must be a bool, got {state_on_host!r}")
+        self.state_on_host = state_on_host
+        # pinned only where it helps (a CUDA runtime is present) and the state is on the host
+        pin = bool(pin_memory) and state_on_host and torch.cuda.is_available()
+        self._pending = None  # host mode: the last call's write-back not yet scattered into the state
+        self._copy_stream = None
+        for name, n in (("log_u_img", num_samples), ("log_u_txt", num_txt)):
+            self.register_buffer(name, torch.empty((int(n),), dtype=torch.float32, pin_memory=pin).fill_(-math.inf))
         self.tau = float(tau)
         self.gamma = gamma
         self.margin = margin
@@ -750,6 +782,157 @@ class GlobalContrastiveLoss(torch.nn.Module):
         if dist.is_available() and dist.is_initialized():
             g = self.process_group if self.process_group is not None else dist.group.WORLD
             group = g if dist.get_world_size(g) > 1 else None
-        return hgcl_loss(img, txt, index, self.log_u_img, self.log_u_txt, tau=tau, gamma=self.gamma,
-                         margin=self.margin, eps=self.eps, rho=self.rho, group=group, backend=self.backend,
-                         validate=self.validate, update_state=update_state, txt_index=txt_index)
+        kw = dict(tau=tau, gamma=self.gamma, margin=self.margin, eps=self.eps, rho=self.rho, group=group,
+                  backend=self.backend, validate=self.validate, update_state=update_state)
+        if self.state_on_host:
+            return self._forward_host(img, txt, index, txt_index, group, kw)
+        return hgcl_loss(img, txt, index, self.log_u_img, self.log_u_txt, txt_index=txt_index, **kw)
+
+    # ------------------------------------------------------------------
+    # host-memory state (state_on_host=True)
+    # ------------------------------------------------------------------
+
+    def __getattr__(self, name: str):
+        # reading the state (log_u_img / log_u_txt) first applies a pending write-back
+        if name in ("log_u_img", "log_u_txt") and self.__dict__.get("_pending") is not None:
+            self.flush()
+        return super().__getattr__(name)
+
+    def flush(self) -> None:
+        """Host mode: wait for the last call's device-to-host copy of the updated entries and
+        scatter them into ``log_u_img`` / ``log_u_txt``.  Called by the next ``forward``, by
+        ``state_dict`` / ``load_state_dict`` and on reading either attribute; a no-op otherwise."""
+        pending = self.__dict__.get("_pending")
+        if pending is None:
+            return
+        self._pending = None
+        event, writes = pending
+        if event is not None:
+            event.synchronize()
+        buffers = self._buffers
+        for key, uniq, values in writes:
+            buffers[key].index_copy_(0, uniq, values)
+
+    def _host_index(self, t: Tensor, name: str, n: int) -> Tensor:
+        """``t`` as an int64 CPU tensor, range-checked against the state length ``n``."""
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"vlmkern.GlobalContrastiveLoss: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"vlmkern.GlobalContrastiveLoss: {name} must be int64 (or int32), got {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"vlmkern.GlobalContrastiveLoss: {name} must be 1-D, got shape {tuple(t.shape)}")
+        h = t.detach().to("cpu", torch.int64)  # a CUDA index: one device-to-host copy (a host sync)
+        if self.validate and h.numel() and (int(h.min()) < 0 or int(h.max()) >= n):
+            raise IndexError(f"vlmkern.GlobalContrastiveLoss: {name} must be in [0, {n}) (the state length), "
+                             f"got values in [{int(h.min())}, {int(h.max())}]")
+        return h
+
+    def _to_device(self, t: Tensor, device: torch.device) -> Tensor:
+        """Host ``t`` on ``device``: through pinned memory and an asynchronous copy on CUDA."""
+        if device.type == "cpu":
+            return t
+        if not t.is_pinned():
+            t = t.pin_memory()
+        return t.to(device, non_blocking=True)
+
+    def _forward_host(self, img: Tensor, txt: Tensor, index: Tensor, txt_index: Optional[Tensor], group,
+                      kw: dict) -> Tensor:
+        """One call with the state in host memory: gather the batch's distinct entries into a
+        batch-local state on the features' device, run :func:`hgcl_loss` on it with local indices
+        (the sorted order of the distinct indices, so duplicates and every rule are unchanged),
+        and start the copy of the updated entries back to the host."""
+        self.flush()
+        lu_img, lu_txt, loc_index, loc_txt, writes = self._gather_local(img, index, txt_index, group)
+        # the local indices are in range by construction (the global ones were checked on the host,
+        # without a device sync): the op's own range check (a host sync on CUDA) is skipped
+        kw = dict(kw, validate=False)
+        loss = hgcl_loss(img, txt, loc_index, lu_img, lu_txt, txt_index=loc_txt, **kw)
+        if kw["update_state"]:
+            self._start_write_back(writes, dev=img.device)
+        return loss
+
+    def _gather_local(self, img: Tensor, index: Tensor, txt_index: Optional[Tensor], group):
+        """``(log_u_img, log_u_txt, index, txt_index, writes)`` of the batch-local state on the
+        features' device; ``writes`` = ``[(buffer name, distinct indices, local state)]`` for
+        :meth:`_start_write_back`."""
+        if not isinstance(img, torch.Tensor) or img.dim() != 2:
+            raise ValueError("vlmkern.GlobalContrastiveLoss: img must be a 2-D [b, d] Tensor")
+        dev, b = img.device, img.shape[0]
+        n_img, n_txt = self._buffers["log_u_img"].shape[0], self._buffers["log_u_txt"].shape[0]
+        if txt_index is None and n_txt != n_img:
+            raise ValueError(f"vlmkern.GlobalContrastiveLoss: log_u_txt has {n_txt} entries but log_u_img has "
+                             f"{n_img}; a text state of another length needs txt_index (the text anchors' own "
+                             "indices)")
+        idx = {"index": index} if txt_index is None else {"index": index, "txt_index": txt_index}
+        for name, t in idx.items():
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"vlmkern.GlobalContrastiveLoss: {name} must be a Tensor, got {type(t).__name__}")
+            if t.shape != (b,):
+                raise ValueError(f"vlmkern.GlobalContrastiveLoss: {name} must be 1-D of length b = {b}, "
+                                 f"got shape {tuple(t.shape)}")
+        rank_slice = slice(None)
+        if group is not None:  # every rank holds the whole state: gather the indices, same update everywhere
+            import torch.distributed as dist
+
+            r = dist.get_rank(group)
+            rank_slice = slice(r * b, (r + 1) * b)
+            comm_dev = torch.device("cpu") if dist.get_backend(group) == "gloo" else dev
+            idx = {name: _all_gather(t.detach().to(comm_dev, torch.int64), group) for name, t in idx.items()}
+        # distinct (sorted) indices and each anchor's position among them: a monotone relabelling,
+        # so the op sorts, averages duplicates and updates exactly as with the global indices
+        host = {name: self._host_index(t, name, n_img if name == "index" else n_txt) for name, t in idx.items()}
+        uniq, inv = {}, {}
+        for name, h in host.items():
+            uniq[name], inv[name] = torch.unique(h, sorted=True, return_inverse=True)
+        txt_name = "index" if txt_index is None else "txt_index"
+        local = {}
+        for key, name in (("log_u_img", "index"), ("log_u_txt", txt_name)):
+            state = self._buffers[key]
+            staged = torch.empty(uniq[name].shape, dtype=torch.float32, pin_memory=state.is_pinned())
+            torch.index_select(state, 0, uniq[name], out=staged)  # host gather into (pinned) staging
+            local[key] = self._to_device(staged, dev)
+        loc_index = self._to_device(inv["index"][rank_slice].contiguous(), dev)
+        loc_txt = None if txt_index is None else self._to_device(inv["txt_index"][rank_slice].contiguous(), dev)
+        writes = [("log_u_img", uniq["index"], local["log_u_img"]), ("log_u_txt", uniq[txt_name], local["log_u_txt"])]
+        return local["log_u_img"], local["log_u_txt"], loc_index, loc_txt, writes
+
+    def _start_write_back(self, writes, dev: torch.device) -> None:
+        """Copy the updated local entries to the host: on CUDA asynchronously (a side stream
+        that waits for the update, into pinned memory, with a recorded event), so the copy
+        overlaps the backward pass; scattered into the state by :meth:`flush`."""
+        if dev.type != "cuda":
+            self._pending = (None, [(key, uniq, lu) for key, uniq, lu in writes])
+            return
+        if self._copy_stream is None or self._copy_stream.device != dev:
+            self._copy_stream = torch.cuda.Stream(device=dev)
+        stream = self._copy_stream
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        out = []
+        with torch.cuda.stream(stream):
+            for key, uniq, lu in writes:
+                host = torch.empty(lu.shape, dtype=torch.float32, pin_memory=True)
+                host.copy_(lu, non_blocking=True)
+                lu.record_stream(stream)
+                out.append((key, uniq, host))
+            event = torch.cuda.Event()
+            event.record(stream)
+        self._pending = (event, out)
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) / .cuda() / .half(): the host state stays where it is (pinned, float32)
+        if not self.__dict__.get("state_on_host", False):
+            return super()._apply(fn, recurse)
+        self.flush()
+        kept = {k: self._buffers.pop(k) for k in ("log_u_img", "log_u_txt")}
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._buffers.update(kept)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.flush()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.flush()  # a pending write-back must not land on top of the loaded state
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

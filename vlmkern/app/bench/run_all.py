@@ -1,4 +1,6 @@
-"""Run every op benchmark (vlmkern/app/bench/<op>.py exposing ``make_bench(quick)``).
+"""Run every op benchmark (vlmkern/app/bench/<op>.py exposing ``make_bench(quick)``), then the
+module benchmarks in ``EXTRA`` (``hgcl_state``: the HGCL state on the device vs in host memory;
+not under ``--targets``).
 
     python -m vlmkern.app.bench.run_all [--quick | --targets] [--device cpu|cuda] [--out bench/out] [--only hgcl kalman]
 
@@ -21,6 +23,8 @@ from vlmkern import backends
 from vlmkern.app.bench.harness import markdown, run
 
 BENCHES = backends.ops()  # one benchmark per registered op, vlmkern/app/bench/<op>.py
+# benchmarks of a module rather than an op: a run_bench(device, quick, out_dir) -> markdown each
+EXTRA = ("hgcl_state",)
 
 
 def main(argv=None) -> int:
@@ -34,7 +38,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     summary = []
     failed = []
-    for name in args.only or BENCHES:
+    for name in args.only or (list(BENCHES) + ([] if args.targets else list(EXTRA))):
         try:
             mod = importlib.import_module(f"vlmkern.app.bench.{name}")
         except ModuleNotFoundError as exc:
@@ -45,6 +49,9 @@ def main(argv=None) -> int:
         print(f"[run_all] {name} on {args.device}{' (quick)' if args.quick else ''}"
               f"{' (targets)' if args.targets else ''}", flush=True)
         try:
+            if hasattr(mod, "run_bench"):  # its own table (EXTRA)
+                summary.append(mod.run_bench(args.device, args.quick, args.out))
+                continue
             bench = mod.make_bench(args.quick, targets=args.targets)
             res = run(bench, args.device, warmup=1 if args.quick else 3, repeats=3 if args.quick else 10,
                       quick=args.quick, out_dir=args.out)
