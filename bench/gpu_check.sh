@@ -43,6 +43,9 @@
 #                  budget, issue it at once after the first call (the machine stays warm
 #                  30 s, keeping the build): BUDGET=200 TUNE_TIMEOUT=120 bash
 #                  bench/gpu_check.sh --no-build --tune --bench-only, timeout_s 230
+#   BENCHES=hgcl_state   the HGCL u state on the GPU vs in pinned host memory (issue 17:
+#                  step time, device memory, N up to 1e8); its CUDA test
+#                  (test_hgcl_host_state.py ..._on_cuda) is in the default test subset
 #   --tests-only, --bench-only, --no-build (use the vlmkern._C already importable)
 #   With a --full-* flag BUDGET is 560 s;
 #   give each its own call: --full-tests --tests-only, then --full-bench --bench-only.

@@ -38,7 +38,7 @@ def _batch(step, b=8):
     return img, txt
 
 
-def _run(loss_fn, steps=STEPS):
+def _run(loss_fn, steps=STEPS, device="cpu", index_device="cpu"):
     """The steps; with a text state as long as the image state, txt_index is taken mod N (and
     None stays None: the image index); with a longer one, None becomes the image index."""
     sep_txt = loss_fn.log_u_txt.shape[0] != loss_fn.log_u_img.shape[0]
@@ -50,16 +50,17 @@ def _run(loss_fn, steps=STEPS):
             txt_index = [i % N for i in txt_index]
         if gamma is not None:
             loss_fn.gamma = gamma
-        img, txt = _batch(s)
+        img, txt = (t.to(device) for t in _batch(s))
         if nan:
             img[2, 3] = math.nan
         a, t = img.clone().requires_grad_(), txt.clone().requires_grad_()
-        tau = torch.tensor(0.07, requires_grad=True) if learn_tau else None
-        loss = loss_fn(a, t, torch.tensor(index), update_state=update,
-                       txt_index=None if txt_index is None else torch.tensor(txt_index), tau=tau)
+        tau = torch.tensor(0.07, device=device, requires_grad=True) if learn_tau else None
+        loss = loss_fn(a, t, torch.tensor(index, device=index_device), update_state=update,
+                       txt_index=None if txt_index is None else torch.tensor(txt_index, device=index_device), tau=tau)
         loss.backward()
-        out.append(dict(loss=loss.detach(), ga=a.grad, gt=t.grad, gtau=None if tau is None else tau.grad,
-                        u1=loss_fn.log_u_img.clone(), u2=loss_fn.log_u_txt.clone()))
+        out.append({k: None if v is None else v.cpu() for k, v in dict(
+            loss=loss.detach(), ga=a.grad, gt=t.grad, gtau=None if tau is None else tau.grad,
+            u1=loss_fn.log_u_img.clone(), u2=loss_fn.log_u_txt.clone()).items()})
     return out
 
 
@@ -74,11 +75,7 @@ def _make(backend, host, n_txt=N, **kw):
                                  state_on_host=host, **kw)
 
 
-@pytest.mark.parametrize("n_txt", [N, N_TXT])
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
-def test_host_state_bit_identical_to_device_state(backend, n_txt):
-    require_backend("hgcl", backend, "cpu")
-    ref, host = _run(_make(backend, False, n_txt)), _run(_make(backend, True, n_txt))
+def _check_bit_identical(ref, host):
     for s, (r, h) in enumerate(zip(ref, host)):
         for key in r:
             if r[key] is None:
@@ -88,6 +85,25 @@ def test_host_state_bit_identical_to_device_state(backend, n_txt):
     # the state did change (the comparison is not between two untouched buffers)
     assert torch.isfinite(host[-1]["u1"]).sum() > 10 and torch.isfinite(host[-1]["u2"]).sum() > 10
     assert torch.isnan(host[4]["loss"]) and _same(host[4]["u1"], host[3]["u1"])
+
+
+@pytest.mark.parametrize("n_txt", [N, N_TXT])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_host_state_bit_identical_to_device_state(backend, n_txt):
+    require_backend("hgcl", backend, "cpu")
+    _check_bit_identical(_run(_make(backend, False, n_txt)), _run(_make(backend, True, n_txt)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_host_state_bit_identical_to_device_state_on_cuda(backend):
+    """The point of the mode: features on the GPU, state in pinned host memory (the
+    loader's CPU index), against the state on the GPU (its index on the GPU)."""
+    require_backend("hgcl", backend, "cuda")
+    ref = _run(_make(backend, False, N_TXT).cuda(), device="cuda", index_device="cuda")
+    host_loss = _make(backend, True, N_TXT).cuda()
+    assert host_loss.log_u_img.device.type == "cpu"
+    _check_bit_identical(ref, _run(host_loss, device="cuda", index_device="cpu"))
 
 
 def test_host_state_write_back_is_deferred_until_read():
