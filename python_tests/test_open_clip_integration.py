@@ -9,7 +9,11 @@ per sample). ``--batch-size 4 --accum-freq 2`` is checked against
 against one process on the same global batches (``--batch-size 8``). A run resumed from
 the epoch-1 checkpoint ends epoch 2 bit for bit like the uninterrupted run. Plain GCL at
 gamma = 1, eps = 1/(B-1) against open_clip's own ``ClipLoss`` (SGD, logit_scale frozen):
-the same steps at a learning rate 2*tau times smaller for ClipLoss. Unit tests
+the same steps at a learning rate 2*tau times smaller for ClipLoss. Webdataset: tiny tar
+shards indexed by ``python -m vlmkern.integrations.wds_index`` go through open_clip's own
+``get_data`` (every batch's index is its captions' sample number, with 0 and 2 workers and
+resampled) and its real ``main`` (the checkpointed u has the index space's size, exactly the
+trained shards' entries visited); shards without the index fail clearly. Unit tests
 cover the loss adapter, the index hand-off (through DataLoader workers and
 accumulation steps) and the clear errors for unsupported options.
 

@@ -2,7 +2,7 @@
 
     python -m vlmkern.integrations.open_clip_train --vlmkern-loss hgcl --vlmkern-margin 0.1 \\
         --vlmkern-gamma 0.9 [--vlmkern-tau 0.03] [--vlmkern-eps 1e-14] [--vlmkern-learn-tau [--vlmkern-rho 16]] \\
-        [--vlmkern-state-on-host] \\
+        [--vlmkern-state-on-host] [--vlmkern-num-samples N] \\
         <any open_clip_train.main arguments>
 
 The ``--vlmkern-*`` flags are taken off, the repo's tiny model configs
@@ -17,7 +17,7 @@ The ``--vlmkern-*`` flags are taken off, the repo's tiny model configs
     ``loss(image_features=, text_features=, logit_scale=, output_dict=True)`` ->
     ``{"contrastive_loss": loss}``; ``num_samples`` = the training set's length.
 ``get_data``
-    the sample index. The training dataset (map-style: ``--dataset-type csv``,
+    the sample index. A map-style training dataset (``--dataset-type csv``,
     or ``synthetic``) is wrapped so that every item is ``(image, text, index)``
     and the DataLoader is rebuilt with the same sampler and settings: the index
     travels *inside the batch* through the DataLoader workers, collate and
@@ -25,7 +25,25 @@ The ``--vlmkern-*`` flags are taken off, the repo's tiny model configs
     from the global RNG, which open_clip's checkpoints do not hold) is replaced by
     open_clip's torchrun sampler with one replica (:func:`epoch_seeded_order`: the order
     of epoch ``e`` is a function of ``(--seed, e)``), so that ``--resume`` continues the
-    data order of the run it resumes. The loader open_clip iterates is :class:`IndexedLoader`: it
+    data order of the run it resumes. Webdataset training data (``--dataset-type webdataset``,
+    or ``--train-data`` ending in ``.tar``): the index is a field of the sample, ``<key>.idx``,
+    written by ``python -m vlmkern.integrations.wds_index`` (:mod:`vlmkern.integrations.wds_index`:
+    ``0..N-1`` in shard then sample order, plus ``vlmkern_index.json`` and ``sizes.json``).
+    open_clip's pipeline shuffles shards and samples, splits them over ranks and workers
+    and, with ``--dataset-resampled``, draws shards with replacement, so neither a stream
+    position nor a hash of ``__key__`` (collisions would merge samples) is a stable index;
+    a field of the sample goes wherever the sample goes. :func:`with_wds_index` replaces
+    the ``to_tuple("image", "text")`` stage of the pipeline open_clip built with one that
+    adds that field (:class:`_ImageTextIndex`; a sample without it, or outside
+    ``[0, N)``, raises naming its shard and key), and open_clip's tar reader with the
+    same reader with webdataset's end-of-shard marker off (:func:`_tarfile_to_samples_eof_none`,
+    open_clip issue #935); everything else is open_clip's. ``N``, the state's size, must be
+    known before training (:func:`wds_num_samples`): ``--vlmkern-num-samples`` or the
+    ``vlmkern_index.json`` next to the shards, which must list every ``--train-data``
+    shard; else the launcher stops before building the model. ``--train-num-samples``
+    stays open_clip's epoch length. Resampled repeats inside a batch are allowed (one
+    update per repeated index, with the mean ``Phi``). The loader open_clip iterates is
+    :class:`IndexedLoader`: it
     yields the ``(images, texts)`` that ``train_one_epoch`` unpacks and, in the
     main process and the same thread, hands that batch's index to the loss
     (:class:`IndexHandoff`), which takes it exactly once: a batch whose index is
@@ -86,8 +104,7 @@ torchrun (``torch.distributed``, e.g. ``--dist-backend gloo`` on CPUs)
 
 What this slice does not honour raises :class:`UnsupportedOption` naming the
 option: ``--siglip``, CoCa models, ``--distill-*``, ``--horovod``, more than
-one rank without ``--gather-with-grad``, webdataset training data (no stable
-sample index yet).
+one rank without ``--gather-with-grad``.
 """
 
 from __future__ import annotations
