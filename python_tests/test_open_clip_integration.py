@@ -532,7 +532,7 @@ def test_wds_index_numbers_every_sample_in_shard_and_sample_order(wds_shards, ca
     assert wds_index.read_index(wds_index.expand_shards(_wds_train(indexed)))["dataset_id"] == index["dataset_id"]
     with pytest.raises(SystemExit) as e:  # indexing twice would renumber: refused
         wds_index.main([_wds_train(indexed), "--out", str(indexed)])
-    assert e.value.code == 2 and "already a '.idx' field" in capsys.readouterr().err
+    assert e.value.code == 2 and "already hold a '.idx' field" in capsys.readouterr().err
 
 
 def _wds_loader(shards, workers, num_samples=None, resampled=False, batch_size=4):

@@ -20,7 +20,8 @@ open_clip would later drop (no image or no caption): its ``u`` entry is then nev
 Written into ``--out`` (which may be the shards' own directory: each shard is written to a
 temporary file, then renamed over the old one):
 
-- the shards, same base names, every member as it was plus ``<key>.idx`` after each sample;
+- the shards, same base names (gzip-compressed when the name ends in ``.gz``/``.tgz``), every
+  file member as it was plus ``<key>.idx`` after each sample;
 - ``vlmkern_index.json``: ``{"format": 1, "field": "idx", "num_samples": N, "dataset_id": ...,
   "shards": {"<base name>": {"first": i0, "count": n}, ...}}``: the launcher reads ``N`` (the
   size of the ``u`` state) from it before training, and checks that every training shard is
@@ -28,7 +29,8 @@ temporary file, then renamed over the old one):
 - ``sizes.json`` (the LAION convention ``{"<base name>": n}``): open_clip reads it for the
   epoch length when ``--train-num-samples`` is not given.
 
-Shards that already hold ``.idx`` members are refused (indexing twice would renumber them).
+Shards that already hold ``.idx`` members are refused before anything is written (indexing
+twice would renumber them).
 Shards written by another tool can carry the field too (``<key>.idx``, decimal ``0 <= i < N``,
 unique per sample); without this tool's ``vlmkern_index.json`` the launcher then needs
 ``--vlmkern-num-samples N``.
@@ -99,6 +101,25 @@ def _samples(tar: tarfile.TarFile, shard: str) -> Iterator[Tuple[str, List[Tuple
         yield key, members
 
 
+def _first_sample_indexed(shard: str) -> bool:
+    """Whether the shard's first sample already has a ``.idx`` member (this tool indexes a shard
+    whole or not at all, so that tells an indexed shard; read up to the first sample's end only)."""
+    with tarfile.open(shard, "r|*") as tar:
+        key = None
+        for info in tar:
+            if not info.isfile():
+                continue
+            k, ext = split_key(info.name)
+            if not k:
+                continue
+            if key is not None and k != key:
+                return False
+            key = k
+            if ext.lower() == FIELD:
+                return True
+    return False
+
+
 def index_shards(shards: Iterable[str], out_dir: str) -> Dict:
     """Rewrite ``shards`` into ``out_dir`` with a ``<key>.idx`` member per sample (global indices
     ``0 .. N-1`` in shard and sample order); writes ``vlmkern_index.json`` and ``sizes.json`` there
@@ -113,6 +134,11 @@ def index_shards(shards: Iterable[str], out_dir: str) -> Dict:
     for s in shards:
         if not os.path.isfile(s):
             raise FileNotFoundError(f"shard {s} is not a local file")
+    done = [s for s in shards if _first_sample_indexed(s)]
+    if done:  # checked before anything is written: an in-place run that stops half way would be worse
+        raise ValueError(f"{len(done)} shard(s) already hold a '.{FIELD}' field ({', '.join(done[:3])}"
+                         f"{', ...' if len(done) > 3 else ''}): the shards are indexed (indexing again would "
+                         "renumber them)")
     os.makedirs(out_dir, exist_ok=True)
     table: Dict[str, Dict[str, int]] = {}
     first = 0
@@ -121,7 +147,8 @@ def index_shards(shards: Iterable[str], out_dir: str) -> Dict:
         tmp = os.path.join(out_dir, f".{name}.vlmkern-tmp")
         count = 0
         try:
-            with tarfile.open(shard, "r|*") as src, tarfile.open(tmp, "w") as dst:
+            mode = "w:gz" if name.endswith((".gz", ".tgz")) else "w"  # the compression the name says
+            with tarfile.open(shard, "r|*") as src, tarfile.open(tmp, mode) as dst:
                 for key, members in _samples(src, shard):
                     for info, data in members:
                         dst.addfile(info, io.BytesIO(data))
