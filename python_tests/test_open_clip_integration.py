@@ -600,6 +600,20 @@ def test_wds_shards_without_the_index_fail_clearly(wds_shards, capsys):
             pass
 
 
+def test_the_wds_index_stage_reads_the_field_and_names_the_sample_it_refuses():
+    stage = oct._ImageTextIndex(5)
+    img, txt, i = stage({"__key__": "k", "__url__": "s.tar", "image": "I", "text": "T", "idx": b"4"})
+    assert (img, txt) == ("I", "T") and i.dtype == torch.int64 and i.shape == () and int(i) == 4
+    for raw, needle in ((None, "has no '.idx' field"), (b"four", "is not an integer"), (b"5", r"outside .*\[0, 5\)"),
+                        (b"-1", "outside")):
+        sample = {"__key__": "k7", "__url__": "s3.tar", "image": "I", "text": "T"}
+        if raw is not None:
+            sample["idx"] = raw
+        with pytest.raises(ValueError, match=needle) as e:
+            stage(sample)
+        assert "'k7' of the shard 's3.tar'" in str(e.value)
+
+
 def test_end_to_end_on_webdataset_shards_visits_each_indexed_sample(wds_shards, tmp_path):
     """open_clip's real main on 4 of the 6 indexed shards (24 of 36 indices) with 2 DataLoader workers
     (2 shards each; 3 batches of 4 a worker: one epoch is one pass over the 24 samples): the

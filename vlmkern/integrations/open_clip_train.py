@@ -351,22 +351,25 @@ class _ImageTextIndex:
     index outside ``[0, num_samples)``, raises naming its shard and key."""
 
     def __init__(self, num_samples: int):
+        from vlmkern.integrations.wds_index import FIELD
         self.num_samples = int(num_samples)
+        self.field = FIELD
 
     def __call__(self, sample):
-        from vlmkern.integrations.wds_index import FIELD
-        where = f"sample {sample.get('__key__')!r} of the shard {sample.get('__url__')!r}"
-        if FIELD not in sample:
-            raise ValueError(f"vlmkern.integrations.open_clip_train: {where} has no '.{FIELD}' field: the loss needs "
-                             "a stable sample index in the data; index the shards with python -m "
-                             "vlmkern.integrations.wds_index (see its --help)")
-        raw = sample[FIELD]
+        field = self.field
+        raw = sample.get(field)
         try:
             i = int(raw.decode("ascii") if isinstance(raw, (bytes, bytearray)) else raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ValueError(f"vlmkern.integrations.open_clip_train: {where}: its '.{FIELD}' field {raw!r} is "
+        except (TypeError, ValueError, UnicodeDecodeError) as exc:
+            where = f"sample {sample.get('__key__')!r} of the shard {sample.get('__url__')!r}"
+            if raw is None:
+                raise ValueError(f"vlmkern.integrations.open_clip_train: {where} has no '.{field}' field: the loss "
+                                 "needs a stable sample index in the data; index the shards with python -m "
+                                 "vlmkern.integrations.wds_index (see its --help)") from None
+            raise ValueError(f"vlmkern.integrations.open_clip_train: {where}: its '.{field}' field {raw!r} is "
                              "not an integer") from exc
         if not 0 <= i < self.num_samples:
+            where = f"sample {sample.get('__key__')!r} of the shard {sample.get('__url__')!r}"
             raise ValueError(f"vlmkern.integrations.open_clip_train: {where} has index {i}, outside the loss "
                              f"state's [0, {self.num_samples}) (--vlmkern-num-samples or the shards' "
                              "vlmkern_index.json is too small for these shards)")
