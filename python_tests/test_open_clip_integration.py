@@ -9,7 +9,11 @@ per sample). ``--batch-size 4 --accum-freq 2`` is checked against
 against one process on the same global batches (``--batch-size 8``). A run resumed from
 the epoch-1 checkpoint ends epoch 2 bit for bit like the uninterrupted run. Plain GCL at
 gamma = 1, eps = 1/(B-1) against open_clip's own ``ClipLoss`` (SGD, logit_scale frozen):
-the same steps at a learning rate 2*tau times smaller for ClipLoss. Unit tests
+the same steps at a learning rate 2*tau times smaller for ClipLoss. Webdataset: tiny tar
+shards indexed by ``python -m vlmkern.integrations.wds_index`` go through open_clip's own
+``get_data`` (every batch's index is its captions' sample number, with 0 and 2 workers and
+resampled) and its real ``main`` (the checkpointed u has the index space's size, exactly the
+trained shards' entries visited); shards without the index fail clearly. Unit tests
 cover the loss adapter, the index hand-off (through DataLoader workers and
 accumulation steps) and the clear errors for unsupported options.
 
@@ -77,6 +81,9 @@ def csv_dataset(tmp_path_factory):
     csv = d / "train.csv"
     csv.write_text("\n".join(rows) + "\n")
     return csv
+
+
+HGCL_FLAGS = ["--vlmkern-loss", "hgcl", "--vlmkern-margin", "0.1", "--vlmkern-gamma", "0.9", "--vlmkern-tau", "0.05"]
 
 
 def _run(args, timeout=300):
@@ -458,6 +465,177 @@ def test_torchrun_two_gloo_ranks_take_the_single_process_step_on_the_global_batc
 
 
 # ----------------------------------------------------------------------------
+# webdataset training data: the sample index is a field of the sample (wds_index)
+# ----------------------------------------------------------------------------
+
+WDS_SHARDS, WDS_PER_SHARD = 6, 6  # indexed together: 36 indices; the runs train on the first 4 shards
+WDS_TRAIN = 4 * WDS_PER_SHARD
+WDS_N = WDS_SHARDS * WDS_PER_SHARD
+
+
+@pytest.fixture(scope="module")
+def wds_shards(tmp_path_factory):
+    """``raw/``: 6 tar shards of 6 samples (``<key>.png``, ``<key>.txt`` = "a <colour> square number <i>",
+    keys not in sample order); ``indexed/``: the same through ``python -m vlmkern.integrations.wds_index``."""
+    import io
+    import tarfile
+    from PIL import Image
+
+    from vlmkern.integrations import wds_index
+
+    raw = tmp_path_factory.mktemp("wds_raw")
+    colours = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 230, 30)]
+    g = torch.Generator().manual_seed(1)
+    for s in range(WDS_SHARDS):
+        with tarfile.open(raw / f"{s:06d}.tar", "w") as tar:
+            for j in range(WDS_PER_SHARD):
+                i = s * WDS_PER_SHARD + j
+                img = (torch.rand(16, 16, 3, generator=g) * 60).to(torch.uint8)
+                img[4:12, 4:12] = torch.tensor(colours[i % 4], dtype=torch.uint8)
+                png = io.BytesIO()
+                Image.fromarray(img.numpy()).save(png, format="PNG")
+                key = f"k{(7 * i) % 97:03d}x{i}"  # webdataset keys are strings, unrelated to the order
+                for ext, data in (("png", png.getvalue()), ("txt", f"a square number {i}".encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    indexed = raw.parent / (raw.name + "_indexed")
+    assert wds_index.main([str(raw / f"{{000000..{WDS_SHARDS - 1:06d}}}.tar"), "--out", str(indexed)]) == 0
+    return raw, indexed
+
+
+def _wds_train(d, shards=4):
+    return str(d / f"{{000000..{shards - 1:06d}}}.tar")
+
+
+def test_wds_index_numbers_every_sample_in_shard_and_sample_order(wds_shards, capsys):
+    import tarfile
+
+    from vlmkern.integrations import wds_index
+
+    raw, indexed = wds_shards
+    for s in range(WDS_SHARDS):
+        with tarfile.open(indexed / f"{s:06d}.tar") as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar}
+        with tarfile.open(raw / f"{s:06d}.tar") as tar:
+            original = {m.name: tar.extractfile(m).read() for m in tar}
+        assert {k: v for k, v in members.items() if not k.endswith(".idx")} == original  # nothing else changed
+        idx = {k[:-4]: int(v) for k, v in members.items() if k.endswith(".idx")}
+        assert len(idx) == WDS_PER_SHARD
+        for key, i in idx.items():  # the index is the sample's number (its caption), in shard then sample order
+            assert members[f"{key}.txt"].decode() == f"a square number {i}", (key, i)
+    index = json.loads((indexed / wds_index.INDEX_FILE).read_text())
+    assert index["num_samples"] == WDS_N and index["field"] == "idx"
+    assert index["shards"]["000002.tar"] == {"first": 2 * WDS_PER_SHARD, "count": WDS_PER_SHARD}
+    assert json.loads((indexed / "sizes.json").read_text()) == {f"{s:06d}.tar": WDS_PER_SHARD
+                                                                for s in range(WDS_SHARDS)}
+    assert wds_index.read_index(wds_index.expand_shards(_wds_train(indexed)))["dataset_id"] == index["dataset_id"]
+    with pytest.raises(SystemExit) as e:  # indexing twice would renumber: refused
+        wds_index.main([_wds_train(indexed), "--out", str(indexed)])
+    assert e.value.code == 2 and "already hold a '.idx' field" in capsys.readouterr().err
+
+
+def _wds_loader(shards, workers, num_samples=None, resampled=False, batch_size=4):
+    """open_clip's own get_data (patched by the launcher) on webdataset shards: the training
+    ``DataInfo`` and the hand-off. The tokenizer turns "... number i" into [i] * 5."""
+    from open_clip_train.params import parse_args
+    import open_clip_train.main as ocmain
+    import torchvision.transforms as T
+
+    args = parse_args(["--train-data", shards, "--dataset-type", "webdataset", "--train-num-samples",
+                       str(WDS_TRAIN), "--batch-size", str(batch_size), "--workers", str(workers), "--model", MODEL,
+                       "--seed", "0"] + (["--dataset-resampled"] if resampled else []))
+    args.world_size, args.rank, args.distributed = 1, 0, False
+    patch = oct.apply_vlmkern_to_open_clip_train("hgcl", num_samples=num_samples)
+    try:
+        data = ocmain.get_data(args, (T.ToTensor(), T.ToTensor()), epoch=0,
+                               tokenizer=lambda text: torch.tensor([[int(text.split()[-1])] * 5]))  # open_clip: tokenizer(text)[0]
+    finally:
+        patch.undo()
+    data["train"].set_epoch(0)
+    return data["train"], patch.session
+
+
+@pytest.mark.parametrize("workers, resampled", [(0, False), (2, False), (0, True)])
+def test_the_wds_index_travels_with_its_sample_through_open_clips_pipeline(wds_shards, workers, resampled):
+    """Every batch's index is its samples' own (the caption says which sample it is), after open_clip's
+    shard and sample shuffles, the split over 2 DataLoader workers and resampling with replacement."""
+    _, indexed = wds_shards
+    info, session = _wds_loader(_wds_train(indexed), workers, resampled=resampled)
+    assert session.num_samples == WDS_N  # the index space of vlmkern_index.json, not --train-num-samples
+    loader = info.dataloader
+    assert isinstance(loader, oct.IndexedLoader) and (loader.num_samples, loader.num_batches) == (WDS_TRAIN, 6)
+    seen = []
+    for images, texts in loader:  # what train_one_epoch unpacks
+        index = session.handoff.take()
+        assert index.dtype == torch.int64 and images.shape[0] == 4
+        assert torch.equal(texts[:, 0], index), (texts[:, 0], index)  # the caption's number is the index
+        seen += index.tolist()
+    assert len(seen) == WDS_TRAIN
+    if resampled:  # shards drawn with replacement: repeats allowed, only the 4 training shards' samples
+        assert set(seen) <= set(range(WDS_TRAIN)), seen
+    else:  # one pass over the 4 shards: each sample exactly once, shuffled
+        assert sorted(seen) == list(range(WDS_TRAIN)) and seen != sorted(seen), seen
+
+
+def test_wds_shards_without_the_index_fail_clearly(wds_shards, capsys):
+    raw, indexed = wds_shards
+    with pytest.raises(SystemExit) as e:  # no vlmkern_index.json: the state's size is unknown before training
+        oct.main(["--vlmkern-loss", "hgcl", "--train-data", _wds_train(raw), "--dataset-type", "webdataset",
+                  "--train-num-samples", str(WDS_TRAIN), "--model", MODEL])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "no vlmkern_index.json next to the shard" in err, err
+    assert "python -m vlmkern.integrations.wds_index" in err and "--vlmkern-num-samples" in err
+    with pytest.raises(SystemExit) as e:  # the flag is for webdataset data only
+        oct.main(["--vlmkern-loss", "hgcl", "--train-data", "x.csv", "--model", MODEL, "--vlmkern-num-samples", "9"])
+    assert e.value.code == 2 and "--vlmkern-num-samples is the index space" in capsys.readouterr().err
+    # a size given by hand, but samples without the field: the first sample says so
+    info, _ = _wds_loader(_wds_train(raw), 0, num_samples=WDS_N)
+    with pytest.raises(ValueError, match=r"has no '\.idx' field.*wds_index"):
+        next(iter(info.dataloader))
+    # an index beyond the size given
+    info, _ = _wds_loader(_wds_train(indexed), 0, num_samples=10)
+    with pytest.raises(ValueError, match=r"outside the loss state's \[0, 10\)"):
+        for _ in info.dataloader:
+            pass
+
+
+def test_the_wds_index_stage_reads_the_field_and_names_the_sample_it_refuses():
+    stage = oct._ImageTextIndex(5)
+    img, txt, i = stage({"__key__": "k", "__url__": "s.tar", "image": "I", "text": "T", "idx": b"4"})
+    assert (img, txt) == ("I", "T") and i.dtype == torch.int64 and i.shape == () and int(i) == 4
+    for raw, needle in ((None, "has no '.idx' field"), (b"four", "is not an integer"), (b"5", r"outside .*\[0, 5\)"),
+                        (b"-1", "outside")):
+        sample = {"__key__": "k7", "__url__": "s3.tar", "image": "I", "text": "T"}
+        if raw is not None:
+            sample["idx"] = raw
+        with pytest.raises(ValueError, match=needle) as e:
+            stage(sample)
+        assert "'k7' of the shard 's3.tar'" in str(e.value)
+
+
+def test_end_to_end_on_webdataset_shards_visits_each_indexed_sample(wds_shards, tmp_path):
+    """open_clip's real main on 4 of the 6 indexed shards (24 of 36 indices) with 2 DataLoader workers
+    (2 shards each; 3 batches of 4 a worker: one epoch is one pass over the 24 samples): the
+    checkpointed u holds 36 entries, exactly the 24 training samples' visited."""
+    _, indexed = wds_shards
+    r = _run([*HGCL_FLAGS, "--train-data", _wds_train(indexed), "--dataset-type", "webdataset",
+              "--train-num-samples", str(WDS_TRAIN), "--model", MODEL, "--batch-size", "4", "--epochs", "1",
+              "--workers", "2", "--device", "cpu", "--precision", "fp32", "--lr", "1e-4", "--warmup", "1",
+              "--log-every-n-steps", "1", "--seed", "0", "--logs", str(tmp_path), "--name", "wds"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    log = (tmp_path / "wds" / "out.log").read_text()
+    assert f"num_samples={WDS_N}," in log
+    losses = _losses(log)
+    assert len(losses) == WDS_TRAIN // 4 and all(math.isfinite(v) for v in losses), losses
+    ck, entry = _state(tmp_path / "wds" / "checkpoints" / "epoch_1.pt")
+    assert ck["epoch"] == 1 and entry["num_samples"] == WDS_N
+    for key in ("log_u_img", "log_u_txt"):
+        u = entry["state_dict"][key]
+        assert torch.isfinite(u[:WDS_TRAIN]).all() and torch.isneginf(u[WDS_TRAIN:]).all(), (key, u)
+
+
+# ----------------------------------------------------------------------------
 # clear errors instead of silent garbage
 # ----------------------------------------------------------------------------
 
@@ -466,8 +644,6 @@ def test_torchrun_two_gloo_ranks_take_the_single_process_step_on_the_global_batc
     (["--siglip"], "--siglip is not supported"),
     (["--model", "coca_ViT-B-32"], "(CoCa) is not supported"),
     (["--distill-model", "ViT-B-32", "--distill-pretrained", "openai"], "--distill-model/--distill-pretrained"),
-    (["--dataset-type", "webdataset"], "--dataset-type webdataset"),
-    (["--train-data", "shards/{000..009}.tar"], "webdataset pipeline has none yet"),
 ])
 def test_unsupported_open_clip_options_fail_before_training(extra, needle, capsys):
     args = ["--vlmkern-loss", "hgcl", "--train-data", "x.csv", "--model", MODEL, *extra]

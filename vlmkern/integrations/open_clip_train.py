@@ -2,7 +2,7 @@
 
     python -m vlmkern.integrations.open_clip_train --vlmkern-loss hgcl --vlmkern-margin 0.1 \\
         --vlmkern-gamma 0.9 [--vlmkern-tau 0.03] [--vlmkern-eps 1e-14] [--vlmkern-learn-tau [--vlmkern-rho 16]] \\
-        [--vlmkern-state-on-host] \\
+        [--vlmkern-state-on-host] [--vlmkern-num-samples N] \\
         <any open_clip_train.main arguments>
 
 The ``--vlmkern-*`` flags are taken off, the repo's tiny model configs
@@ -17,7 +17,7 @@ The ``--vlmkern-*`` flags are taken off, the repo's tiny model configs
     ``loss(image_features=, text_features=, logit_scale=, output_dict=True)`` ->
     ``{"contrastive_loss": loss}``; ``num_samples`` = the training set's length.
 ``get_data``
-    the sample index. The training dataset (map-style: ``--dataset-type csv``,
+    the sample index. A map-style training dataset (``--dataset-type csv``,
     or ``synthetic``) is wrapped so that every item is ``(image, text, index)``
     and the DataLoader is rebuilt with the same sampler and settings: the index
     travels *inside the batch* through the DataLoader workers, collate and
@@ -25,7 +25,25 @@ The ``--vlmkern-*`` flags are taken off, the repo's tiny model configs
     from the global RNG, which open_clip's checkpoints do not hold) is replaced by
     open_clip's torchrun sampler with one replica (:func:`epoch_seeded_order`: the order
     of epoch ``e`` is a function of ``(--seed, e)``), so that ``--resume`` continues the
-    data order of the run it resumes. The loader open_clip iterates is :class:`IndexedLoader`: it
+    data order of the run it resumes. Webdataset training data (``--dataset-type webdataset``,
+    or ``--train-data`` ending in ``.tar``): the index is a field of the sample, ``<key>.idx``,
+    written by ``python -m vlmkern.integrations.wds_index`` (:mod:`vlmkern.integrations.wds_index`:
+    ``0..N-1`` in shard then sample order, plus ``vlmkern_index.json`` and ``sizes.json``).
+    open_clip's pipeline shuffles shards and samples, splits them over ranks and workers
+    and, with ``--dataset-resampled``, draws shards with replacement, so neither a stream
+    position nor a hash of ``__key__`` (collisions would merge samples) is a stable index;
+    a field of the sample goes wherever the sample goes. :func:`with_wds_index` replaces
+    the ``to_tuple("image", "text")`` stage of the pipeline open_clip built with one that
+    adds that field (:class:`_ImageTextIndex`; a sample without it, or outside
+    ``[0, N)``, raises naming its shard and key), and open_clip's tar reader with the
+    same reader with webdataset's end-of-shard marker off (:func:`_tarfile_to_samples_eof_none`,
+    open_clip issue #935); everything else is open_clip's. ``N``, the state's size, must be
+    known before training (:func:`wds_num_samples`): ``--vlmkern-num-samples`` or the
+    ``vlmkern_index.json`` next to the shards, which must list every ``--train-data``
+    shard; else the launcher stops before building the model. ``--train-num-samples``
+    stays open_clip's epoch length. Resampled repeats inside a batch are allowed (one
+    update per repeated index, with the mean ``Phi``). The loader open_clip iterates is
+    :class:`IndexedLoader`: it
     yields the ``(images, texts)`` that ``train_one_epoch`` unpacks and, in the
     main process and the same thread, hands that batch's index to the loss
     (:class:`IndexHandoff`), which takes it exactly once: a batch whose index is
@@ -86,14 +104,14 @@ torchrun (``torch.distributed``, e.g. ``--dist-backend gloo`` on CPUs)
 
 What this slice does not honour raises :class:`UnsupportedOption` naming the
 option: ``--siglip``, CoCa models, ``--distill-*``, ``--horovod``, more than
-one rank without ``--gather-with-grad``, webdataset training data (no stable
-sample index yet).
+one rank without ``--gather-with-grad``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import logging
 import math
 import os
@@ -193,10 +211,6 @@ def check_open_clip_args(args) -> None:
            "their gradient (each rank's anchors against the global batch, the exact global-batch gradient: what "
            "open_clip computes with --gather-with-grad, with or without --local-loss); open_clip's gather without "
            "gradient gives another gradient. Add --gather-with-grad (and --local-loss, which it implies here)")
-    if (args.train_data or args.dataset_type == "synthetic") and _is_webdataset(args):
-        no("--dataset-type webdataset (--train-data " + str(args.train_data) + ")",
-           "the loss keeps per-sample state indexed by a stable dataset index, and the webdataset pipeline "
-           "has none yet (samples carry only a __key__); use a CSV/TSV dataset (--dataset-type csv)")
 
 
 # ----------------------------------------------------------------------------
@@ -281,7 +295,10 @@ class IndexedLoader:
         self.num_batches = num_batches
 
     def __len__(self) -> int:
-        return len(self.loader)
+        try:
+            return len(self.loader)
+        except TypeError:  # a webdataset loader has no length: open_clip's num_batches is its epoch
+            return self.num_batches
 
     def __iter__(self):
         self.handoff.clear()
@@ -325,6 +342,100 @@ def epoch_seeded_order(info, seed: int, epoch: int):
     loader.num_samples = getattr(dl, "num_samples", len(dl.dataset))
     loader.num_batches = getattr(dl, "num_batches", len(loader))
     return dataclasses.replace(info, dataloader=loader, sampler=ordered)
+
+
+class _ImageTextIndex:
+    """The webdataset stage that replaces open_clip's ``to_tuple("image", "text")``: ``(image,
+    text, index)`` with ``index`` the sample's ``idx`` field (:mod:`vlmkern.integrations.wds_index`)
+    as a 0-d int64 tensor (the batching stage stacks it). A sample without the field, or with an
+    index outside ``[0, num_samples)``, raises naming its shard and key."""
+
+    def __init__(self, num_samples: int):
+        from vlmkern.integrations.wds_index import FIELD
+        self.num_samples = int(num_samples)
+        self.field = FIELD
+
+    def __call__(self, sample):
+        field = self.field
+        raw = sample.get(field)
+        try:
+            i = int(raw.decode("ascii") if isinstance(raw, (bytes, bytearray)) else raw)
+        except (TypeError, ValueError, UnicodeDecodeError) as exc:
+            where = f"sample {sample.get('__key__')!r} of the shard {sample.get('__url__')!r}"
+            if raw is None:
+                raise ValueError(f"vlmkern.integrations.open_clip_train: {where} has no '.{field}' field: the loss "
+                                 "needs a stable sample index in the data; index the shards with python -m "
+                                 "vlmkern.integrations.wds_index (see its --help)") from None
+            raise ValueError(f"vlmkern.integrations.open_clip_train: {where}: its '.{field}' field {raw!r} is "
+                             "not an integer") from exc
+        if not 0 <= i < self.num_samples:
+            where = f"sample {sample.get('__key__')!r} of the shard {sample.get('__url__')!r}"
+            raise ValueError(f"vlmkern.integrations.open_clip_train: {where} has index {i}, outside the loss "
+                             f"state's [0, {self.num_samples}) (--vlmkern-num-samples or the shards' "
+                             "vlmkern_index.json is too small for these shards)")
+        return sample["image"], sample["text"], torch.tensor(i, dtype=torch.int64)
+
+
+def wds_num_samples(train_data: str, num_samples: Optional[int] = None) -> int:
+    """The size of the ``u`` state for webdataset training data: ``num_samples``
+    (``--vlmkern-num-samples``) when given, else the ``num_samples`` of the ``vlmkern_index.json``
+    that :mod:`vlmkern.integrations.wds_index` wrote next to the shards (every shard of
+    ``--train-data`` must be listed in it). ``--train-num-samples`` is open_clip's epoch length,
+    not the size of the index space, and is not used."""
+    from vlmkern.integrations import wds_index
+    if num_samples is not None:
+        if int(num_samples) < 1:
+            raise ValueError(f"--vlmkern-num-samples must be >= 1, got {num_samples}")
+        return int(num_samples)
+    try:
+        return int(wds_index.read_index(wds_index.expand_shards(train_data))["num_samples"])
+    except ValueError as exc:
+        raise ValueError(f"--train-data {train_data}: the vlmkern loss keeps per-sample state and needs to know "
+                         f"the number of indexed samples up front: {exc}. Index the shards with python -m "
+                         "vlmkern.integrations.wds_index, or give --vlmkern-num-samples N for shards whose "
+                         f"samples already carry a '.{wds_index.FIELD}' field in [0, N)") from exc
+
+
+def _tarfile_to_samples_eof_none(src):
+    """open_clip's ``tarfile_to_samples_nothrow`` with webdataset's end-of-shard marker turned off.
+
+    webdataset >= 0.2.96 (``tar_file_expander(eof_value={})``) yields an empty dict after each
+    shard, on which open_clip's ``group_by_keys_nothrow`` (3.3.0) fails with ``KeyError: 'fname'``
+    at the end of the first shard (open_clip issue #935, webdataset issue #384): open_clip's own
+    webdataset training crashes with the webdataset this repo pins. This is that function with
+    ``eof_value=None``, the fix given in those threads: open_clip's reading as it was written for
+    (its grouping, its ``log_and_continue`` handler)."""
+    from open_clip_train import data as ocdata
+    streams = ocdata.url_opener(src, handler=ocdata.log_and_continue)
+    files = ocdata.tar_file_expander(streams, handler=ocdata.log_and_continue, eof_value=None)
+    return ocdata.group_by_keys_nothrow(files, handler=ocdata.log_and_continue)
+
+
+def with_wds_index(info, handoff: IndexHandoff, num_samples: int):
+    """open_clip's webdataset training ``DataInfo`` (``get_wds_dataset``) with its pipeline's
+    ``to_tuple("image", "text")`` stage replaced by :class:`_ImageTextIndex`, so that the sample's
+    index is batched with its image and caption (after every shard/sample shuffle, the node/worker
+    split and resampling), and the loader wrapped in :class:`IndexedLoader`. Everything else
+    (shuffles, epoch, ``num_samples``/``num_batches``, workers) is open_clip's."""
+    import webdataset as wds
+    from webdataset import filters
+
+    loader = info.dataloader
+    inner = getattr(loader, "pipeline", [None])[0]  # wds.WebLoader = DataPipeline(DataLoader(dataset))
+    pipeline = getattr(getattr(inner, "dataset", None), "pipeline", None)
+    hits = [i for i, st in enumerate(pipeline or []) if getattr(st, "f", None) is filters._to_tuple
+            and tuple(getattr(st, "args", ())) == ("image", "text")]
+    if len(hits) != 1:
+        raise UnsupportedOption("vlmkern.integrations.open_clip_train: open_clip's webdataset training pipeline has "
+                                "no single to_tuple('image', 'text') stage to carry the sample index (an open_clip "
+                                "version this integration does not know)")
+    pipeline[hits[0]] = wds.map(_ImageTextIndex(num_samples))
+    from open_clip_train import data as ocdata
+    if "eof_value" in inspect.signature(ocdata.tar_file_expander).parameters:  # open_clip #935 (see above)
+        pipeline[:] = [_tarfile_to_samples_eof_none if st is ocdata.tarfile_to_samples_nothrow else st
+                       for st in pipeline]
+    return dataclasses.replace(info, dataloader=IndexedLoader(loader, handoff, loader.num_samples,
+                                                              loader.num_batches))
 
 
 def with_index(info, handoff: IndexHandoff):
@@ -469,6 +580,7 @@ class Session:
     resume_path: Optional[str] = None
     resume_entry: Optional[Dict[str, Any]] = None
     loss: Optional[OpenClipLoss] = None
+    wds_num_samples: Optional[int] = None  # --vlmkern-num-samples (webdataset data)
 
 
 class OpenClipTrainPatch:
@@ -566,11 +678,14 @@ def _build_loss(session: Session, args) -> OpenClipLoss:
 
 def apply_vlmkern_to_open_clip_train(loss: str = "hgcl", gamma: float = 0.9, margin: Optional[float] = None,
                                      tau: Optional[float] = None, eps: float = 1e-14, learn_tau: bool = False,
-                                     rho: float = 16.0, state_on_host: bool = False) -> OpenClipTrainPatch:
+                                     rho: float = 16.0, state_on_host: bool = False,
+                                     num_samples: Optional[int] = None) -> OpenClipTrainPatch:
     """Patch ``open_clip_train.main`` so that its ``main()`` trains with vlmkern's (H)GCL loss
     (see the module docstring for what is patched and why). ``loss="gcl"`` needs ``margin=None``.
     ``margin=None``: 0.1 for HGCL. ``learn_tau``: learn ``logit_scale`` with RGCL-g's ``rho``
-    (our scale). ``state_on_host``: the ``u`` state in (pinned) host memory. Returns the patch;
+    (our scale). ``state_on_host``: the ``u`` state in (pinned) host memory. ``num_samples``: the
+    state's size for webdataset training data whose shards have no ``vlmkern_index.json``
+    (:func:`wds_num_samples`). Returns the patch;
     ``.undo()`` restores open_clip."""
     try:
         import open_clip_train.main as ocmain
@@ -578,7 +693,8 @@ def apply_vlmkern_to_open_clip_train(loss: str = "hgcl", gamma: float = 0.9, mar
         raise ImportError(f"open_clip_train cannot be imported ({exc}): {INSTALL_HINT}") from exc
     session = Session(LossConfig(loss=loss, gamma=float(gamma), margin=None if margin is None else float(margin),
                                  tau=None if tau is None else float(tau), eps=float(eps),
-                                 learn_tau=bool(learn_tau), rho=float(rho), state_on_host=bool(state_on_host)))
+                                 learn_tau=bool(learn_tau), rho=float(rho), state_on_host=bool(state_on_host)),
+                      wds_num_samples=None if num_samples is None else int(num_samples))
     originals = {name: getattr(ocmain, name) for name in OpenClipTrainPatch.NAMES}
 
     def create_model_and_transforms(*a, **k):
@@ -591,7 +707,11 @@ def apply_vlmkern_to_open_clip_train(loss: str = "hgcl", gamma: float = 0.9, mar
         data = originals["get_data"](args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
         session.handoff.accum_freq = int(args.accum_freq)
         session.handoff.clear()
-        if "train" in data:
+        if "train" in data and _is_webdataset(args):
+            n = wds_num_samples(args.train_data, session.wds_num_samples)
+            data["train"] = with_wds_index(data["train"], session.handoff, n)
+            session.num_samples = n
+        elif "train" in data:
             data["train"] = with_index(epoch_seeded_order(data["train"], int(args.seed), epoch), session.handoff)
             session.num_samples = len(data["train"].dataloader.dataset)
         return data
@@ -643,6 +763,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vlmkern-state-on-host", action="store_true",
                    help="keep the per-sample u state in (pinned) host memory instead of on every GPU (8 bytes x "
                         "N each): each step gathers its batch's entries and writes them back asynchronously")
+    p.add_argument("--vlmkern-num-samples", type=int, default=None,
+                   help="webdataset training data: the number of indexed samples N (the u state's size; every "
+                        "sample's .idx field in [0, N)). Default: read from the vlmkern_index.json that python -m "
+                        "vlmkern.integrations.wds_index writes next to the shards")
     return p
 
 
@@ -674,13 +798,23 @@ def main(argv=None) -> int:
         parser.error(f"open_clip_train cannot be imported ({exc}): {INSTALL_HINT}")
     from vlmkern.app.models.clip import CONFIG_DIR
     open_clip.add_model_config(CONFIG_DIR)  # --model vlmkern-micro-ViT / vlmkern-tiny-ViT
+    oc_args = parse_args(rest)
     try:
-        check_open_clip_args(parse_args(rest))  # fail before any model is built
+        check_open_clip_args(oc_args)  # fail before any model is built
     except UnsupportedOption as exc:
         parser.error(str(exc))
+    if ours.vlmkern_num_samples is not None and not (oc_args.train_data and _is_webdataset(oc_args)):
+        parser.error("--vlmkern-num-samples is the index space of webdataset training data (--dataset-type "
+                     "webdataset); a CSV dataset's size is its number of rows")
+    if oc_args.train_data and _is_webdataset(oc_args):
+        try:
+            wds_num_samples(oc_args.train_data, ours.vlmkern_num_samples)
+        except ValueError as exc:
+            parser.error(str(exc))
     patch = apply_vlmkern_to_open_clip_train(ours.vlmkern_loss, ours.vlmkern_gamma, margin, ours.vlmkern_tau,
                                              eps=ours.vlmkern_eps, learn_tau=ours.vlmkern_learn_tau, rho=rho,
-                                             state_on_host=ours.vlmkern_state_on_host)
+                                             state_on_host=ours.vlmkern_state_on_host,
+                                             num_samples=ours.vlmkern_num_samples)
     import open_clip_train.main as ocmain
     try:
         rc = ocmain.main(rest)
