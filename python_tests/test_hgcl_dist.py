@@ -51,7 +51,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, port, backend, outdir, host=False):
+def run_gloo_workers(worker, *args, world: int = WORLD, timeout: float = 120):
+    """Spawn ``world`` processes ``worker(rank, port, *args, outdir)`` on a free port (gloo), wait
+    for them, fail on a timeout or a non-zero exit, and return what each rank saved to
+    ``<outdir>/rank<r>.pt``, in rank order."""
+    with tempfile.TemporaryDirectory() as outdir:
+        ctx = mp.get_context("spawn")
+        port = _free_port()
+        procs = [ctx.Process(target=worker, args=(r, port, *args, outdir)) for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=timeout)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                pytest.fail("a distributed worker timed out")
+            assert p.exitcode == 0, f"worker exited with {p.exitcode}"
+        return [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(world)]
+
+
+def _worker(rank, port, backend, host, outdir):
     import torch.distributed as dist
 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -88,20 +108,7 @@ def test_two_process_gloo_matches_one_process(backend, host):
     require_backend("hgcl", backend, "cpu")
     from vlmkern import GlobalContrastiveLoss
 
-    with tempfile.TemporaryDirectory() as outdir:
-        ctx = mp.get_context("spawn")
-        port = _free_port()
-        procs = [ctx.Process(target=_worker, args=(r, port, backend, outdir, host)) for r in range(WORLD)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=120)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                pytest.fail("a distributed worker timed out")
-            assert p.exitcode == 0, f"worker exited with {p.exitcode}"
-        res = [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(WORLD)]
+    res = run_gloo_workers(_worker, backend, host)
 
     single = GlobalContrastiveLoss(N, backend=backend, **KW)
     for step in range(len(STEPS)):

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from conftest import rel_err, require_backend
 from vlmkern import GlobalContrastiveLoss, hgcl_loss
@@ -395,22 +393,9 @@ def test_two_process_tau_gradient_averages_to_one_process(backend):
     """Each rank's tau gradient covers its local anchors: the mean over ranks (what DDP's
     averaging computes) equals the single-process tau gradient of the concatenated batch."""
     require_backend("hgcl", backend, "cpu")
-    from test_hgcl_dist import _free_port
+    from test_hgcl_dist import run_gloo_workers
 
-    with tempfile.TemporaryDirectory() as outdir:
-        ctx = mp.get_context("spawn")
-        port = _free_port()
-        procs = [ctx.Process(target=_worker, args=(r, port, backend, outdir)) for r in range(WORLD)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=120)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                pytest.fail("a distributed worker timed out")
-            assert p.exitcode == 0, f"worker exited with {p.exitcode}"
-        res = [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(WORLD)]
+    res = run_gloo_workers(_worker, backend, world=WORLD)
 
     single = GlobalContrastiveLoss(N, tau=1.0, backend=backend, **KW)
     for step in range(len(STEPS)):
