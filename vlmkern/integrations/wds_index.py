@@ -77,16 +77,21 @@ def expand_shards(spec: str | Sequence[str]) -> List[str]:
     return out
 
 
+def _keyed_files(tar: tarfile.TarFile) -> Iterator[Tuple[tarfile.TarInfo, str, str]]:
+    """``(member, key, extension)`` of the shard's regular files that webdataset reads (those
+    with a key), in tar order."""
+    for info in tar:
+        if info.isfile():
+            k, ext = split_key(info.name)
+            if k:
+                yield info, k, ext
+
+
 def _samples(tar: tarfile.TarFile, shard: str) -> Iterator[Tuple[str, List[Tuple[tarfile.TarInfo, bytes]]]]:
     """The samples of a shard in order: ``(key, [(member, data), ...])``, grouped as webdataset
     groups them (a new sample when the key changes or an extension repeats)."""
     key, members, exts = None, [], set()
-    for info in tar:
-        if not info.isfile():
-            continue
-        k, ext = split_key(info.name)
-        if not k:
-            continue
+    for info, k, ext in _keyed_files(tar):
         if ext.lower() == FIELD:
             raise ValueError(f"{shard}: member {info.name} is already a '.{FIELD}' field: the shards are indexed "
                              "(indexing again would renumber them)")
@@ -106,12 +111,7 @@ def _first_sample_indexed(shard: str) -> bool:
     whole or not at all, so that tells an indexed shard; read up to the first sample's end only)."""
     with tarfile.open(shard, "r|*") as tar:
         key = None
-        for info in tar:
-            if not info.isfile():
-                continue
-            k, ext = split_key(info.name)
-            if not k:
-                continue
+        for _, k, ext in _keyed_files(tar):
             if key is not None and k != key:
                 return False
             key = k
