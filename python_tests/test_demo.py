@@ -85,8 +85,13 @@ def test_fidelity_report_from_runs(tiny_run, tmp_path):
     assert _steps_to([{"step": 0, "val_acc": 0.1}, {"step": 5, "val_acc": 0.5}], 0.4) == 5
     assert _steps_to([{"step": 0, "val_acc": 0.1}], 0.4) == float("inf")
     path = tmp_path / "FIDELITY.md"
+    # a protocol's section and its hand-written reading survive the table's rewrite, in order
+    path.write_text("old table\n\n<!-- section:osr -->\nprotocol\n<!-- /section:osr -->\n\nloose prose\n\n"
+                    "<!-- section:osr_reading -->\nby hand\n<!-- /section:osr_reading -->\n")
     write_report(rows, [r, r2], str(path), "vlmkern fidelity --seeds 0 1 --scale tiny", 1.0)
     text = path.read_text()
+    assert "old table" not in text and "loose prose" not in text
+    assert text.index("protocol\n") < text.index("by hand\n") and text.count("by hand") == 1
     assert "vlmkern fidelity --seeds 0 1 --scale tiny" in text
     assert sum(line.startswith("|") and line.rstrip().endswith("** |") for line in text.splitlines()) == len(CLAIMS)
     # the step sizes every run used are listed, with where they came from

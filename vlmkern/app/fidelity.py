@@ -272,7 +272,9 @@ def write_report(rows: List[Dict[str, Any]], runs: Sequence[Dict[str, Any]], pat
               "of CPU training and small validation sets: a verdict here says whether the direction of a paper's "
               "effect shows up at this scale, not whether the paper is right. Per-seed reports (tables and plots) "
               "are in the run folder."]
-    kept = _sections(path)  # the per-claim protocols' sections stay (they are re-run on their own)
+    # the per-claim protocols' sections stay (they are re-run on their own), and so do the hand-written
+    # readings kept in sections of their own (``<!-- section:osr_reading -->``); loose prose does not
+    kept = _sections(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
