@@ -198,6 +198,20 @@ def base_model(settings: Optional[Dict[str, Any]] = None, cache_dir: str = "runs
 # ----------------------------------------------------------------------------
 
 
+def contrastive_step(model, obj, opt, tok, images, caps, idx) -> torch.Tensor:
+    """One fine-tuning step of a protocol on the CPU: features, the objective ``obj(fi, ft, idx,
+    logit_scale)``, backward, ``opt.step()``; returns the (detached) loss."""
+    from .methods.tuneclip import _features
+
+    model.train()
+    fi, ft = _features(model, images, caps, tok, "cpu")
+    loss = obj(fi, ft, idx, model.logit_scale)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
 def pts(v: float) -> str:
     """A fraction as signed percentage points (``n/a`` for NaN)."""
     return "n/a" if v != v else f"{100 * v:+.1f}"

@@ -48,7 +48,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .base_model import CACHE_SUBDIR, _encode, base_model, claim_table_lines, pts, run_protocol  # noqa: F401
+from .base_model import CACHE_SUBDIR, _encode, contrastive_step, base_model, claim_table_lines, pts, run_protocol  # noqa: F401
 
 PROTOCOL_DEFAULTS: Dict[str, Any] = dict(
     ft_n=256, batch=32, epochs=8, osr_epochs=1, eval_every=2, lr_mults=(0.03, 0.1, 0.3), wd=0.02, margin=0.1,
@@ -220,7 +220,7 @@ def run_arm(base, tok, sets: Dict[str, AttrPairs], cap: str, loss: str, lr: floa
             p: Dict[str, Any], rels: Dict[str, torch.Tensor]) -> Dict[str, Any]:
     """OSR (``osr_epochs``, weights frozen) then ``epochs`` of fine-tuning with ``loss`` on ``sets[cap]``;
     attribute-level R@1 on the training pairs and the held-out set every ``eval_every`` epochs."""
-    from .methods.tuneclip import TuneCLIPConfig, _features, _Objective, collate_pairs, finish_recovery, recover_statistics
+    from .methods.tuneclip import TuneCLIPConfig, _Objective, collate_pairs, finish_recovery, recover_statistics
 
     ds = sets[cap]
     model = copy.deepcopy(base)
@@ -246,12 +246,7 @@ def run_arm(base, tok, sets: Dict[str, AttrPairs], cap: str, loss: str, lr: floa
     curve, steps, losses = [], 0, []
     for epoch in range(1, p["epochs"] + 1):
         for images, caps, idx in loader(epoch):
-            model.train()
-            fi, ftx = _features(model, images, caps, tok, "cpu")
-            lo = obj(fi, ftx, idx, model.logit_scale)
-            opt.zero_grad(set_to_none=True)
-            lo.backward()
-            opt.step()
+            lo = contrastive_step(model, obj, opt, tok, images, caps, idx)
             sched.step()
             steps += 1
             losses.append(lo.item())

@@ -42,7 +42,7 @@ import torch
 
 from .base_model import (BASE_DEFAULTS, _base_data, _code_version, _encode, _late_improvement,  # noqa: F401
                          _pretrain, _val_loss, attribute_r1, base_key, base_model, claim_table_lines, pts,
-                         run_protocol)
+                         contrastive_step, run_protocol)
 
 PROTOCOL_DEFAULTS: Dict[str, Any] = dict(
     ft_n=512, eval_n=256, batch=32, osr_steps=64, steps=16, dip_window=4, lr_mults=(0.1, 0.3, 1.0),
@@ -90,7 +90,7 @@ def run_seed(base, tok, base_info: Dict[str, Any], seed: int, protocol: Optional
     """Every arm at every learning rate for one seed: ``{"curves": {lr_mult: {arm: [R1 at step 0..steps]}},
     "first_update": {lr_mult: {arm: ||w1 - w0||}}, ...}``."""
     from .data import synthetic as S
-    from .methods.tuneclip import TuneCLIPConfig, _features, _Objective, collate_pairs, recover_statistics
+    from .methods.tuneclip import TuneCLIPConfig, _Objective, collate_pairs, recover_statistics
 
     p = {**PROTOCOL_DEFAULTS, **(protocol or {})}
     s = base_info["settings"]
@@ -139,12 +139,7 @@ def run_seed(base, tok, base_info: Dict[str, Any], seed: int, protocol: Optional
                 except StopIteration:
                     it = iter(loader(2 + step))
                     images, caps, idx = next(it)
-                model.train()
-                fi, ftx = _features(model, images, caps, tok, "cpu")
-                loss = obj(fi, ftx, idx, model.logit_scale)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                contrastive_step(model, obj, opt, tok, images, caps, idx)
                 if step == 0:
                     w1 = torch.cat([q.detach().flatten() for q in params])
                     first_update[key][arm] = float((w1 - w0).norm())
