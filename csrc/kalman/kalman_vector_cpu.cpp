@@ -18,8 +18,8 @@
 // compile-time trip counts, so the compiler vectorises them (no intrinsics, no
 // -march: baseline x86-64).
 //
-// Determinism: pass 1 sums fp32 block dot products (kLanes lanes, reduced in a
-// fixed tree) into double partial Grams, one per fixed group of chunks; the
+// Determinism: pass 1 sums fp32 block partial sums (kTA x kTB register tiles
+// over kBlock elements) into double partial Grams, one per fixed group of chunks; the
 // groups are summed in group order.  The groups do not depend on the thread
 // count, so S, d2 and the update are bitwise identical for any number of threads.
 #include <ATen/Parallel.h>
@@ -41,9 +41,9 @@ namespace vlmkern::kalman {
 namespace {
 
 constexpr int64_t kBlock = 64;            // elements per block (inner loops)
-constexpr int64_t kSub = 16;              // pass-2 register tile (elements)
+constexpr int64_t kSub = 8;               // pass-2 register tile: kTA2 rows x kSub elements
+constexpr int64_t kTA2 = 4;
 constexpr int64_t kChunk = 32 * kBlock;   // elements per work item
-constexpr int kLanes = 16;                // fp32 accumulators of a pass-1 dot product
 constexpr int64_t kMaxGroups = 64;        // pass-1 partial Grams at most
 constexpr int64_t kGroupBytes = 64 << 20; // ... and at most this much memory for them
 
@@ -64,44 +64,74 @@ void load_block(float* Hb, const T* h, int64_t n, int64_t start, int64_t len, in
   }
 }
 
+// Pass 1 register tile: kTA rows a x kTB columns b of the Gram.
+constexpr int64_t kTA = 4;
+constexpr int64_t kTB = 8;
+
+// Pass-1 scratch of one thread: the block transposed, HT[j * Mp + m] = h_mj,
+// and WT = HT * p_hat (Mp = M rounded up to kTB; the padding rows stay 0).
+struct GramScratch {
+  int64_t Mp;
+  std::vector<float> HT, WT;
+  explicit GramScratch(int64_t M)
+      : Mp((M + kTB - 1) / kTB * kTB),
+        HT(static_cast<size_t>(kBlock * Mp), 0.f),
+        WT(static_cast<size_t>(kBlock * Mp), 0.f) {}
+};
+
 // Pass 1 on one block: G[a, b] += sum_j h_aj p_hat_j h_bj for b >= a (upper
-// triangle).  p_hat_j = p_j + q, NaN for a negative/NaN p_j (pass1_term's
-// rule: the Gram, hence S, becomes non-finite and the step is skipped).
-void gram_block(double* G, const float* Hb, const float* p, int64_t len, float q, int64_t M) {
+// triangle; fp32 over the block's kBlock elements, then double).  p_hat_j =
+// p_j + q, NaN for a negative/NaN p_j (pass1_term's rule: the Gram, hence S,
+// becomes non-finite and the step is skipped).  Elements past `len` are 0.
+template <typename T>
+void gram_block(double* G, GramScratch& sc, const T* h, int64_t n, int64_t start, const float* p,
+                int64_t len, float q, int64_t M) {
+  const int64_t Mp = sc.Mp;
+  float* HT = sc.HT.data();
+  float* WT = sc.WT.data();
   alignas(64) float ph[kBlock];
-  alignas(64) float w[kBlock];
-  for (int64_t j = 0; j < kBlock; ++j) ph[j] = 0.f;
   for (int64_t j = 0; j < len; ++j) ph[j] = p[j] >= 0.f ? p[j] + q : NAN;
-  for (int64_t a = 0; a < M; ++a) {
-    const float* ha = Hb + a * kBlock;
-    for (int64_t j = 0; j < kBlock; ++j) w[j] = ha[j] * ph[j];
-    double* Ga = G + a * M;
-    for (int64_t b = a; b < M; ++b) {
-      const float* hb = Hb + b * kBlock;
-      float lanes[kLanes] = {};
-      for (int64_t j = 0; j < kBlock; j += kLanes) {
-        for (int l = 0; l < kLanes; ++l) lanes[l] += w[j + l] * hb[j + l];
+  for (int64_t m = 0; m < M; ++m) {
+    const T* src = h + m * n + start;
+    for (int64_t j = 0; j < len; ++j) {
+      const float x = static_cast<float>(src[j]);
+      HT[j * Mp + m] = x;
+      WT[j * Mp + m] = x * ph[j];
+    }
+  }
+  for (int64_t j = len; j < kBlock; ++j) {
+    for (int64_t m = 0; m < M; ++m) HT[j * Mp + m] = WT[j * Mp + m] = 0.f;
+  }
+  for (int64_t a0 = 0; a0 < M; a0 += kTA) {
+    for (int64_t b0 = a0 / kTB * kTB; b0 < M; b0 += kTB) {
+      float acc[kTA][kTB] = {};
+      for (int64_t j = 0; j < kBlock; ++j) {
+        const float* wj = WT + j * Mp + a0;
+        const float* hj = HT + j * Mp + b0;
+        for (int64_t r = 0; r < kTA; ++r)
+          for (int64_t c = 0; c < kTB; ++c) acc[r][c] += wj[r] * hj[c];
       }
-      for (int half = kLanes / 2; half > 0; half /= 2) {
-        for (int l = 0; l < half; ++l) lanes[l] += lanes[l + half];
+      for (int64_t r = 0; r < kTA && a0 + r < M; ++r) {
+        double* Ga = G + (a0 + r) * M;
+        for (int64_t c = 0; c < kTB && b0 + c < M; ++c) {
+          if (b0 + c >= a0 + r) Ga[b0 + c] += static_cast<double>(acc[r][c]);
+        }
       }
-      Ga[b] += static_cast<double>(lanes[0]);
     }
   }
 }
 
 template <typename T>
-void gram_chunk(double* G, float* Hb, const T* h, const float* p, int64_t n, const Chunk& ch,
+void gram_chunk(double* G, GramScratch& sc, const T* h, const float* p, int64_t n, const Chunk& ch,
                 float q, int64_t M) {
   for (int64_t s = 0; s < ch.len; s += kBlock) {
     const int64_t len = std::min(kBlock, ch.len - s);
-    load_block<T>(Hb, h, n, ch.start + s, len, M);
-    gram_block(G, Hb, p + ch.start + s, len, q, M);
+    gram_block<T>(G, sc, h, n, ch.start + s, p + ch.start + s, len, q, M);
   }
 }
 
 // The scalars of pass 2: c (gated, times 1/gs) and L^-1 / gs (lower triangle,
-// row-major M x M), fp32.
+// row-major M x M, zero rows appended up to a multiple of kTA2), fp32.
 struct Pass2Vector {
   const float* c;
   const float* Linv;
@@ -128,14 +158,20 @@ void update_chunk(T* theta, float* p, float* Hb, const T* h, int64_t n, const Ch
         const float* ha = Hb + a * kBlock + j0;
         const float ca = k.c[a];
         for (int64_t l = 0; l < kSub; ++l) d[l] += ca * ha[l];
-        const float* La = k.Linv + a * M;
-        float u[kSub] = {};
-        for (int64_t b = 0; b <= a; ++b) {
+      }
+      // u = (L^-1 / gs) h for kTA2 rows at a time: each h_b load serves kTA2 rows
+      for (int64_t a0 = 0; a0 < M; a0 += kTA2) {
+        float u[kTA2][kSub] = {};
+        const int64_t bend = std::min(a0 + kTA2, M);  // L^-1 is lower triangular
+        for (int64_t b = 0; b < bend; ++b) {
           const float* hb = Hb + b * kBlock + j0;
-          const float lab = La[b];
-          for (int64_t l = 0; l < kSub; ++l) u[l] += lab * hb[l];
+          for (int64_t r = 0; r < kTA2; ++r) {
+            const float lab = k.Linv[(a0 + r) * M + b];  // rows past M are 0
+            for (int64_t l = 0; l < kSub; ++l) u[r][l] += lab * hb[l];
+          }
         }
-        for (int64_t l = 0; l < kSub; ++l) qf[l] += u[l] * u[l];
+        for (int64_t r = 0; r < kTA2; ++r)
+          for (int64_t l = 0; l < kSub; ++l) qf[l] += u[r][l] * u[r][l];
       }
       for (int64_t l = 0; l < kSub; ++l) {
         dot[j0 + l] = d[l];
@@ -239,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor> kalman_vector_step_cpu(
   std::vector<double> partial(static_cast<size_t>(ngroups * MM), 0.0);
   if (nchunks > 0) {
     at::parallel_for(0, ngroups, 1, [&](int64_t gb, int64_t ge) {
-      std::vector<float> Hb(static_cast<size_t>(M * kBlock));
+      GramScratch sc(M);
       for (int64_t grp = gb; grp < ge; ++grp) {
         double* G = partial.data() + grp * MM;
         const int64_t cb = grp * nchunks / ngroups, ce = (grp + 1) * nchunks / ngroups;
@@ -248,8 +284,7 @@ std::tuple<at::Tensor, at::Tensor> kalman_vector_step_cpu(
           const int64_t n = w[ch.tensor].numel();
           const float* p = v[ch.tensor].const_data_ptr<float>();
           VLMKERN_DISPATCH_CPU(dt[ch.tensor], T,
-                               gram_chunk<T>(G, Hb.data(), g[ch.tensor].const_data_ptr<T>(), p, n, ch,
-                                             q, M));
+                               gram_chunk<T>(G, sc, g[ch.tensor].const_data_ptr<T>(), p, n, ch, q, M));
         }
       }
     });
@@ -316,7 +351,9 @@ std::tuple<at::Tensor, at::Tensor> kalman_vector_step_cpu(
       Li[i * M + j] = x / L[i * M + i];
     }
   }
-  std::vector<float> cf(static_cast<size_t>(M)), Lf(static_cast<size_t>(MM), 0.f);
+  // L^-1 / gs in fp32, rows padded with zeros to a multiple of kTA2
+  std::vector<float> cf(static_cast<size_t>(M)),
+      Lf(static_cast<size_t>((M + kTA2 - 1) / kTA2 * kTA2 * M), 0.f);
   for (int64_t i = 0; i < M; ++i) cf[i] = static_cast<float>(c[i] * cscale);
   for (int64_t i = 0; i < MM; ++i) Lf[i] = static_cast<float>(Li[i] * inv_d);
   const Pass2Vector k2{cf.data(), Lf.data(), M, q, static_cast<float>(1.0 / forgetting),
