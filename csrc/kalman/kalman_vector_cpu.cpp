@@ -44,8 +44,8 @@ constexpr int64_t kBlock = 64;            // elements per block (inner loops)
 constexpr int64_t kSub = 8;               // pass-2 register tile: kTA2 rows x kSub elements
 constexpr int64_t kTA2 = 4;
 constexpr int64_t kChunk = 32 * kBlock;   // elements per work item
-constexpr int64_t kMaxGroups = 64;        // pass-1 partial Grams at most
-constexpr int64_t kGroupBytes = 64 << 20; // ... and at most this much memory for them
+constexpr int64_t kMaxGroups = 16;        // pass-1 partial Grams at most (>= threads for balance)
+constexpr int64_t kGroupBytes = 16 << 20; // ... and at most this much memory for them
 
 struct Chunk {
   int32_t tensor;

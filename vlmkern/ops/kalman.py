@@ -6,6 +6,8 @@ table.  Kernels: ``csrc/kalman/kalman_cpu.cpp`` (CPU) and
 ``csrc/kalman/kalman_cuda.cu`` (CUDA, multi-tensor apply: 2 launches per step
 for up to 768 tensors of any mix of fp32/bf16/fp16), the per-element math in
 ``csrc/kalman/kalman_math.h``; the oracle is :func:`vlmkern.reference.kalman_step`.
+M observations (SPEC §3b): ``vlmkern::kalman_vector_step_``, CPU kernel
+``csrc/kalman/kalman_vector_cpu.cpp``; oracle :func:`vlmkern.reference.kalman_step_vector`.
 """
 
 from __future__ import annotations
@@ -206,8 +208,14 @@ def kalman_step_(
             parameters' device (a Python number is converted); or ``[M]``: M
             observations (e.g. ``0 - per-sample losses``), the vector-observation
             filter of SPEC §3 (``grads[t]`` then ``[M, *params[t].shape]``, the
-            rows of the Jacobian; no compiled kernel yet: every backend runs the
-            PyTorch one, which solves the M x M system by Cholesky on the device).
+            rows of the Jacobian).  The compiled CPU kernel forms the Gram
+            ``H diag(p_hat) H^T`` in one pass over all tensors (bf16/fp16 rows
+            converted on the fly, no copy of ``H``), factorises the M x M ``S``
+            (Cholesky) and updates every element in a second pass; the gate
+            scales ``e`` so that ``e^T S^-1 e`` is at most ``gate_chi2``.  A
+            failed factorisation also skips the step.  CUDA tensors run the
+            PyTorch implementation (Cholesky on the device, no host sync)
+            until a CUDA kernel is registered.
         obs_noise: ``R > 0``, 0-d float32 tensor on the device (``[M]`` or one
             value for all with M observations).
         process_noise: ``q >= 0`` added to ``p`` before the update.
@@ -224,11 +232,17 @@ def kalman_step_(
         found_inf: optional one-element float32 device tensor (GradScaler's
             flag): non-zero skips the step.
         backend: force ``"cuda"``, ``"cpu"`` or ``"torch"`` (default: by device).
+        return_mahalanobis: also return ``d2 = e^T S^-1 e``, the squared
+            Mahalanobis distance of the **ungated** innovation (0-d float32 on
+            the device; ``e^2 / S`` in the scalar form), e.g. for a gate flag
+            (``d2 > gate_chi2``) or an innovation-based noise estimate without
+            factorising ``S`` again.  NaN when the step was skipped.
 
     Returns:
         the innovation variance ``S`` as a 0-d float32 tensor on the device
-        (``[M, M]`` with M observations; NaN when the step was skipped).  The step never synchronises with
-        the host on CUDA.
+        (``[M, M]`` with M observations; NaN when the step was skipped), or
+        ``(S, d2)`` with ``return_mahalanobis=True``.  The step never
+        synchronises with the host on CUDA.
     """
     op = "kalman_step_"
     params = as_list(params, "params", op)
