@@ -746,3 +746,30 @@ def test_public_vector_checks_name_the_argument():
         vlmkern.kalman_step_(params, grads, variances, e, Rn, process_noise=0.0, forgetting=0.0)
     with pytest.raises(ValueError, match="gate_chi2"):
         vlmkern.kalman_step_(params, grads, variances, e, Rn, process_noise=0.0, gate_chi2=-1.0)
+
+
+@pytest.mark.parametrize("backend", VEC_BACKENDS)
+def test_per_sample_optimizer_gate_and_noise_use_the_ops_d2(backend):
+    """The optimizer takes d2 = e^T S^-1 e from the op (no second factorisation):
+    gate flag d2 > chi2, R updated with the gated innovation e sqrt(chi2 / d2)."""
+    require_backend("kalman", backend, "cpu")
+    g = torch.Generator().manual_seed(91)
+    lin = torch.nn.Linear(6, 1)
+    X = torch.randn(5, 6, generator=g)
+    y = 3.0 * torch.randn(5, generator=g)
+    W0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+    chi2 = 0.05
+    opt = KalmanOptimizer(lin.parameters(), p0=0.2, obs_noise0=0.5, observation="per_sample", gate_chi2=chi2,
+                          backend=backend)
+    opt.step(lambda: 0.5 * (lin(X)[:, 0] - y) ** 2)
+    r = X @ W0[0] + b0 - y
+    e = -(0.5 * r * r)
+    W, b = W0.clone(), b0.clone()
+    S, d2 = vlmkern.kalman_step_([W, b], [(r[:, None] * X)[:, None, :], r[:, None]],
+                                 [torch.full_like(W, 0.2), torch.full_like(b, 0.2)], e, torch.tensor(0.5),
+                                 process_noise=0.0, gate_chi2=chi2, backend=backend, return_mahalanobis=True)
+    assert float(d2) > chi2 and bool(opt.last_gated)
+    assert torch.allclose(lin.weight, W, atol=1e-6) and torch.allclose(lin.bias, b, atol=1e-6)
+    eg = e * math.sqrt(chi2 / float(d2))
+    R_expected = max(0.9 * 0.5 + 0.1 * float((eg * eg - (torch.diagonal(S) - 0.5)).clamp(min=0).mean()), 1e-8)
+    assert abs(float(opt.obs_noise) - R_expected) < 1e-6 * max(1.0, R_expected)

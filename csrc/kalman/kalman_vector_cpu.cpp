@@ -13,10 +13,13 @@
 // Both passes walk a flat table of fixed-size chunks of every tensor (one
 // parallel region per pass for the whole list, like kalman_cpu.cpp) and inside
 // a chunk blocks of kBlock elements: the block's M rows are converted to fp32
-// once into a small [M, kBlock] buffer (no copy of H, no M x n temporary), and
-// every inner loop runs over the kBlock (or kSub) elements of a block with
-// compile-time trip counts, so the compiler vectorises them (no intrinsics, no
-// -march: baseline x86-64).
+// once into a small per-thread buffer (pass 1: transposed, [kBlock, M]; pass 2:
+// [M, kBlock]), so there is no copy of H and no M x n temporary (only a
+// non-contiguous grads tensor gets a contiguous working copy, host.h).  The
+// inner loops are register tiles with compile-time trip counts (pass 1: 4 x 8
+// Gram entries over the block's elements; pass 2: 4 rows of L^-1 x 8
+// elements), which the compiler vectorises (no intrinsics, no -march: baseline
+// x86-64, SSE2).
 //
 // Determinism: pass 1 sums fp32 block partial sums (kTA x kTB register tiles
 // over kBlock elements) into double partial Grams, one per fixed group of chunks; the
