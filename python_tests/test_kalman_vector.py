@@ -502,3 +502,274 @@ def test_jacobian_bench_runs(tmp_path):
     assert row["M"] == 2 and row["vmap-math_ms"] > 0 and row["step_per_sample_ms"] > 0
     assert "step_closure_ms" not in row  # only timed with the batched route
     assert json.loads((tmp_path / "j.json").read_text())["rows"][0]["M"] == 2
+
+
+# ---------------------------------------------------------------------------
+# The compiled op kalman_vector_step_ (CPU kernel: csrc/kalman/kalman_vector_cpu.cpp)
+# against the float64 reference and the torch backend
+# ---------------------------------------------------------------------------
+
+from conftest import require_backend  # noqa: E402
+
+VEC_BACKENDS = ["cpu", "torch"]
+# sizes: empty, one element, 2-D, odd, 3-D, several blocks (64) and chunks (2048) of the CPU kernel
+ODD_SHAPES = [(0,), (1,), (7, 5), (33,), (2, 3, 4), (4099,)]
+
+
+def _d2_ref(S, e):
+    e = e.double()
+    return float(e @ torch.linalg.solve(S, e))
+
+
+@pytest.mark.parametrize("backend", VEC_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("M", [1, 3, 17, 96])
+@pytest.mark.parametrize("gate", [False, True])
+def test_backend_matches_reference_odd_sizes(backend, dtype, M, gate):
+    require_backend("kalman", backend, "cpu")
+    params, grads, variances, e, Rn = _problem(ODD_SHAPES, M, dtype, seed=1000 + M + gate, scale=0.05)
+    kw = dict(process_noise=1e-3, forgetting=0.98, var_floor=1e-6)
+    if gate:  # a threshold at half the innovation's d2: the gate acts
+        kw["gate_chi2"] = 0.5 * _d2_ref(R.kalman_step_vector(params, grads, variances, e, Rn, **kw).S, e)
+    ref = R.kalman_step_vector(params, grads, variances, e, Rn, **kw)
+    S, d2 = vlmkern.kalman_step_(params, grads, variances, e, Rn, backend=backend, return_mahalanobis=True, **kw)
+    assert S.shape == (M, M) and S.dtype == torch.float32 and d2.shape == () and d2.dtype == torch.float32
+    assert _rel(S, ref.S) < 1e-5
+    d2r = _d2_ref(ref.S, e)
+    assert abs(float(d2) - d2r) <= 1e-4 * d2r, (float(d2), d2r)
+    tol = TOL[dtype]
+    for w, v, rw, rv in zip(params, variances, ref.params, ref.variances):
+        if w.numel():
+            assert float((w.double() - rw).abs().max()) <= tol * float(rw.abs().max()) + 1e-6
+            assert _rel(v, rv) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M", [3, 32])
+def test_cpu_kernel_agrees_with_torch_backend(dtype, M):
+    require_backend("kalman", "cpu", "cpu")
+    shapes = [(130, 3), (1,), (65,), (5, 2, 7)]
+    pa, g, va, e, Rn = _problem(shapes, M, dtype, seed=M)
+    pb, vb = [p.clone() for p in pa], [v.clone() for v in va]
+    kw = dict(process_noise=1e-4, forgetting=0.99, var_floor=1e-8, gate_chi2=2.0)
+    Sa, da = vlmkern.kalman_step_(pa, g, va, e, Rn, backend="cpu", return_mahalanobis=True, **kw)
+    Sb, db = vlmkern.kalman_step_(pb, g, vb, e, Rn, backend="torch", return_mahalanobis=True, **kw)
+    torch.testing.assert_close(Sa, Sb, rtol=1e-6, atol=1e-6 * float(Sb.abs().max()))  # off-diagonals cancel
+    torch.testing.assert_close(da, db, rtol=1e-4, atol=0)
+    for a, b in zip(pa, pb):
+        torch.testing.assert_close(a, b, rtol=TOL[dtype], atol=1e-6)
+    for a, b in zip(va, vb):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+
+
+def test_cpu_kernel_non_contiguous_and_expanded_inputs():
+    require_backend("kalman", "cpu", "cpu")
+    M = 5
+    params, grads, variances, e, Rn = _problem([(9, 6), (70,)], M, torch.float32, seed=21)
+    # transposed views of params / variances / grads, obs_noise as one number
+    pt = [params[0].t().contiguous().t(), params[1]]
+    vt = [variances[0].t().contiguous().t(), variances[1]]
+    gt = [grads[0].transpose(1, 2).contiguous().transpose(1, 2), grads[1]]
+    assert not pt[0].is_contiguous() and not gt[0].is_contiguous()
+    ref = R.kalman_step_vector(params, grads, variances, e, 0.7, process_noise=1e-3)
+    S = vlmkern.kalman_step_(pt, gt, vt, e, 0.7, process_noise=1e-3, backend="cpu")
+    assert _rel(S, ref.S) < 1e-5
+    for w, v, rw, rv in zip(pt, vt, ref.params, ref.variances):
+        assert _rel(w, rw) < 1e-5 and _rel(v, rv) < 1e-4
+
+
+@pytest.mark.parametrize("backend", VEC_BACKENDS)
+@pytest.mark.parametrize("gate", [None, 1.0])
+def test_grad_scale_power_of_two_is_the_unscaled_step_and_found_inf_zero_steps(backend, gate):
+    require_backend("kalman", backend, "cpu")
+    params, grads, variances, e, Rn = _problem([(40, 3), (7,)], 6, torch.float32, seed=31)
+    pa, va = [p.clone() for p in params], [v.clone() for v in variances]
+    pb, vb = [p.clone() for p in params], [v.clone() for v in variances]
+    kw = dict(process_noise=1e-3, gate_chi2=gate, backend=backend, return_mahalanobis=True)
+    Sa, da = vlmkern.kalman_step_(pa, grads, va, e, Rn, **kw)
+    scale = 1024.0
+    Sb, db = vlmkern.kalman_step_(pb, [g * scale for g in grads], vb, e, Rn, grad_scale=torch.tensor([scale]),
+                                  found_inf=torch.zeros(1), **kw)
+    if backend == "cpu":  # scaling by 2^k is exact all the way through the kernel
+        assert torch.equal(Sa, Sb) and torch.equal(da, db)
+        for a, b in zip(pa + va, pb + vb):
+            assert torch.equal(a, b)
+    else:
+        torch.testing.assert_close(Sa, Sb)
+        for a, b in zip(pa + va, pb + vb):
+            torch.testing.assert_close(a, b)
+
+
+def _non_pd_problem():
+    """Two identical observations and R below fp32's resolution of the Gram: S = [[4, 4], [4, 4]] exactly."""
+    params = [torch.zeros(4)]
+    grads = [torch.ones(2, 4)]
+    variances = [torch.ones(4)]
+    return params, grads, variances, torch.tensor([1.0, -1.0]), torch.tensor([1e-30, 1e-30])
+
+
+@pytest.mark.parametrize("backend", VEC_BACKENDS)
+@pytest.mark.parametrize("where", ["nan_grad", "inf_grad_bf16", "neg_variance", "nan_variance", "found_inf",
+                                   "grad_scale_zero", "nan_innovation", "obs_noise_zero", "non_pd"])
+def test_skipped_step_leaves_state_bit_identical_and_returns_nan(backend, where, monkeypatch):
+    require_backend("kalman", backend, "cpu")
+    monkeypatch.setenv("VLMKERN_DEBUG_POISON_OUTPUTS", "1")
+    dtype = torch.bfloat16 if where.endswith("bf16") else torch.float32
+    params, grads, variances, e, Rn = _problem([(6, 3), (70,), (0,)], 4, dtype, seed=41)
+    extra = {}
+    if where == "nan_grad":
+        grads[1][2, 66] = math.nan
+    elif where == "inf_grad_bf16":
+        grads[0][3, 5, 2] = math.inf
+    elif where == "neg_variance":
+        variances[1][69] = -1e-3
+    elif where == "nan_variance":
+        variances[0][0, 0] = math.nan
+    elif where == "found_inf":
+        extra["found_inf"] = torch.ones(1)
+    elif where == "grad_scale_zero":
+        extra["grad_scale"] = torch.zeros(1)
+    elif where == "nan_innovation":
+        e[2] = math.nan
+    elif where == "obs_noise_zero":
+        Rn[1] = 0.0
+    else:
+        params, grads, variances, e, Rn = _non_pd_problem()
+    before = [t.clone() for t in params + variances]
+    S, d2 = vlmkern.kalman_step_(params, grads, variances, e, Rn, process_noise=0.0 if where == "non_pd" else 1e-3,
+                                 gate_chi2=3.0, backend=backend, return_mahalanobis=True, **extra)
+    assert torch.isnan(S).all() and torch.isnan(d2)
+    for a, b in zip(params + variances, before):
+        assert a.view(torch.int16 if a.element_size() == 2 else torch.int32).equal(
+            b.view(torch.int16 if b.element_size() == 2 else torch.int32))  # bit for bit, NaN payloads too
+
+
+@pytest.mark.parametrize("backend", VEC_BACKENDS)
+def test_taken_step_writes_every_output_under_poisoning(backend, monkeypatch):
+    require_backend("kalman", backend, "cpu")
+    monkeypatch.setenv("VLMKERN_DEBUG_POISON_OUTPUTS", "1")
+    from vlmkern.kernels import outputs
+
+    monkeypatch.setattr(outputs, "POISON", True)
+    params, grads, variances, e, Rn = _problem([(5, 5), (3,)], 7, torch.float32, seed=51)
+    S, d2 = vlmkern.kalman_step_(params, grads, variances, e, Rn, process_noise=1e-3, backend=backend,
+                                 return_mahalanobis=True)
+    assert torch.isfinite(S).all() and torch.isfinite(d2)
+    if backend == "cpu":
+        assert torch.equal(S, S.T)  # the kernel writes both triangles from one
+    # the empty list: S = diag(R), d2 = sum e^2 / R
+    S0, d0 = vlmkern.kalman_step_([], [], [], e, Rn, process_noise=0.0, backend=backend, return_mahalanobis=True)
+    torch.testing.assert_close(S0, torch.diag(Rn))
+    torch.testing.assert_close(d0, (e * e / Rn).sum())
+
+
+def test_cpu_kernel_is_independent_of_the_thread_count():
+    require_backend("kalman", "cpu", "cpu")
+    shapes = [(3000,), (64, 33), (1,), (5000,), (7,)]
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            params, grads, variances, e, Rn = _problem(shapes, 24, torch.float32, seed=61)
+            S, d2 = vlmkern.kalman_step_(params, grads, variances, e, Rn, process_noise=1e-3, gate_chi2=1.0,
+                                         backend="cpu", return_mahalanobis=True)
+            results.append([S, d2] + params + variances)
+    finally:
+        torch.set_num_threads(old)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_return_mahalanobis_scalar_form():
+    params, grads, variances, _, _ = _problem([(9, 4)], 1, torch.float32, seed=71)
+    g0 = [g[0] for g in grads]
+    e, Rn = torch.tensor(-0.8), torch.tensor(0.3)
+    S, d2 = vlmkern.kalman_step_(params, g0, variances, e, Rn, process_noise=1e-4, return_mahalanobis=True)
+    assert S.shape == () and d2.shape == ()
+    assert torch.equal(d2, e * e / S)
+    S, d2 = vlmkern.kalman_step_(params, g0, variances, e, Rn, process_noise=1e-4, return_mahalanobis=True,
+                                 found_inf=torch.ones(()))
+    assert torch.isnan(S) and torch.isnan(d2)
+
+
+@pytest.mark.parametrize("gate", [None, 3.0])
+def test_opcheck_vector_op(gate):
+    require_backend("kalman", "cpu", "cpu")
+    M = 3
+    params = [torch.randn(5, 3), torch.randn(7).bfloat16()]
+    grads = [torch.randn(M, 5, 3), torch.randn(M, 7).bfloat16()]
+    variances = [torch.full((5, 3), 0.1), torch.full((7,), 0.1)]
+    args = (params, grads, variances, torch.randn(M), torch.full((M,), 0.5), 1e-3, 0.9, 1e-8, gate)
+    torch.library.opcheck(torch.ops.vlmkern.kalman_vector_step_.default, args)
+    torch.library.opcheck(torch.ops.vlmkern.kalman_vector_step_.default, args,
+                          kwargs=dict(grad_scale=torch.tensor(2.0), found_inf=torch.tensor(0.0)))
+
+
+def test_compiled_op_checks_name_the_argument():
+    """A direct torch.ops call (no Python checks) is refused before any memory is touched."""
+    require_backend("kalman", "cpu", "cpu")
+    op = torch.ops.vlmkern.kalman_vector_step_
+    M = 3
+    p, v = [torch.zeros(4), torch.zeros(2, 2)], [torch.ones(4), torch.ones(2, 2)]
+    g = [torch.zeros(M, 4), torch.zeros(M, 2, 2)]
+    e, Rn = torch.zeros(M), torch.ones(M)
+    with pytest.raises(RuntimeError, match=r"grads\[1\] must have shape \[M, \*params\[1\]\.shape\]"):
+        op(p, [g[0], torch.zeros(M, 4)], v, e, Rn, 0.0, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] must have shape"):
+        op(p, [torch.zeros(M + 1, 4), g[1]], v, e, Rn, 0.0, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="grads has 1 tensors"):
+        op(p, g[:1], v, e, Rn, 0.0, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] must have the dtype of params\[0\]"):
+        op(p, [g[0].half(), g[1]], v, e, Rn, 0.0, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match=r"variances\[1\] must be float32"):
+        op(p, g, [v[0], v[1].double()], e, Rn, 0.0, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="innovation must be \\[M\\]"):
+        op(p, g, v, e[None], Rn, 0.0, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="obs_noise must be \\[M\\]"):
+        op(p, g, v, e, Rn[:2], 0.0, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="grad_scale must be"):
+        op(p, g, v, e, Rn, 0.0, 1.0, 0.0, None, torch.ones(2))
+    with pytest.raises(RuntimeError, match="found_inf must be float32"):
+        op(p, g, v, e, Rn, 0.0, 1.0, 0.0, None, None, torch.zeros((), dtype=torch.int32))
+
+
+def test_public_vector_checks_name_the_argument():
+    params, grads, variances, e, Rn = _problem([(6, 3), (4,)], 4, torch.float32, seed=81)
+    with pytest.raises(TypeError, match=r"grads\[0\] must have the dtype of params\[0\]"):
+        vlmkern.kalman_step_(params, [grads[0].double(), grads[1]], variances, e, Rn, process_noise=0.0,
+                             backend="cpu")
+    with pytest.raises(TypeError, match=r"variances\[1\] must be float32"):
+        vlmkern.kalman_step_(params, grads, [variances[0], variances[1].half()], e, Rn, process_noise=0.0)
+    with pytest.raises(ValueError, match="forgetting"):
+        vlmkern.kalman_step_(params, grads, variances, e, Rn, process_noise=0.0, forgetting=0.0)
+    with pytest.raises(ValueError, match="gate_chi2"):
+        vlmkern.kalman_step_(params, grads, variances, e, Rn, process_noise=0.0, gate_chi2=-1.0)
+
+
+@pytest.mark.parametrize("backend", VEC_BACKENDS)
+def test_per_sample_optimizer_gate_and_noise_use_the_ops_d2(backend):
+    """The optimizer takes d2 = e^T S^-1 e from the op (no second factorisation):
+    gate flag d2 > chi2, R updated with the gated innovation e sqrt(chi2 / d2)."""
+    require_backend("kalman", backend, "cpu")
+    g = torch.Generator().manual_seed(91)
+    lin = torch.nn.Linear(6, 1)
+    X = torch.randn(5, 6, generator=g)
+    y = 3.0 * torch.randn(5, generator=g)
+    W0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+    chi2 = 0.05
+    opt = KalmanOptimizer(lin.parameters(), p0=0.2, obs_noise0=0.5, observation="per_sample", gate_chi2=chi2,
+                          backend=backend)
+    opt.step(lambda: 0.5 * (lin(X)[:, 0] - y) ** 2)
+    r = X @ W0[0] + b0 - y
+    e = -(0.5 * r * r)
+    W, b = W0.clone(), b0.clone()
+    S, d2 = vlmkern.kalman_step_([W, b], [(r[:, None] * X)[:, None, :], r[:, None]],
+                                 [torch.full_like(W, 0.2), torch.full_like(b, 0.2)], e, torch.tensor(0.5),
+                                 process_noise=0.0, gate_chi2=chi2, backend=backend, return_mahalanobis=True)
+    assert float(d2) > chi2 and bool(opt.last_gated)
+    assert torch.allclose(lin.weight, W, atol=1e-6) and torch.allclose(lin.bias, b, atol=1e-6)
+    eg = e * math.sqrt(chi2 / float(d2))
+    R_expected = max(0.9 * 0.5 + 0.1 * float((eg * eg - (torch.diagonal(S) - 0.5)).clamp(min=0).mean()), 1e-8)
+    assert abs(float(opt.obs_noise) - R_expected) < 1e-6 * max(1.0, R_expected)

@@ -47,7 +47,9 @@ class OpInfo:
     ``torch.ops.vlmkern`` elsewhere); a backend missing from a step runs the
     step's ``torch`` implementation.  ``compiled``: the qualified names of the
     compiled ops the ``cpu``/``cuda`` backends call, collected as steps are
-    registered.  ``triton``: whether the op has Triton kernels; ``cuda``:
+    registered (``compiled_for``: the same, per backend: a step may have a
+    compiled CPU kernel and no CUDA one yet, and then only the CPU backend
+    needs it).  ``triton``: whether the op has Triton kernels; ``cuda``:
     whether its compiled ops have CUDA kernels (False: CUDA tensors use
     ``triton``, and ``availability`` says so).
     """
@@ -56,6 +58,7 @@ class OpInfo:
     triton: bool = False
     cuda: bool = True
     compiled: Tuple[str, ...] = ()
+    compiled_for: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
     triton_import_error: Optional[str] = field(default=None, repr=False)
 
     def step(self, step: str, **impls: Union[str, Callable]) -> Callable:
@@ -66,6 +69,9 @@ class OpInfo:
             raise ValueError(f"vlmkern: step {self.name}.{step} needs a torch implementation")
         names = {f"vlmkern::{impl}" for b, impl in impls.items() if b in ("cpu", "cuda") and isinstance(impl, str)}
         self.compiled = tuple(sorted(set(self.compiled) | names))
+        for b in ("cpu", "cuda"):
+            if isinstance(impls.get(b), str):
+                self.compiled_for[b] = tuple(sorted(set(self.compiled_for.get(b, ())) | {f"vlmkern::{impls[b]}"}))
 
         def run(backend: str, *args, **kwargs):
             impl = impls.get(backend, impls["torch"])
@@ -121,12 +127,13 @@ def availability(op: str, backend: str, device: torch.device | str) -> Tuple[boo
         want = "cuda" if backend == "cuda" else "cpu"
         if dev.type != want:
             return False, f"backend {backend!r} runs on {want} tensors, the inputs are on {dev}"
-        if not info.compiled or (backend == "cuda" and not info.cuda):
+        needed = info.compiled_for.get(backend, ())
+        if not needed or (backend == "cuda" and not info.cuda):
             return False, f"op {op!r} has no compiled {backend} kernel (use 'triton' or 'torch')"
         if not _C_loader.load():
             return False, f"the compiled library vlmkern._C is not loaded ({_C_loader.error()})"
         key = "CUDA" if backend == "cuda" else "CPU"
-        missing = [q for q in info.compiled if not _has_kernel(q, key)]
+        missing = [q for q in needed if not _has_kernel(q, key)]
         if missing:
             why = (
                 "vlmkern._C was built without CUDA kernels (rebuild with nvcc and a CUDA torch, or VLMKERN_CUDA=ON)"

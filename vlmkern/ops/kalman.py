@@ -6,6 +6,8 @@ table.  Kernels: ``csrc/kalman/kalman_cpu.cpp`` (CPU) and
 ``csrc/kalman/kalman_cuda.cu`` (CUDA, multi-tensor apply: 2 launches per step
 for up to 768 tensors of any mix of fp32/bf16/fp16), the per-element math in
 ``csrc/kalman/kalman_math.h``; the oracle is :func:`vlmkern.reference.kalman_step`.
+M observations (SPEC §3b): ``vlmkern::kalman_vector_step_``, CPU kernel
+``csrc/kalman/kalman_vector_cpu.cpp``; oracle :func:`vlmkern.reference.kalman_step_vector`.
 """
 
 from __future__ import annotations
@@ -50,6 +52,23 @@ def gate_innovation(e: torch.Tensor, S: torch.Tensor, gate_chi2: Optional[float]
         return e
     bound = torch.sqrt(S * float(gate_chi2))
     return torch.where(e > bound, bound, torch.where(e < -bound, -bound, e))
+
+
+# M observations (SPEC §3b): returns (S [M, M] float32, d2 0-d float32 = e^T S^-1 e of the
+# ungated innovation), both NaN when the step was skipped.  No host synchronisation on CUDA.
+torch.library.define(
+    "vlmkern::kalman_vector_step_",
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] variances, Tensor innovation, Tensor obs_noise, "
+    "float process_noise, float forgetting, float var_floor, float? gate_chi2=None, Tensor? grad_scale=None, "
+    "Tensor? found_inf=None) -> (Tensor, Tensor)",
+)
+
+
+@torch.library.register_fake("vlmkern::kalman_vector_step_")
+def _kalman_vector_step_fake(params, grads, variances, innovation, obs_noise, process_noise, forgetting, var_floor,
+                             gate_chi2=None, grad_scale=None, found_inf=None):
+    M = innovation.shape[0]
+    return (innovation.new_empty((M, M), dtype=torch.float32), innovation.new_empty((), dtype=torch.float32))
 
 
 _FLT_MAX = 3.4028234663852886e38
@@ -123,8 +142,8 @@ def _kalman_vector_torch(
           & _finite(S).all() & (info == 0))
     L = torch.where(ok, L, torch.eye(M, device=dev))  # a skipped step must not leak NaN into the where() below
     c = torch.cholesky_solve(e[:, None], L)[:, 0]
+    d2 = (e * c).sum()  # Mahalanobis distance^2 of the ungated innovation, returned
     if gate_chi2 is not None:  # Mahalanobis gate: e^T S^-1 e capped at chi2 by scaling e
-        d2 = (e * c).sum()
         c = c * torch.where(d2 > gate_chi2, torch.sqrt(gate_chi2 / d2), torch.ones_like(d2))
     for w, g, v in live:  # pass 2
         h = g.float() * inv
@@ -134,12 +153,13 @@ def _kalman_vector_torch(
         hsh = (torch.cholesky_solve(h, L) * h).sum(0)  # h_i^T S^-1 h_i for every element i
         pn = ((ph - ph * ph * hsh) * (1.0 / forgetting)).reshape(v.shape)
         v.copy_(torch.where(ok, torch.clamp(pn, min=var_floor), v))
-    return torch.where(ok, S, torch.full_like(S, math.nan))
+    nan = torch.full((), math.nan, device=dev)
+    return torch.where(ok, S, nan), torch.where(ok, d2, nan)
 
 
 _step = _INFO.step("step", cpu="kalman_step_", cuda="kalman_step_", torch=_kalman_step_torch)
-# M > 1 observations: no compiled kernel yet, so every backend runs the PyTorch one.
-_vector_step = _INFO.step("vector_step", torch=_kalman_vector_torch)
+# M observations: the compiled CPU kernel (csrc/kalman/kalman_vector_cpu.cpp); other backends run PyTorch.
+_vector_step = _INFO.step("vector_step", cpu="kalman_vector_step_", torch=_kalman_vector_torch)
 
 
 def kalman_step_(
@@ -156,7 +176,8 @@ def kalman_step_(
     grad_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
-) -> torch.Tensor:
+    return_mahalanobis: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """One diagonal Kalman step over lists of tensors, in place (SPEC §3).
 
     ::
@@ -187,8 +208,14 @@ def kalman_step_(
             parameters' device (a Python number is converted); or ``[M]``: M
             observations (e.g. ``0 - per-sample losses``), the vector-observation
             filter of SPEC §3 (``grads[t]`` then ``[M, *params[t].shape]``, the
-            rows of the Jacobian; no compiled kernel yet: every backend runs the
-            PyTorch one, which solves the M x M system by Cholesky on the device).
+            rows of the Jacobian).  The compiled CPU kernel forms the Gram
+            ``H diag(p_hat) H^T`` in one pass over all tensors (bf16/fp16 rows
+            converted on the fly, no copy of ``H``), factorises the M x M ``S``
+            (Cholesky) and updates every element in a second pass; the gate
+            scales ``e`` so that ``e^T S^-1 e`` is at most ``gate_chi2``.  A
+            failed factorisation also skips the step.  CUDA tensors run the
+            PyTorch implementation (Cholesky on the device, no host sync)
+            until a CUDA kernel is registered.
         obs_noise: ``R > 0``, 0-d float32 tensor on the device (``[M]`` or one
             value for all with M observations).
         process_noise: ``q >= 0`` added to ``p`` before the update.
@@ -205,11 +232,17 @@ def kalman_step_(
         found_inf: optional one-element float32 device tensor (GradScaler's
             flag): non-zero skips the step.
         backend: force ``"cuda"``, ``"cpu"`` or ``"torch"`` (default: by device).
+        return_mahalanobis: also return ``d2 = e^T S^-1 e``, the squared
+            Mahalanobis distance of the **ungated** innovation (0-d float32 on
+            the device; ``e^2 / S`` in the scalar form), e.g. for a gate flag
+            (``d2 > gate_chi2``) or an innovation-based noise estimate without
+            factorising ``S`` again.  NaN when the step was skipped.
 
     Returns:
         the innovation variance ``S`` as a 0-d float32 tensor on the device
-        (``[M, M]`` with M observations; NaN when the step was skipped).  The step never synchronises with
-        the host on CUDA.
+        (``[M, M]`` with M observations; NaN when the step was skipped), or
+        ``(S, d2)`` with ``return_mahalanobis=True``.  The step never
+        synchronises with the host on CUDA.
     """
     op = "kalman_step_"
     params = as_list(params, "params", op)
@@ -263,10 +296,15 @@ def kalman_step_(
     if vector:
         e = _vector_tensor(innovation, "innovation", op, dev, M)
         R = _vector_tensor(obs_noise, "obs_noise", op, dev, M)
-        return _vector_step(name, params, grads, variances, e, R, *args)
+        S, d2 = _vector_step(name, params, grads, variances, e, R, *args)
+        return (S, d2) if return_mahalanobis else S
     e = scalar_tensor(innovation, "innovation", op, dev)
     R = scalar_tensor(obs_noise, "obs_noise", op, dev)
-    return _step(name, params, grads, variances, e, R, *args)
+    S = _step(name, params, grads, variances, e, R, *args)
+    if not return_mahalanobis:
+        return S
+    ef = e.float()
+    return S, ef * ef / S  # e^2 / S of the ungated innovation; NaN with S when skipped
 
 
 def _vector_tensor(x, name: str, op: str, dev: torch.device, M: int) -> torch.Tensor:

@@ -389,16 +389,16 @@ class KalmanOptimizer(torch.optim.Optimizer):
         step_vars, q = variances, q_of[0]
         if len(set(q_of)) > 1:  # as in the scalar step: predict into copies, kept only if the step is taken
             step_vars, q = [v + qi if qi != 0.0 else v.clone() for v, qi in zip(variances, q_of)], 0.0
-        S = kalman_step_(params, grads, step_vars, e, R, process_noise=q, forgetting=self.forgetting,
-                         var_floor=self.var_floor, gate_chi2=self.gate_chi2, backend=self.backend)
+        S, d2 = kalman_step_(params, grads, step_vars, e, R, process_noise=q, forgetting=self.forgetting,
+                             var_floor=self.var_floor, gate_chi2=self.gate_chi2, backend=self.backend,
+                             return_mahalanobis=True)
         taken = torch.isfinite(S).all()
         if step_vars is not variances:
             for v, vq in zip(variances, step_vars):
                 v.copy_(torch.where(taken, vq, v))
-        # observation noise, innovation-based: R <- beta R + (1 - beta) mean_b (e_b^2 - Gram_bb)_+
+        # observation noise, innovation-based: R <- beta R + (1 - beta) mean_b (e_b^2 - Gram_bb)_+, with the
+        # op's d2 = e^T S^-1 e (NaN on a skipped step: not gated, and R is kept below)
         Ssafe = torch.where(taken, S, torch.eye(M, device=device))
-        L, _ = torch.linalg.cholesky_ex(Ssafe)
-        d2 = (e * torch.cholesky_solve(e[:, None], L)[:, 0]).sum()
         gated = torch.zeros((), dtype=torch.bool, device=device) if self.gate_chi2 is None else d2 > self.gate_chi2
         e_used = e if self.gate_chi2 is None else e * torch.where(gated, torch.sqrt(self.gate_chi2 / d2), 1.0)
         gram_diag = torch.diagonal(Ssafe) - R

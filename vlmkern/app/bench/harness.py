@@ -89,7 +89,9 @@ class Bench:
     warm-up calls say ``repeats`` would take longer (e.g. B = 256k on a GPU).
     ``count_launches``: on CUDA, also record the device operations (kernels,
     memsets, copies) one call of each ``vlmkern`` provider issues, from
-    ``torch.profiler``.
+    ``torch.profiler``.  ``baseline_of(case)`` (optional) names the baseline
+    of one case when it is not ``baseline`` (a bench whose cases compare
+    different peers).
     """
 
     name: str
@@ -104,6 +106,7 @@ class Bench:
     notes: str = ""
     time_budget_s: Optional[float] = None
     count_launches: bool = False
+    baseline_of: Optional[Callable[[Case], str]] = None
 
 
 # ---------------------------------------------------------------------------
@@ -371,16 +374,19 @@ def run(bench: Bench, device: torch.device | str, *, warmup: int = 2, repeats: i
                 if "median_s" in rec:
                     fl = bench.flops(case, mode) if bench.flops else 0.0
                     by = bench.bytes_moved(case, mode) if bench.bytes_moved else 0.0
-                    floor = max(by / ceil["copy_bytes_per_s"], fl / ceil["matmul_flops_per_s"])
+                    floor_bytes, floor_flops = by / ceil["copy_bytes_per_s"], fl / ceil["matmul_flops_per_s"]
+                    floor = max(floor_bytes, floor_flops)
                     rec["flops"], rec["bytes"] = fl, by
                     rec["floor_s"] = floor
+                    rec["floor_bytes_s"], rec["floor_flops_s"] = floor_bytes, floor_flops
                     rec["floor_fraction"] = floor / rec["median_s"] if floor > 0 else None
                     rec["achieved_tflops"] = fl / rec["median_s"] / 1e12 if fl else None
                     rec["achieved_gbps"] = by / rec["median_s"] / 1e9 if by else None
                 case_records.append(rec)
                 if verbose:
                     print(_fmt_line(rec), flush=True)
-            base = next((r for r in case_records if r["provider"] == bench.baseline and "median_s" in r), None)
+            base_name = bench.baseline_of(case) if bench.baseline_of else bench.baseline
+            base = next((r for r in case_records if r["provider"] == base_name and "median_s" in r), None)
             for r in case_records:
                 if base is not None and "median_s" in r:
                     r["speedup_vs_baseline"] = base["median_s"] / r["median_s"]

@@ -1,6 +1,6 @@
 """Benchmark of the fused diagonal Kalman step (SPEC §3).
 
-    python -m vlmkern.app.bench.kalman [--quick | --targets] [--skip-100m] [--device cpu|cuda] [--out bench/out]
+    python -m vlmkern.app.bench.kalman [--quick | --targets] [--skip-100m] [--vector-only] [--device cpu|cuda] [--out bench/out]
 
 ``--targets``: only the 10M and 100M cases (issue 4's targets; ``vlmkern.app.bench.targets``
 judges them).  On CUDA every row also counts the device operations one step
@@ -34,6 +34,18 @@ Cases: parameter lists shaped like ViT-B/16 CLIP (open_clip), fp32:
 Bytes per element (fp32): pass 1 reads h, p (8 B); pass 2 reads theta, h, p and
 writes theta, p (20 B): 28 B, as fused AdamW (reads theta, g, m, v; writes
 theta, m, v).
+
+Vector-observation cases (SPEC §3b, ``M`` observations per step; ``--vector-only``
+or ``VLMKERN_BENCH_KALMAN_VECTOR_ONLY=1`` runs only these): ``lora-65k``, 65,536
+fp32 parameters in 25 tensors (12 rank-8 adapters ``[8, 341]`` / ``[341, 8]`` and one
+``[64]`` vector), ``grads[t]`` of shape ``[M, *shape]``, M = 32 and 96.  Providers:
+``vlmkern-fused`` (the compiled kernel of the device: C++ on CPU) against
+``torch-loop`` (``backend="torch"``, the PyTorch implementation: Gram by matmul,
+Cholesky solve per tensor), the baseline of these cases.  Bytes = H read twice
+(2 x 4 M B per element) + theta and p read and written (16 B): 8 M + 16 B per
+element; FLOPs = 4 M^2 per element (Gram 2 M^2 counted without the symmetry,
+h^T S^-1 h about 2 M^2); the JSON records both floors (``floor_bytes_s``,
+``floor_flops_s``).
 """
 
 from __future__ import annotations
@@ -102,7 +114,41 @@ def case_shapes(case) -> List[Tuple[int, ...]]:
     return vitb16_lora_shapes(8) if case["list"] == "lora-r8" else prefix_shapes(case["n"])
 
 
+def vector_shapes() -> List[Tuple[int, ...]]:
+    """65,536 parameters in 25 tensors: 12 rank-8 LoRA adapters of width 341 and one [64] vector."""
+    return [(8, 341), (341, 8)] * 12 + [(64,)]
+
+
+def make_vector_state(case, device):
+    """The vector-observation step's inputs: grads[t] is [M, *shape] (fp32)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    M = case["M"]
+    shapes = vector_shapes()
+    params = [torch.randn(s, generator=g).mul_(0.02).to(device) for s in shapes]
+    grads = [torch.randn((M, *s), generator=g).mul_(1e-2).to(device) for s in shapes]
+    variances = [torch.full(s, 1e-3, device=device) for s in shapes]
+    e = torch.randn(M, generator=g).to(device)
+    R = torch.full((M,), 1.0, device=device)
+    return params, grads, variances, e, R
+
+
+def _is_vector(case) -> bool:
+    return "M" in case
+
+
+def vector_bytes(case) -> float:
+    """H read twice (pass 1 and pass 2) + theta and p read and written, fp32."""
+    return (8 * case["M"] + 16) * case["n"]
+
+
+def vector_flops(case) -> float:
+    """About 4 M^2 per element: the Gram (2 M^2) and h^T S^-1 h (2 M^2)."""
+    return 4 * case["M"] ** 2 * case["n"]
+
+
 def make_state(case, device):
+    if _is_vector(case):
+        return make_vector_state(case, device)
     g = torch.Generator(device="cpu").manual_seed(0)
     shapes = case_shapes(case)
     params = [torch.randn(s, generator=g).mul_(0.02).to(device) for s in shapes]
@@ -215,6 +261,10 @@ def _fused_ok(case, device):
     return ok, why
 
 
+def _scalar_only(case, device):
+    return (not _is_vector(case), "scalar-observation cases only")
+
+
 # Bytes per element the largest provider keeps alive: torch-foreach holds params,
 # grads, variances and two scratch lists (5 x 4 B); AdamW holds params, grads,
 # exp_avg, exp_avg_sq (4 x 4 B).  A case runs only if the machine has that much
@@ -249,20 +299,25 @@ def _case_ok(case, device):
 def make_bench(quick: bool, targets: bool = False) -> Bench:
     """Fused diagonal Kalman step vs foreach, per-tensor loop and fused AdamW."""
     _check_foreach_matches_fused()
+    vector = [{"list": "lora-65k", "n": 65_536, "M": M} for M in ((32,) if quick else (32, 96))]
     if targets:  # issue 4: >= 2x foreach at 10M (CPU); >= 80% copy bandwidth at >= 10M, vs fused AdamW (GPU)
         cases = [{"list": "prefix", "n": n} for n in (10_000_000, 100_000_000)]
+    elif os.environ.get("VLMKERN_BENCH_KALMAN_VECTOR_ONLY", "") not in ("", "0"):
+        cases = vector
     elif quick:
-        cases = [{"list": "lora-r8", "n": 2_211_840}, {"list": "prefix", "n": 1_000_000}]
+        cases = [{"list": "lora-r8", "n": 2_211_840}, {"list": "prefix", "n": 1_000_000}] + vector
     else:
-        cases = [{"list": "lora-r8", "n": 2_211_840}] + [{"list": "prefix", "n": n} for n in (1_000_000, 10_000_000, 100_000_000)]
+        cases = ([{"list": "lora-r8", "n": 2_211_840}] + [{"list": "prefix", "n": n} for n in (1_000_000, 10_000_000, 100_000_000)]
+                 + vector)
     adamw_name = "adamw-fused"
     providers = [
         Provider("vlmkern-fused", _fused, kind="vlmkern", available=_fused_ok),
-        Provider("torch-foreach", _foreach, kind="baseline"),
+        Provider("torch-foreach", _foreach, kind="baseline", available=_scalar_only),
         Provider("torch-loop", _loop, kind="baseline"),
-        Provider(adamw_name, _adamw, kind="peer"),
+        Provider(adamw_name, _adamw, kind="peer", available=_scalar_only),
         Provider("reference-f64", _reference, kind="reference",
-                 available=lambda case, dev: (case["n"] <= 1_000_000, "float64 oracle timed only at <= 1M")),
+                 available=lambda case, dev: ((case["n"] <= 1_000_000 and not _is_vector(case)),
+                                              "float64 oracle timed only at <= 1M, scalar cases")),
     ]
     return Bench(
         name="kalman",
@@ -270,12 +325,16 @@ def make_bench(quick: bool, targets: bool = False) -> Bench:
         providers=providers,
         baseline="torch-foreach",
         modes=("full",),
-        bytes_moved=lambda case, mode: BYTES_PER_ELEMENT * case["n"],
+        bytes_moved=lambda case, mode: vector_bytes(case) if _is_vector(case) else BYTES_PER_ELEMENT * case["n"],
+        flops=lambda case, mode: vector_flops(case) if _is_vector(case) else 0.0,
+        baseline_of=lambda case: "torch-loop" if _is_vector(case) else "torch-foreach",
         case_ok=_case_ok,
         count_launches=True,
         time_budget_s=20.0 if targets else None,
         notes=("One in-place optimizer step per call, fp32.  Bytes = 28 per element (Kalman and AdamW alike).  "
-               f"AdamW peer: torch.optim.AdamW({_adamw_kind(torch.device('cpu'))}=True) on CPU."),
+               f"AdamW peer: torch.optim.AdamW({_adamw_kind(torch.device('cpu'))}=True) on CPU.  "
+               "Vector cases (M=...): baseline torch-loop (backend='torch'); bytes = (8 M + 16) per element, "
+               "FLOPs = 4 M^2 per element; % of floor = max(bytes/copy bandwidth, FLOPs/matmul rate) / median."),
     )
 
 
@@ -283,4 +342,7 @@ if __name__ == "__main__":
     if "--skip-100m" in sys.argv:
         sys.argv.remove("--skip-100m")
         os.environ["VLMKERN_BENCH_SKIP_100M"] = "1"
+    if "--vector-only" in sys.argv:
+        sys.argv.remove("--vector-only")
+        os.environ["VLMKERN_BENCH_KALMAN_VECTOR_ONLY"] = "1"
     main(make_bench)
