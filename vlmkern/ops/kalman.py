@@ -38,6 +38,24 @@ def _kalman_step_fake(params, grads, variances, innovation, obs_noise, process_n
     return innovation.new_empty((), dtype=torch.float32)
 
 
+# M observations (SPEC §3): grads[t] is [M, *params[t].shape], innovation and
+# obs_noise are [M].  Returns (S [M, M] float32, d2 = e^T S^-1 e of the ungated
+# innovation, 0-d float32), both NaN when the step was skipped.  No host sync.
+torch.library.define(
+    "vlmkern::kalman_vector_step_",
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] variances, Tensor innovation, Tensor obs_noise, "
+    "float process_noise, float forgetting, float var_floor, float? gate_chi2=None, Tensor? grad_scale=None, "
+    "Tensor? found_inf=None) -> (Tensor, Tensor)",
+)
+
+
+@torch.library.register_fake("vlmkern::kalman_vector_step_")
+def _kalman_vector_step_fake(params, grads, variances, innovation, obs_noise, process_noise, forgetting, var_floor,
+                             gate_chi2=None, grad_scale=None, found_inf=None):
+    M = innovation.shape[0]
+    return innovation.new_empty((M, M), dtype=torch.float32), innovation.new_empty((), dtype=torch.float32)
+
+
 def gate_innovation(e: torch.Tensor, S: torch.Tensor, gate_chi2: Optional[float]) -> torch.Tensor:
     """The Mahalanobis gate of SPEC §3 in its "clamp" form (device tensors, no sync).
 
@@ -138,8 +156,8 @@ def _kalman_vector_torch(
 
 
 _step = _INFO.step("step", cpu="kalman_step_", cuda="kalman_step_", torch=_kalman_step_torch)
-# M > 1 observations: no compiled kernel yet, so every backend runs the PyTorch one.
-_vector_step = _INFO.step("vector_step", torch=_kalman_vector_torch)
+# M > 1 observations: CUDA kernel csrc/kalman/kalman_vector_cuda.cu (returns (S, d2)).
+_vector_step = _INFO.step("vector_step", cuda="kalman_vector_step_", torch=_kalman_vector_torch)
 
 
 def kalman_step_(
@@ -263,7 +281,8 @@ def kalman_step_(
     if vector:
         e = _vector_tensor(innovation, "innovation", op, dev, M)
         R = _vector_tensor(obs_noise, "obs_noise", op, dev, M)
-        return _vector_step(name, params, grads, variances, e, R, *args)
+        out = _vector_step(name, params, grads, variances, e, R, *args)
+        return out[0] if isinstance(out, tuple) else out  # the compiled op returns (S, d2)
     e = scalar_tensor(innovation, "innovation", op, dev)
     R = scalar_tensor(obs_noise, "obs_noise", op, dev)
     return _step(name, params, grads, variances, e, R, *args)
