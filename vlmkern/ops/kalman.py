@@ -158,6 +158,7 @@ def _kalman_vector_torch(
 _step = _INFO.step("step", cpu="kalman_step_", cuda="kalman_step_", torch=_kalman_step_torch)
 # M > 1 observations: CUDA kernel csrc/kalman/kalman_vector_cuda.cu (returns (S, d2)).
 _vector_step = _INFO.step("vector_step", cuda="kalman_vector_step_", torch=_kalman_vector_torch)
+_CUDA_MAX_M = 256  # vcuda::kMaxM (csrc/kalman/kalman_vector_cuda.h); larger M runs the PyTorch step
 
 
 def kalman_step_(
@@ -205,8 +206,9 @@ def kalman_step_(
             parameters' device (a Python number is converted); or ``[M]``: M
             observations (e.g. ``0 - per-sample losses``), the vector-observation
             filter of SPEC §3 (``grads[t]`` then ``[M, *params[t].shape]``, the
-            rows of the Jacobian; no compiled kernel yet: every backend runs the
-            PyTorch one, which solves the M x M system by Cholesky on the device).
+            rows of the Jacobian; on CUDA the fused kernel of
+            ``csrc/kalman/kalman_vector_cuda.cu`` for M <= 256, elsewhere the
+            PyTorch one; both solve the M x M system by Cholesky on the device).
         obs_noise: ``R > 0``, 0-d float32 tensor on the device (``[M]`` or one
             value for all with M observations).
         process_noise: ``q >= 0`` added to ``p`` before the update.
@@ -281,6 +283,8 @@ def kalman_step_(
     if vector:
         e = _vector_tensor(innovation, "innovation", op, dev, M)
         R = _vector_tensor(obs_noise, "obs_noise", op, dev, M)
+        if name == "cuda" and M > _CUDA_MAX_M:
+            name = "torch"
         out = _vector_step(name, params, grads, variances, e, R, *args)
         return out[0] if isinstance(out, tuple) else out  # the compiled op returns (S, d2)
     e = scalar_tensor(innovation, "innovation", op, dev)
