@@ -18,7 +18,9 @@
 #           pytest -k "(cuda or triton or foundation) and not emu" logs/junit.xml
 #           (the CPU emulator's "cuda-emu" tests are for machines without a GPU), over the
 #           python_tests modules that mention cuda or triton (CUDA parametrisations
-#           of the kalman / awp tests, every Triton HGCL test - on CUDA tensors when
+#           of the kalman / awp tests, test_kalman_vector_cuda.py: the vector-observation
+#           Kalman kernel vs the reference, skips, repeatability, CUDA-graph capture;
+#           every Triton HGCL test - on CUDA tensors when
 #           a GPU is present - and the build checks of test_foundation.py; ~190
 #           tests, ~250 Triton compilations, in 4 pytest-xdist workers when xdist
 #           is installed); no -x, so one failure hides nothing

@@ -50,6 +50,13 @@ _ops = None
 _lib = None
 
 
+def _write(path: Path, text: str) -> None:
+    """Write only when the text changed: a rewrite with a fresh mtime would make
+    ninja recompile the whole cached build at every load()."""
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
 def rewrite_kernels(src: str, name: str) -> str:
     def launch(m):
         tail = ")" if m.group(3) else ", "  # kernel() takes no arguments / takes some
@@ -117,15 +124,15 @@ def load(verbose: bool = False):
     sources = [EMU / "emu_runtime.cpp"]
     for src in [CSRC / rel for rel in KERNEL_SOURCES] + [EMU / "selftest.cu"]:
         path = gen / (src.stem + "_kernels_emu.cpp")
-        path.write_text(rewrite_kernels(src.read_text(), src.name))
+        _write(path, rewrite_kernels(src.read_text(), src.name))
         sources.append(path)
     for rel in KERNEL_HEADERS:
         path = gen / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(rewrite_kernels((CSRC / rel).read_text(), rel))
+        _write(path, rewrite_kernels((CSRC / rel).read_text(), rel))
     for rel in HOST_SOURCES:
         path = gen / (Path(rel).stem + "_host_emu.cpp")
-        path.write_text(rewrite_host((CSRC / rel).read_text(), rel))
+        _write(path, rewrite_host((CSRC / rel).read_text(), rel))
         sources.append(path)
     _define_schemas()
     cpp_extension.load(

@@ -67,6 +67,7 @@ struct Chunk {
   void* ptrs[NLists];  // each list's pointer at the chunk's first element
   int64_t start;       // index of that element in the tensor
   int64_t len;         // elements in the chunk
+  int64_t numel;       // elements in the tensor (row stride of a [M, *shape] list)
   int32_t index;       // chunk number in the launch
   int32_t list_index;  // the tensor's position in the caller's list
 };
@@ -97,6 +98,7 @@ __global__ void __launch_bounds__(Op::kThreads, Op::kMinBlocks)
     ch.start = static_cast<int64_t>(c - meta.chunk_start[t]) * Op::kChunk;
     const int64_t left = meta.numel[t] - ch.start;
     ch.len = left < Op::kChunk ? left : Op::kChunk;
+    ch.numel = meta.numel[t];
     ch.index = c;
     ch.list_index = meta.list_index[t];
     // Byte offsets before the dtype dispatch: typed offsets in each branch cost
@@ -110,13 +112,19 @@ __global__ void __launch_bounds__(Op::kThreads, Op::kMinBlocks)
   op.end_block();
 }
 
-inline int grid_for(int32_t chunks) { return chunks < kMaxBlocks ? chunks : kMaxBlocks; }
+inline int grid_for(int32_t chunks, int max_blocks = kMaxBlocks) {
+  return chunks < max_blocks ? chunks : max_blocks;
+}
 
-// One launch of `op` over the table `meta` of `total_chunks` chunks.
+// One launch of `op` over the table `meta` of `total_chunks` chunks.  The grid
+// is grid_for(total_chunks, max_blocks) x grid_y: blockIdx.y (< grid_y) lets a
+// functor split its work over a second axis (e.g. tiles of an output), every
+// row of blocks striding over all the chunks.
 template <int NLists, typename Op>
 cudaError_t launch(const TensorListMeta<NLists>& meta, int32_t total_chunks, const Op& op,
-                   cudaStream_t stream) {
-  apply_kernel<NLists, Op><<<grid_for(total_chunks), Op::kThreads, 0, stream>>>(meta, total_chunks, op);
+                   cudaStream_t stream, int max_blocks = kMaxBlocks, unsigned grid_y = 1) {
+  const dim3 grid(static_cast<unsigned>(grid_for(total_chunks, max_blocks)), grid_y);
+  apply_kernel<NLists, Op><<<grid, Op::kThreads, 0, stream>>>(meta, total_chunks, op);
   return cudaGetLastError();
 }
 

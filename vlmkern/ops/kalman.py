@@ -7,7 +7,8 @@ table.  Kernels: ``csrc/kalman/kalman_cpu.cpp`` (CPU) and
 for up to 768 tensors of any mix of fp32/bf16/fp16), the per-element math in
 ``csrc/kalman/kalman_math.h``; the oracle is :func:`vlmkern.reference.kalman_step`.
 M observations (SPEC §3b): ``vlmkern::kalman_vector_step_``, CPU kernel
-``csrc/kalman/kalman_vector_cpu.cpp``; oracle :func:`vlmkern.reference.kalman_step_vector`.
+``csrc/kalman/kalman_vector_cpu.cpp``, CUDA kernel ``csrc/kalman/kalman_vector_cuda.cu``
+(4 launches per step, M <= 256); oracle :func:`vlmkern.reference.kalman_step_vector`.
 """
 
 from __future__ import annotations
@@ -40,22 +41,9 @@ def _kalman_step_fake(params, grads, variances, innovation, obs_noise, process_n
     return innovation.new_empty((), dtype=torch.float32)
 
 
-def gate_innovation(e: torch.Tensor, S: torch.Tensor, gate_chi2: Optional[float]) -> torch.Tensor:
-    """The Mahalanobis gate of SPEC §3 in its "clamp" form (device tensors, no sync).
-
-    Returns ``e`` clamped to ``[-sqrt(chi2 S), sqrt(chi2 S)]``, i.e. the
-    normalised innovation ``e^2 / S`` is capped at ``chi2``; ``gate_chi2=None``
-    returns ``e`` unchanged.  Same rule as ``gate_innovation`` in
-    ``csrc/kalman/kalman_math.h``.
-    """
-    if gate_chi2 is None:
-        return e
-    bound = torch.sqrt(S * float(gate_chi2))
-    return torch.where(e > bound, bound, torch.where(e < -bound, -bound, e))
-
-
-# M observations (SPEC §3b): returns (S [M, M] float32, d2 0-d float32 = e^T S^-1 e of the
-# ungated innovation), both NaN when the step was skipped.  No host synchronisation on CUDA.
+# M observations (SPEC §3): grads[t] is [M, *params[t].shape], innovation and
+# obs_noise are [M].  Returns (S [M, M] float32, d2 = e^T S^-1 e of the ungated
+# innovation, 0-d float32), both NaN when the step was skipped.  No host sync.
 torch.library.define(
     "vlmkern::kalman_vector_step_",
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] variances, Tensor innovation, Tensor obs_noise, "
@@ -68,7 +56,21 @@ torch.library.define(
 def _kalman_vector_step_fake(params, grads, variances, innovation, obs_noise, process_noise, forgetting, var_floor,
                              gate_chi2=None, grad_scale=None, found_inf=None):
     M = innovation.shape[0]
-    return (innovation.new_empty((M, M), dtype=torch.float32), innovation.new_empty((), dtype=torch.float32))
+    return innovation.new_empty((M, M), dtype=torch.float32), innovation.new_empty((), dtype=torch.float32)
+
+
+def gate_innovation(e: torch.Tensor, S: torch.Tensor, gate_chi2: Optional[float]) -> torch.Tensor:
+    """The Mahalanobis gate of SPEC §3 in its "clamp" form (device tensors, no sync).
+
+    Returns ``e`` clamped to ``[-sqrt(chi2 S), sqrt(chi2 S)]``, i.e. the
+    normalised innovation ``e^2 / S`` is capped at ``chi2``; ``gate_chi2=None``
+    returns ``e`` unchanged.  Same rule as ``gate_innovation`` in
+    ``csrc/kalman/kalman_math.h``.
+    """
+    if gate_chi2 is None:
+        return e
+    bound = torch.sqrt(S * float(gate_chi2))
+    return torch.where(e > bound, bound, torch.where(e < -bound, -bound, e))
 
 
 _FLT_MAX = 3.4028234663852886e38
@@ -158,8 +160,11 @@ def _kalman_vector_torch(
 
 
 _step = _INFO.step("step", cpu="kalman_step_", cuda="kalman_step_", torch=_kalman_step_torch)
-# M observations: the compiled CPU kernel (csrc/kalman/kalman_vector_cpu.cpp); other backends run PyTorch.
-_vector_step = _INFO.step("vector_step", cpu="kalman_vector_step_", torch=_kalman_vector_torch)
+# M observations: the compiled kernels (csrc/kalman/kalman_vector_cpu.cpp, kalman_vector_cuda.cu), both
+# returning (S, d2); the torch backend is the third implementation.
+_vector_step = _INFO.step("vector_step", cpu="kalman_vector_step_", cuda="kalman_vector_step_",
+                          torch=_kalman_vector_torch)
+_CUDA_MAX_M = 256  # vcuda::kMaxM (csrc/kalman/kalman_vector_cuda.h); larger M runs the PyTorch step
 
 
 def kalman_step_(
@@ -213,9 +218,9 @@ def kalman_step_(
             converted on the fly, no copy of ``H``), factorises the M x M ``S``
             (Cholesky) and updates every element in a second pass; the gate
             scales ``e`` so that ``e^T S^-1 e`` is at most ``gate_chi2``.  A
-            failed factorisation also skips the step.  CUDA tensors run the
-            PyTorch implementation (Cholesky on the device, no host sync)
-            until a CUDA kernel is registered.
+            failed factorisation also skips the step.  On CUDA the fused kernel
+            of ``csrc/kalman/kalman_vector_cuda.cu`` (4 launches, no host sync)
+            for M <= 256, the PyTorch one above.
         obs_noise: ``R > 0``, 0-d float32 tensor on the device (``[M]`` or one
             value for all with M observations).
         process_noise: ``q >= 0`` added to ``p`` before the update.
@@ -296,6 +301,8 @@ def kalman_step_(
     if vector:
         e = _vector_tensor(innovation, "innovation", op, dev, M)
         R = _vector_tensor(obs_noise, "obs_noise", op, dev, M)
+        if name == "cuda" and M > _CUDA_MAX_M:
+            name = "torch"
         S, d2 = _vector_step(name, params, grads, variances, e, R, *args)
         return (S, d2) if return_mahalanobis else S
     e = scalar_tensor(innovation, "innovation", op, dev)
