@@ -17,7 +17,7 @@ os.environ.setdefault("VLMKERN_NO_PROGRESS", "1")
 
 TINY_BASE = dict(n_train=32, n_val=16, batch=16, steps=4, warmup=2, eval_every=2, max_doublings=0)
 TINY_GRIDS = {"adamw": {"lr": [1e-3, 1e-2]}, "polyak": {"c": [0.1]}, "kalman": {"p0": [0.1]},
-              "kalman_ps": {"p0": [1e-2], "q": [0.0, 1e-4], "R0": [1.0], "beta": [0.9], "lam": [1.0]}}
+              "kalman_ps": {"p0": [1e-2], "q_rel": [0.0, 0.01], "beta": [0.9], "lam": [1.0]}}
 TINY_PROTOCOL = dict(classes=3, shots=2, val_shots=1, test_per_class=2, tune_test_per_class=2, iters=3,
                      grids=TINY_GRIDS)
 
@@ -115,6 +115,7 @@ def test_kalman_protocol_end_to_end(tmp_path):
     assert text.startswith("# Method fidelity\n\nthe demo table\n")  # the rest of the report is kept
     assert "<!-- section:kalman -->" in text and "<!-- /section:kalman -->" in text
     assert "vlmkern fidelity --claims kalman --seeds 0 1" in text and "Default decision" in text
+    assert "s / (s + R)" in text  # how far the scalar filter's step was from the Polyak step
     assert os.path.exists(tmp_path / "out" / "kalman" / "kalman.json")
     # a second run replaces the section in place
     FI.run_fidelity(seeds=[0, 1], out=str(tmp_path / "out"), report=report, claims=["kalman"],
@@ -139,7 +140,7 @@ def test_arms_from_the_same_base_and_p_moves_only_with_per_sample_observations(t
     t = KP.task(0, p, int(info["settings"]["size"]), 2)
     assert len(t["train"][1]) == 6 and len(t["val"][1]) == 3 and len(t["test"][1]) == 6
     sc = KP.run_arm(base, tok, t, "kalman", {"p0": 0.1}, p, 0)
-    ps = KP.run_arm(base, tok, t, "kalman_ps", {"p0": 0.1, "q": 0.0, "R0": 1.0, "beta": 0.9, "lam": 1.0}, p, 0)
+    ps = KP.run_arm(base, tok, t, "kalman_ps", {"p0": 0.1}, p, 0)
     assert sc["curves"]["test"][0] == ps["curves"]["test"][0]  # same start
     # 6 observations per step against 1: P moves far more
     assert ps["p"]["mean_abs_log_p"] > 20 * sc["p"]["mean_abs_log_p"]
