@@ -96,7 +96,8 @@ def premise_kalman_moved(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     if any(v != v for v in vals):
         return {**NOT_CHECKED, "text": "premise not checked here (these results predate the record of P); the Kalman "
                                        "protocol section (`--claims kalman`) checks it"}
-    return premise_at_least(vals, KALMAN_P_MOVED_MIN, f"Kalman (observation={'/'.join(sorted(obs))}) mean |log p/p0|")
+    pr = premise_at_least(vals, KALMAN_P_MOVED_MIN, f"Kalman (observation={'/'.join(sorted(obs))}) mean |log p/p0|")
+    return {**pr, "text": pr["text"] + " (tuned on validation, both forms: the Kalman protocol section)"}
 
 
 def _cir_gap_growth(r: Dict[str, Any]) -> float:
