@@ -146,3 +146,21 @@ def test_arms_from_the_same_base_and_p_moves_only_with_per_sample_observations(t
     assert ps["p"]["mean_abs_log_p"] > 20 * sc["p"]["mean_abs_log_p"]
     after = base.state_dict()  # the arms train copies
     assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_demo_kalman_rows_check_that_p_moved():
+    def run(moved=None, obs="loss"):
+        k = {"curve": [], "final_acc": 0.5}
+        if moved is not None:
+            k.update(observation=obs, p_moved={"mean_abs_log_p": moved, "sd_log_p": 0.0})
+        return {"kalman": {"kalman": k, "adamw": {"final_acc": 0.5}}}
+
+    rows = [c for c in FI.CLAIMS if c["paper"] == "Kalman / LoKO"]
+    assert len(rows) == 2
+    for c in rows:
+        old = c["premise"]([run(), run()])  # results from before train_kalman recorded P
+        assert old["holds"] is None and "Kalman protocol" in old["text"]
+        scalar = c["premise"]([run(0.0003), run(0.0004), run(0.00035)])
+        assert scalar["holds"] is False and "observation=loss" in scalar["text"]
+        ps = c["premise"]([run(0.7, "per_sample"), run(0.72, "per_sample"), run(0.71, "per_sample")])
+        assert ps["holds"] is True
