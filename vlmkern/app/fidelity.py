@@ -84,19 +84,20 @@ def _not_checked(why: str) -> Callable[[Sequence[Dict[str, Any]]], Dict[str, Any
 
 
 # The Kalman claims' premise: the filter is more than SGD with a Polyak step, i.e. its covariance P
-# moved (mean |log(p / p0)| over the LoRA parameters at the end of the run, recorded by
-# vlmkern.app.methods.kalman.train_kalman). The same threshold as the Kalman protocol's
+# became a per-parameter preconditioner (sd over the LoRA parameters of log p at the end of the run,
+# recorded by vlmkern.app.methods.kalman.train_kalman; 0 for any scalar step size or schedule). The same threshold as the Kalman protocol's
 # (vlmkern/app/kalman_protocol.py, ``--claims kalman``, which tests these claims with tuning on validation).
 KALMAN_P_MOVED_MIN = 0.1
 
 
 def premise_kalman_moved(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    vals = [r["kalman"]["kalman"].get("p_moved", {}).get("mean_abs_log_p", float("nan")) for r in runs]
+    vals = [r["kalman"]["kalman"].get("p_moved", {}).get("sd_log_p", float("nan")) for r in runs]
     obs = {r["kalman"]["kalman"].get("observation", "?") for r in runs}
     if any(v != v for v in vals):
         return {**NOT_CHECKED, "text": "premise not checked here (these results predate the record of P); the Kalman "
                                        "protocol section (`--claims kalman`) checks it"}
-    pr = premise_at_least(vals, KALMAN_P_MOVED_MIN, f"Kalman (observation={'/'.join(sorted(obs))}) mean |log p/p0|")
+    pr = premise_at_least(vals, KALMAN_P_MOVED_MIN,
+                          f"Kalman (observation={'/'.join(sorted(obs))}) sd of log p over parameters")
     return {**pr, "text": pr["text"] + " (tuned on validation, both forms: the Kalman protocol section)"}
 
 
