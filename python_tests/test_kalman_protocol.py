@@ -91,7 +91,8 @@ def test_claim_rows_premise_and_verdicts():
     for rid in ("iters_kalman", "auc_kalman", "acc_kalman"):
         assert rows[rid]["verdict"] == "premise absent"
     # the sanity tie and the default decision carry no paper premise
-    assert rows["tie_scalar_polyak"]["verdict"] == "reproduced" and rows["tie_scalar_polyak"]["premise"]["holds"] is None
+    tie = rows["tie_scalar_polyak"]
+    assert tie["verdict"] == "reproduced" and tie["premise"]["holds"] is None
     assert rows["default"]["verdict"] == "reproduced"
     assert KP.default_decision(list(rows.values()))["per_sample"] is True
 

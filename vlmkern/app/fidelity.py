@@ -85,8 +85,9 @@ def _not_checked(why: str) -> Callable[[Sequence[Dict[str, Any]]], Dict[str, Any
 
 # The Kalman claims' premise: the filter is more than SGD with a Polyak step, i.e. its covariance P
 # became a per-parameter preconditioner (sd over the LoRA parameters of log p at the end of the run,
-# recorded by vlmkern.app.methods.kalman.train_kalman; 0 for any scalar step size or schedule). The same threshold as the Kalman protocol's
-# (vlmkern/app/kalman_protocol.py, ``--claims kalman``, which tests these claims with tuning on validation).
+# recorded by vlmkern.app.methods.kalman.train_kalman; 0 for any scalar step size or schedule). The same
+# threshold as the Kalman protocol's (vlmkern/app/kalman_protocol.py, ``--claims kalman``, which tests these
+# claims with tuning on validation).
 KALMAN_P_MOVED_MIN = 0.1
 
 

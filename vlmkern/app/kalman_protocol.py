@@ -13,9 +13,10 @@ one unit of information per step); the per-sample form can.
 2. **Few-shot task**, per seed: ``classes`` (shape, colour) classes, class prompts "a photo of
    a {colour} {shape}.", images of a *shifted* domain (:func:`shifted_render`: the synthetic
    world's renders under fixed vertical stripes blended in at 30% and pixel noise, the same for
-   every image, which the base model never saw): ``shots`` training images per class, ``val_shots`` more per class from the same draw as
-   the **validation split** (early stopping), ``test_per_class`` fresh images per class as the
-   **test set** (claims only). LoRA (rank ``lora_rank``) on the image tower is the only trainable part
+   every image, which the base model never saw): ``shots`` training images per class,
+   ``val_shots`` more per class from the same draw as the **validation split** (early stopping),
+   ``test_per_class`` fresh images per class as the **test set** (claims only). LoRA (rank
+   ``lora_rank``) on the image tower is the only trainable part
    (the text tower is frozen, its class features computed once: the per-sample Jacobian of a text
    LoRA costs a text backward batched over the M samples, too slow for this protocol's budget);
    full batch, ``iters`` iterations, validation and test accuracy after every iteration.
@@ -423,10 +424,12 @@ def section(runs, rows, base_info, tuning, command: str, seconds: float, tune_se
         f"Base model: the converged micro CLIP of the OSR protocol (`{s['model']}`, cache key `{base_info['key']}`"
         f"{', read from the cache' if base_info.get('cached') else ''}; fixed tau {s['tau']:g}). Task, per seed: "
         f"{K} (shape, colour) classes with prompts \"a photo of a {{colour}} {{shape}}.\", images of a shifted "
-        f"domain the base model never saw (fixed vertical stripes blended in at 30%, pixel noise): {p['shots']} training images "
+        f"domain the base model never saw (fixed vertical stripes blended in at 30%, pixel noise): {p['shots']} "
+        f"training images "
         f"per class (M = {M} observations per per-sample step), {p['val_shots']} validation images per class "
         f"from the same draw (early stopping), {p['test_per_class']} test images per class (claims only). LoRA "
-        f"rank {p['lora_rank']} on the image tower ({n_lora:,} parameters; text tower frozen, class features once), full batch, {p['iters']} iterations, "
+        f"rank {p['lora_rank']} on the image tower ({n_lora:,} parameters; text tower frozen, class features once), "
+        f"full batch, {p['iters']} iterations, "
         f"accuracy after every one. Early stopping for every arm: after iteration t the deployed model is the "
         f"checkpoint with the best validation accuracy among 0..t; its test accuracy is the curve.",
         "",
