@@ -100,6 +100,10 @@ def test_kalman_trainer_curve(tmp_path, optimizer, observation, jacobian):
     assert all(0 <= c["val_acc"] <= 1 for c in res["curve"])
     trainable = [n for n, p in m.named_parameters() if p.requires_grad]
     assert trainable and all("lora" in n.lower() for n in trainable)
+    if optimizer == "kalman":  # how far P moved (the fidelity report's premise): more with per-sample observations
+        assert res["observation"] == observation and res["p_moved"]["mean_abs_log_p"] > 0
+    else:
+        assert "p_moved" not in res
 
 
 def test_cli_train_then_eval_each_checkpoint_kind(tmp_path):

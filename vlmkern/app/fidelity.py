@@ -15,7 +15,8 @@ seed, same pretrained model). A claim is
   measured value instead. A claim without a check says "premise not checked".
 
 Claims with their own protocol (``--claims osr``: :mod:`vlmkern.app.osr_protocol`;
-``--claims hgcl``: :mod:`vlmkern.app.hgcl_protocol`) run apart from the demo, on the
+``--claims hgcl``: :mod:`vlmkern.app.hgcl_protocol`; ``--claims kalman``:
+:mod:`vlmkern.app.kalman_protocol`) run apart from the demo, on the
 cached converged base model of :mod:`vlmkern.app.base_model`, and write their own
 section of the report.
 
@@ -82,6 +83,25 @@ def _not_checked(why: str) -> Callable[[Sequence[Dict[str, Any]]], Dict[str, Any
     return lambda runs: {**NOT_CHECKED, "text": f"premise not checked ({why})"}
 
 
+# The Kalman claims' premise: the filter is more than SGD with a Polyak step, i.e. its covariance P
+# became a per-parameter preconditioner (sd over the LoRA parameters of log p at the end of the run,
+# recorded by vlmkern.app.methods.kalman.train_kalman; 0 for any scalar step size or schedule). The same
+# threshold as the Kalman protocol's (vlmkern/app/kalman_protocol.py, ``--claims kalman``, which tests these
+# claims with tuning on validation).
+KALMAN_P_MOVED_MIN = 0.1
+
+
+def premise_kalman_moved(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    vals = [r["kalman"]["kalman"].get("p_moved", {}).get("sd_log_p", float("nan")) for r in runs]
+    obs = {r["kalman"]["kalman"].get("observation", "?") for r in runs}
+    if any(v != v for v in vals):
+        return {**NOT_CHECKED, "text": "premise not checked here (these results predate the record of P); the Kalman "
+                                       "protocol section (`--claims kalman`) checks it"}
+    pr = premise_at_least(vals, KALMAN_P_MOVED_MIN,
+                          f"Kalman (observation={'/'.join(sorted(obs))}) sd of log p over parameters")
+    return {**pr, "text": pr["text"] + " (tuned on validation, both forms: the Kalman protocol section)"}
+
+
 def _cir_gap_growth(r: Dict[str, Any]) -> float:
     """The plain CIR run's train - validation R@5 gap at the end minus after its first epoch."""
     h = r["wrf4cir"]["plain"]["history"]
@@ -125,11 +145,11 @@ CLAIMS: List[Claim] = [
     dict(paper="Kalman / LoKO", claim="the Kalman optimizer needs fewer iterations than AdamW",
          metric="iterations AdamW needs minus iterations Kalman needs to reach 95% of AdamW's best val accuracy "
                 "(validation after every iteration at the default scale)",
-         value=_kalman_iters, sign=+1, pct=False, premise=_not_checked("none stated")),
+         value=_kalman_iters, sign=+1, pct=False, premise=lambda runs: premise_kalman_moved(runs)),
     dict(paper="Kalman / LoKO", claim="the Kalman optimizer reaches at least AdamW's accuracy",
          metric="final val accuracy, Kalman minus AdamW",
          value=_paired("kalman", "kalman", "adamw", "final_acc"), sign=+1, pct=True,
-         premise=_not_checked("none stated")),
+         premise=lambda runs: premise_kalman_moved(runs)),
 ]
 
 
@@ -189,6 +209,20 @@ def premise_above_zero(values: Sequence[float], what: str, pct: bool = True, k: 
 NOT_CHECKED = {"holds": None, "value": float("nan"), "text": "premise not checked"}
 
 
+def premise_at_least(values: Sequence[float], threshold: float, what: str, k: float = 2.0) -> Dict[str, Any]:
+    """Premise "``values`` exceed ``threshold`` by more than ``k`` standard errors" (seed to seed; plain
+    numbers, not points): for a quantity that is positive by construction (how far a covariance moved), where
+    "above zero" says nothing."""
+    st = summarize(values)
+    if st["n"] < 2:
+        return {"holds": None, "value": st["mean"], "se": st["se"],
+                "text": f"{what}: {st['n']} seed(s), needs >= 2 to check"}
+    holds = st["mean"] - k * st["se"] > threshold
+    return {"holds": bool(holds), "value": st["mean"], "se": st["se"],
+            "text": f"{what} {st['mean']:.3g} (SE {st['se']:.2g}, seed to seed; needs > {threshold:g} + {k:g} SE): "
+                    f"{'present' if holds else 'absent'}"}
+
+
 def verdict(values: Sequence[float], sign: int, premise: Dict[str, Any] | None = None) -> str:
     """reproduced / partly reproduced / not reproduced (see the module docstring); *premise absent*
     when ``premise["holds"]`` is False (None or no premise: not checked, the verdict stands)."""
@@ -203,6 +237,39 @@ def verdict(values: Sequence[float], sign: int, premise: Dict[str, Any] | None =
     if sign * mean > 0:
         return "partly reproduced"
     return "not reproduced"
+
+
+def verdict_at_least(values: Sequence[float], margin: float, premise: Dict[str, Any] | None = None) -> str:
+    """Non-inferiority ("at least as good", within ``margin``): *reproduced* when the 95% interval's lower end is
+    above ``-margin``, *not reproduced* when its upper end is below 0, else *inconclusive*; *premise absent* as
+    :func:`verdict`."""
+    if premise is not None and premise.get("holds") is False:
+        return "premise absent"
+    st = summarize(values)
+    if st["n"] < 2:
+        return "not measured"
+    lo, hi = st["ci"]
+    if lo > -margin:
+        return "reproduced"
+    if hi < 0:
+        return "not reproduced"
+    return "inconclusive"
+
+
+def verdict_tie(values: Sequence[float], margin: float, premise: Dict[str, Any] | None = None) -> str:
+    """Equivalence ("ties", within ``margin``): *reproduced* when the 95% interval lies inside
+    ``[-margin, margin]``, *not reproduced* when it excludes 0 and leaves that band, else *inconclusive*."""
+    if premise is not None and premise.get("holds") is False:
+        return "premise absent"
+    st = summarize(values)
+    if st["n"] < 2:
+        return "not measured"
+    lo, hi = st["ci"]
+    if -margin < lo and hi < margin:
+        return "reproduced"
+    if (lo > 0 or hi < 0) and (lo < -margin or hi > margin):
+        return "not reproduced"
+    return "inconclusive"
 
 
 def evaluate_claims(runs: Sequence[Dict[str, Any]], claims: Sequence[Claim] = CLAIMS) -> List[Dict[str, Any]]:
@@ -332,21 +399,24 @@ def _settings_lines(r: Dict[str, Any]) -> List[str]:
 
 # ``--claims`` names: "demo" = the claims read from the demo's runs (:data:`CLAIMS`); the others
 # are claims with their own protocol, each writing its own section of the report.
-CLAIM_GROUPS = ("demo", "osr", "hgcl")
+CLAIM_GROUPS = ("demo", "osr", "hgcl", "kalman")
 DEFAULT_CACHE = os.environ.get("VLMKERN_CACHE", os.path.join("runs", "cache"))
 
 
 def run_fidelity(seeds: Sequence[int] = (0, 1, 2), scale: str = "default", out: str = "runs/fidelity",
                  report: str = "runs/fidelity/FIDELITY.md", command: str = "vlmkern fidelity",
                  reuse: bool = False, claims: Sequence[str] | None = None,
-                 cache_dir: str | None = None, protocol: Dict[str, Any] | None = None) -> List[Dict[str, Any]]:
+                 cache_dir: str | None = None, protocol: Dict[str, Any] | None = None,
+                 kalman_protocol: Dict[str, Any] | None = None) -> List[Dict[str, Any]]:
     """Run the claims ``claims`` (default: all of :data:`CLAIM_GROUPS`) and write the report.
 
     "demo": the demo for each seed (``reuse``: read ``<out>/seed<n>/results.json`` where a
     finished run of the same scale left one), its claims' table; "osr": the OSR protocol
     (:func:`vlmkern.app.osr_protocol.run_osr`, base model cached under ``cache_dir``), its section;
     "hgcl": the HGCL-vs-GCL protocol (:func:`vlmkern.app.hgcl_protocol.run_hgcl`, same base model), its
-    section; ``protocol`` overrides that protocol's settings (``lr_mults``, ...), the OSR protocol ignores it."""
+    section; ``protocol`` overrides that protocol's settings (``lr_mults``, ...), the OSR protocol ignores it;
+    "kalman": the Kalman optimizer's protocol (:func:`vlmkern.app.kalman_protocol.run_kalman`, same base model,
+    settings overridden by ``kalman_protocol``), its section."""
     claims = list(CLAIM_GROUPS) if not claims else list(claims)
     unknown = [c for c in claims if c not in CLAIM_GROUPS]
     if unknown:
@@ -370,6 +440,15 @@ def run_fidelity(seeds: Sequence[int] = (0, 1, 2), scale: str = "default", out: 
                        cache_dir=os.path.join(cache_dir or DEFAULT_CACHE, CACHE_SUBDIR), command=command,
                        protocol=protocol)
         upsert_section(report, "hgcl", res["section"])
+        rows += res["rows"]
+    if "kalman" in claims:
+        from .kalman_protocol import run_kalman
+
+        os.environ.setdefault("VLMKERN_NO_PROGRESS", "1")
+        res = run_kalman(seeds, out=os.path.join(out, "kalman"),
+                         cache_dir=os.path.join(cache_dir or DEFAULT_CACHE, CACHE_SUBDIR), command=command,
+                         protocol=kalman_protocol)
+        upsert_section(report, "kalman", res["section"])
         rows += res["rows"]
     return rows
 

@@ -190,4 +190,20 @@ def train_kalman(model, tokenizer, train_ds, val_ds, prompts: List[str], cfg: Ka
     save_checkpoint(ckpt, model=model.state_dict(), optimizer=opt.state_dict(), step=step, curve=curve,
                     pass_state=pass_state, pass_pos=pos, pass_epoch=epoch)
     logger.close()
-    return {"optimizer": cfg.optimizer, "curve": curve, "final_acc": curve[-1]["val_acc"]}
+    out = {"optimizer": cfg.optimizer, "curve": curve, "final_acc": curve[-1]["val_acc"]}
+    if cfg.optimizer == "kalman":  # how far P moved from its prior (the fidelity report's premise)
+        out["observation"] = cfg.observation
+        out["p_moved"] = p_moved(opt, params, cfg.p0)
+    return out
+
+
+@torch.no_grad()
+def p_moved(opt, params, p0: float) -> Dict[str, float]:
+    """How far a KalmanOptimizer's P moved from ``p0``: mean over the parameters of |log(p / p0)|, and the
+    spread (sd over the parameters) of log p, which any scalar step size leaves at 0."""
+    logs = torch.cat([(opt.state[q]["variance"].double() / p0).log().flatten() for q in params
+                      if "variance" in opt.state[q]])
+    if logs.numel() == 0:
+        return {"mean_abs_log_p": 0.0, "sd_log_p": 0.0, "mean_log_p": 0.0}
+    return {"mean_abs_log_p": float(logs.abs().mean()), "sd_log_p": float(logs.std()) if logs.numel() > 1 else 0.0,
+            "mean_log_p": float(logs.mean())}
