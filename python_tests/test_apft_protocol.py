@@ -145,3 +145,5 @@ def test_apft_protocol_end_to_end(tmp_path):
     for arm in ("full", "lora", "apft"):
         a = run["arms"]["0.1"][arm]
         assert 1 <= a["epochs"] <= 3 and 0 <= a["test"]["plain_acc"] <= 1
+    # the section can be rendered again from the saved results, word for word
+    assert A.rerender(str(tmp_path / "fid" / "apft")) == text

@@ -219,8 +219,8 @@ def _mean(xs: Sequence[float]) -> float:
 
 
 def section(runs: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any]], base_info: Dict[str, Any],
-            command: str, seconds: float) -> str:
-    """The APFT protocol's section of the fidelity report (markdown)."""
+            command: str, seconds: float, when: Optional[str] = None) -> str:
+    """The APFT protocol's section of the fidelity report (markdown); ``when``: the run's time (default now)."""
     from .data.synthetic import STYLES
 
     s, p = base_info["settings"], runs[0]["protocol"]
@@ -236,7 +236,7 @@ def section(runs: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any]], base
         "## APFT protocol: a base model with zero-shot skill, a shifted long-tailed domain, forgetting",
         "",
         f"Command: `{command}` ({seconds / 60:.1f} min on {platform.machine()}, {torch.get_num_threads()} "
-        f"thread(s), torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). "
+        f"thread(s), torch {torch.__version__}, {when or time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). "
         f"Seeds {[r['seed'] for r in runs]}. Protocol: `vlmkern/app/apft_protocol.py`.",
         "",
         f"Base model: the converged micro CLIP of the OSR section (`vlmkern/app/base_model.py`, cache key "
@@ -293,10 +293,40 @@ def section(runs: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any]], base
                 f"| {100 * _mean([_plain(x['test']) for x in rs]):.1f} | {_mean([x['epochs'] for x in rs]):.1f} "
                 f"| {_mean([x['phases_used'] for x in rs]):.1f} |")
     lines += ["", *claim_table_lines(rows)]
+    ph = {key: _mean([r["arms"][key]["apft"]["phases_used"] for r in runs]) for key in runs[0]["arms"]
+          if "apft" in runs[0]["arms"][key]}
+    if ph and max(ph.values()) <= 1.0:
+        lines += ["", f"APFT never left phase 0 (projections only, {100 * runs[0]['arms'][next(iter(ph))]['apft']['trainable_frac']:.1f}% "
+                  f"of the parameters) within {p['max_epochs']} epochs at any LR here: its validation loss was still "
+                  "falling, so no trigger fired. These rows therefore compare APFT's first phase with full "
+                  "fine-tuning, not its progressive unfreezing."]
     lines += ["", "The forgetting claim's value is APFT's unshifted-domain accuracy minus full fine-tuning's "
               "(> 0: APFT forgets less). The paper's numbers are on HISTORY-X4 with ViT-L/14@336 and are beside "
               "each claim for its direction, not its size."]
     return "\n".join(lines) + "\n"
+
+
+def rerender(out: str = "runs/fidelity/apft", report: Optional[str] = None, command: Optional[str] = None) -> str:
+    """The section again from a finished run's ``<out>/apft.json`` (same runs, rows, base model and wall time;
+    the text of this code): for a report whose wording changed after the run. Upserts it into ``report``
+    when given; returns it."""
+    import json
+
+    from .fidelity import _int_keys, upsert_section
+
+    with open(os.path.join(out, "apft.json")) as f:
+        res = _int_keys(json.load(f))
+    import re
+
+    old = os.path.join(out, "apft.md")
+    first = open(old).read() if os.path.exists(old) else ""
+    m = re.search(r"Command: `([^`]*)`", first)
+    cmd = command or (m.group(1) if m else "vlmkern fidelity --claims apft")
+    w = re.search(r"(\d{4}-\d\d-\d\d \d\d:\d\d UTC)\)", first)
+    text = section(res["runs"], res["rows"], res["base"], cmd, res["seconds"], when=w.group(1) if w else None)
+    if report:
+        upsert_section(report, "apft", text)
+    return text
 
 
 def run_apft(seeds: Sequence[int] = (0, 1, 2), out: str = "runs/fidelity/apft",
