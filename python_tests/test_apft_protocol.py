@@ -117,6 +117,15 @@ def test_premise_and_claim_rows():
             assert r["premise"]["holds"] is True and r["verdict"] != "premise absent"
 
 
+def test_demo_apft_rows_point_to_the_protocol():
+    rows = [c for c in FI.CLAIMS if c["paper"] == "APFT"]
+    assert len(rows) == 2 and "apft" in FI.CLAIM_GROUPS
+    for c in rows:
+        p = c["premise"]([])
+        assert p["holds"] is False and "APFT protocol section" in p["text"]
+        assert FI.verdict([0.1, 0.2], +1, p) == "premise absent"
+
+
 def test_apft_protocol_end_to_end(tmp_path):
     torch.set_num_threads(1)
     report = str(tmp_path / "FIDELITY.md")
