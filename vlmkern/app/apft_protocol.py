@@ -174,7 +174,7 @@ def run_seed(base, tok, base_info: Dict[str, Any], seed: int, protocol: Optional
     counts = [sets["train"].labels.count(k) for k in range(p["num_classes"])]
     return {"seed": seed, "base": base_m, "arms": arms, "selected": selected, "groups": groups,
             "train_counts": counts, "n": {k: len(v) for k, v in sets.items()}, "seconds": time.time() - t0,
-            "protocol": p}
+            "loadavg": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"), "protocol": p}
 
 
 # ---------------------------------------------------------------------------------------- claims
@@ -219,8 +219,9 @@ def _mean(xs: Sequence[float]) -> float:
 
 
 def section(runs: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any]], base_info: Dict[str, Any],
-            command: str, seconds: float, when: Optional[str] = None) -> str:
-    """The APFT protocol's section of the fidelity report (markdown); ``when``: the run's time (default now)."""
+            command: str, seconds: float, when: Optional[str] = None, note: str = "") -> str:
+    """The APFT protocol's section of the fidelity report (markdown); ``when``: the run's time (default now);
+    ``note``: a sentence on the conditions of the run, after the command."""
     from .data.synthetic import STYLES
 
     s, p = base_info["settings"], runs[0]["protocol"]
@@ -237,7 +238,12 @@ def section(runs: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any]], base
         "",
         f"Command: `{command}` ({seconds / 60:.1f} min on {platform.machine()}, {torch.get_num_threads()} "
         f"thread(s), torch {torch.__version__}, {when or time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}). "
-        f"Seeds {[r['seed'] for r in runs]}. Protocol: `vlmkern/app/apft_protocol.py`.",
+        f"Seeds {[r['seed'] for r in runs]}. Protocol: `vlmkern/app/apft_protocol.py`."
+        + ("" if not all("loadavg" in r for r in runs) else
+           " Load average (1 min) at the end of each seed: " + ", ".join(f"{r['loadavg']:.1f}" for r in runs)
+           + f" (on {os.cpu_count()} cores: above that, other jobs shared the machine and the wall time is longer "
+           "than an idle machine's).")
+        + (f" {note}" if note else ""),
         "",
         f"Base model: the converged micro CLIP of the OSR section (`vlmkern/app/base_model.py`, cache key "
         f"`{base_info['key']}`{', read from the cache' if base_info.get('cached') else ''}), pretrained on "
@@ -306,7 +312,8 @@ def section(runs: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any]], base
     return "\n".join(lines) + "\n"
 
 
-def rerender(out: str = "runs/fidelity/apft", report: Optional[str] = None, command: Optional[str] = None) -> str:
+def rerender(out: str = "runs/fidelity/apft", report: Optional[str] = None, command: Optional[str] = None,
+             note: str = "") -> str:
     """The section again from a finished run's ``<out>/apft.json`` (same runs, rows, base model and wall time;
     the text of this code): for a report whose wording changed after the run. Upserts it into ``report``
     when given; returns it."""
@@ -323,7 +330,8 @@ def rerender(out: str = "runs/fidelity/apft", report: Optional[str] = None, comm
     m = re.search(r"Command: `([^`]*)`", first)
     cmd = command or (m.group(1) if m else "vlmkern fidelity --claims apft")
     w = re.search(r"(\d{4}-\d\d-\d\d \d\d:\d\d UTC)\)", first)
-    text = section(res["runs"], res["rows"], res["base"], cmd, res["seconds"], when=w.group(1) if w else None)
+    text = section(res["runs"], res["rows"], res["base"], cmd, res["seconds"], when=w.group(1) if w else None,
+                   note=note)
     if report:
         upsert_section(report, "apft", text)
     return text
