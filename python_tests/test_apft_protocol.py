@@ -78,7 +78,8 @@ def test_make_sets_adds_the_unshifted_domain():
     assert len(plain.classes) == len(S.SHAPES) * len(S.COLOUR_NAMES) and len(plain) == len(plain.classes)
     assert plain.style == "plain" and sets["test"].style == "archival"
     a, y = plain.attrs[3], plain.labels[3]
-    assert torch.equal(plain[3][0], S.normalize(S.render(a, 16, 100, 3_000_000 + 3))) and plain.classes[y] == (a.shape, a.colour)
+    assert torch.equal(plain[3][0], S.normalize(S.render(a, 16, 100, 3_000_000 + 3)))
+    assert plain.classes[y] == (a.shape, a.colour)
 
 
 def _m(tail_i2t, tail_t2i, plain):

@@ -266,7 +266,8 @@ def section(runs: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any]], base
         f"({p['plain_per_class']} per combination, all 48 classes, 48-way zero-shot).",
         "",
         f"Arms, from the same base weights with the same trainer (`vlmkern/app/methods/apft.py`): full "
-        f"fine-tuning" + (f" and LoRA (rank {p['lora_rank']}, alpha {p['lora_alpha']:g})" if "lora" in p["arms"] else "")
+        f"fine-tuning"
+        + (f" and LoRA (rank {p['lora_rank']}, alpha {p['lora_alpha']:g})" if "lora" in p["arms"] else "")
         + f" with OneCycleLR, APFT (phases: projections; then the last block of each tower inwards; frontends "
         f"last; window {p['window']}, thresholds 15% / 1e-4 / 1e-4 as in the paper, CosineAnnealingWarmRestarts "
         f"period {p['t0_epochs']} epochs); AdamW, batch {p['batch']}, wd {p['wd']:g}, at most {p['max_epochs']} "
@@ -302,7 +303,8 @@ def section(runs: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any]], base
     ph = {key: _mean([r["arms"][key]["apft"]["phases_used"] for r in runs]) for key in runs[0]["arms"]
           if "apft" in runs[0]["arms"][key]}
     if ph and max(ph.values()) <= 1.0:
-        lines += ["", f"APFT never left phase 0 (projections only, {100 * runs[0]['arms'][next(iter(ph))]['apft']['trainable_frac']:.1f}% "
+        frac = runs[0]["arms"][next(iter(ph))]["apft"]["trainable_frac"]
+        lines += ["", f"APFT never left phase 0 (projections only, {100 * frac:.1f}% "
                   f"of the parameters) within {p['max_epochs']} epochs at any LR here: its validation loss was still "
                   "falling, so no trigger fired. These rows therefore compare APFT's first phase with full "
                   "fine-tuning, not its progressive unfreezing."]

@@ -315,7 +315,8 @@ class StyledLabelled(torch.utils.data.Dataset):
                  image_size: int, offset: int, style: str):
         self.attrs, self.labels, self.classes, self.style = attrs, list(labels), list(classes), style
         self.images = (torch.stack([normalize(render_styled(a, image_size, seed, offset + i, style))
-                                    for i, a in enumerate(attrs)]) if attrs else torch.zeros(0, 3, image_size, image_size))
+                                    for i, a in enumerate(attrs)])
+                       if attrs else torch.zeros(0, 3, image_size, image_size))
 
     def __len__(self):
         return len(self.attrs)
