@@ -263,3 +263,99 @@ def cir_triplets(n: int, seed: int = 0, image_size: int = 32, gallery_size: Opti
     while gallery_size is not None and len(gallery) < gallery_size:
         add(random_attrs(g))
     return CIRDataset(gallery, triplets, seed, image_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# The APFT protocol's world (issue 18): a shifted rendering style and a long-tailed labelled set
+# ---------------------------------------------------------------------------------------------
+
+# "archival": a faded sepia print, the fine-tuning domain of the APFT protocol (the paper's domain is
+# archival photographs). Applied per pixel to :func:`render`'s image: colours pulled ``desat`` of the way
+# to their grey level, the black level lifted to ``lift`` and the contrast cut to ``gain``, a sepia cast
+# (``tint``, per channel) and film grain (``grain``, sd per pixel). :func:`render` itself is unchanged
+# (the base model's cache key hashes its source), so "plain" is exactly the pretraining domain.
+STYLES: Dict[str, Dict] = {
+    "plain": {},
+    "archival": dict(desat=0.6, lift=0.35, gain=0.5, tint=(1.0, 0.82, 0.58), grain=0.05),
+}
+
+
+def render_styled(a: Attrs, size: int = 32, seed: int = 0, index: int = 0, style: str = "plain") -> torch.Tensor:
+    """:func:`render` in a visual ``style`` of :data:`STYLES` (float32 [3, size, size] in [0, 1]); "plain"
+    is :func:`render` itself, bit for bit."""
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; choose from {tuple(STYLES)}")
+    img = render(a, size, seed, index)
+    st = STYLES[style]
+    if not st:
+        return img
+    grey = (0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2]).unsqueeze(0)
+    img = (1 - st["desat"]) * img + st["desat"] * grey
+    img = st["lift"] + st["gain"] * img
+    img = img * torch.tensor(st["tint"], dtype=img.dtype).view(3, 1, 1)
+    g = _gen(seed, index, 5)
+    img = img + st["grain"] * torch.randn(1, size, size, generator=g)  # monochrome grain, like film
+    return img.clamp(0, 1)
+
+
+def longtail_counts(num_classes: int, head_count: int, zipf: float = 1.2, min_count: int = 1) -> List[int]:
+    """Training images per class, class ``k`` (0 = the head) getting ``round(head_count / (k + 1) ** zipf)``,
+    at least ``min_count``: a deterministic Zipf long tail (non-increasing in ``k``)."""
+    if num_classes < 1 or head_count < 1 or min_count < 1:
+        raise ValueError(f"num_classes, head_count and min_count must be >= 1, got {num_classes}, {head_count}, "
+                         f"{min_count}")
+    return [max(min_count, int(round(head_count / (k + 1) ** zipf))) for k in range(num_classes)]
+
+
+class StyledLabelled(torch.utils.data.Dataset):
+    """Pre-rendered labelled images ``(image, label, index)`` in one style; ``classes[label]`` is a
+    (shape, colour) pair and ``labels`` is a plain list (as :func:`labelled`'s datasets)."""
+
+    def __init__(self, attrs: List[Attrs], labels: List[int], classes: List[Tuple[str, str]], seed: int,
+                 image_size: int, offset: int, style: str):
+        self.attrs, self.labels, self.classes, self.style = attrs, list(labels), list(classes), style
+        self.images = (torch.stack([normalize(render_styled(a, image_size, seed, offset + i, style))
+                                    for i, a in enumerate(attrs)])
+                       if attrs else torch.zeros(0, 3, image_size, image_size))
+
+    def __len__(self):
+        return len(self.attrs)
+
+    def prompts(self, template: str = "a photo of a {colour} {shape}.") -> List[str]:
+        return [template.format(colour=c, shape=s) for s, c in self.classes]
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i], i
+
+
+def styled_labelled(classes: Sequence[Tuple[str, str]], counts: Sequence[int], seed: int, image_size: int = 16,
+                    style: str = "plain", offset: int = 0) -> StyledLabelled:
+    """``counts[k]`` images of class ``classes[k]`` each (size and position drawn at random), rendered in
+    ``style``; a pure function of its arguments."""
+    if len(classes) != len(counts):
+        raise ValueError(f"{len(classes)} classes but {len(counts)} counts")
+    g = _gen(seed, offset, 6)
+    attrs, labels = [], []
+    for k, ((s, c), n) in enumerate(zip(classes, counts)):
+        for _ in range(int(n)):
+            attrs.append(Attrs(s, c, SIZES[int(torch.randint(2, (1,), generator=g))],
+                               POS_NAMES[int(torch.randint(len(POS_NAMES), (1,), generator=g))]))
+            labels.append(k)
+    return StyledLabelled(attrs, labels, list(classes), seed, image_size, offset, style)
+
+
+def shifted_longtail(seed: int = 0, num_classes: int = 30, head_count: int = 64, zipf: float = 1.2,
+                     min_count: int = 1, val_per_class: int = 4, test_per_class: int = 8, image_size: int = 16,
+                     style: str = "archival") -> Dict[str, StyledLabelled]:
+    """The APFT protocol's fine-tuning domain: ``num_classes`` (shape, colour) classes drawn per seed, in
+    ``style``; ``train`` long-tailed (:func:`longtail_counts`: class 0 is the head), ``val`` and ``test``
+    balanced, every split with its own renders."""
+    combos = [(s, c) for s in SHAPES for c in COLOUR_NAMES]
+    if not 1 <= num_classes <= len(combos):
+        raise ValueError(f"num_classes must be in [1, {len(combos)}], got {num_classes}")
+    perm = torch.randperm(len(combos), generator=_gen(seed, 0, 7)).tolist()
+    classes = [combos[i] for i in perm[:num_classes]]
+    return {"train": styled_labelled(classes, longtail_counts(num_classes, head_count, zipf, min_count), seed,
+                                     image_size, style, 0),
+            "val": styled_labelled(classes, [val_per_class] * num_classes, seed, image_size, style, 1_000_000),
+            "test": styled_labelled(classes, [test_per_class] * num_classes, seed, image_size, style, 2_000_000)}

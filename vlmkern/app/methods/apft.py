@@ -65,6 +65,7 @@ class APFTTrainConfig:
     t0_epochs: int = field(default=5, metadata={"help": "CosineAnnealingWarmRestarts period"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step (exact: per-sample loss)"})
     tensorboard: bool = False
+    checkpoint: bool = field(default=True, metadata={"help": "save a resumable checkpoint after every epoch"})
 
     def __post_init__(self):
         if self.grad_accum < 1:
@@ -191,8 +192,10 @@ def train_apft(model, tokenizer, train_ds, val_ds, prompts: List[str], cfg: APFT
             trainable_frac = set_trainable_phase(model, phases, state.phase)
             opt = _make_optimizer(model.parameters(), state.lr, state.wd)  # optimizer state reset
             scheduler = new_scheduler(opt)
-        save_checkpoint(ckpt, model=model.state_dict(), optimizer=opt.state_dict(), scheduler=scheduler.state_dict(),
-                        schedule=state.state_dict(), best_state=best_state, loader_rng=loader.generator.get_state())
+        if cfg.checkpoint:
+            save_checkpoint(ckpt, model=model.state_dict(), optimizer=opt.state_dict(), scheduler=scheduler.state_dict(),
+                            schedule=state.state_dict(), best_state=best_state,
+                            loader_rng=loader.generator.get_state())
     model.load_state_dict(best_state)  # restore the best weights
     final = evaluate(model, tokenizer, val_ds, prompts, groups, device, ks=cfg.eval_ks, amp=cfg.amp)
     result = {"strategy": cfg.strategy, "best_epoch": state.best_epoch, "best_val_loss": state.best_loss,
