@@ -463,6 +463,7 @@ def run_fidelity(seeds: Sequence[int] = (0, 1, 2), scale: str = "default", out: 
                          cache_dir=os.path.join(cache_dir or DEFAULT_CACHE, CACHE_SUBDIR), command=command,
                          protocol=kalman_protocol)
         upsert_section(report, "kalman", res["section"])
+        rows += res["rows"]
     if "apft" in claims:
         from .apft_protocol import run_apft
 
