@@ -441,7 +441,19 @@ def section(runs: Sequence[Dict[str, Any]], rows: Sequence[Dict[str, Any]], base
                      f"{', '.join(pts(v) for v in x['values'])} | {pts(x['mean'])} ({sd}) | {_ci(x['ci'], True)} "
                      f"| **{x['verdict']}** |")
     lines += ["", "Values in points of mean R. The gap claim's direction is below 0 (narrower). Premise as above "
-              "for every row. Tiny model, synthetic world: this checks the direction of an effect at this scale."]
+              "for every row. Tiny model, synthetic world: this checks the direction of an effect at this scale.",
+              "", "Context, not verdicts (the verdicts use the selected gamma only): adversarial minus plain at every "
+              "grid gamma, paired per seed, mean and 95% CI:", "",
+              "| gamma | train mean R (end) | val mean R (end) | train - val gap (end) |", "|---|---|---|---|"]
+    from .fidelity import summarize
+
+    for g in p["gammas"]:
+        a = arm_name("adversarial", g)
+        cells = []
+        for key in ("train", "val", "gap"):
+            st = summarize([r["arms"][a]["final"][key] - r["arms"]["plain"]["final"][key] for r in runs])
+            cells.append(f"{pts(st['mean'])} {_ci(st['ci'], True)}")
+        lines.append(f"| {g:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
