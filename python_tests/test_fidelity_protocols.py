@@ -152,3 +152,105 @@ def test_osr_claim_rows_verdicts():
     rows = O.claim_rows([_fake_run(i, d, b) for i, (d, b) in enumerate(zip(dips, better))])
     main = [x for x in rows if x["arm"] == "mvu" and x["baseline"] == "none"][0]
     assert main["verdict"] == "partly reproduced"
+
+
+# ----------------------------------------------------------------------------------- WRF4CIR
+
+from vlmkern.app import wrf4cir_protocol as W  # noqa: E402
+
+TINY_WRF = dict(n_train=32, n_tune=16, n_val=16, gallery=64, batch=16, epochs=4, warmup_epochs=1, lr=1e-3,
+                gammas=(1e-3, 1e-2), eval_every=2)
+
+
+def test_wrf4cir_protocol_end_to_end(tmp_path):
+    torch.set_num_threads(1)
+    msgs = []
+    res = W.run_wrf4cir(seeds=(0, 1), out=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"),
+                        base_settings=TINY_BASE, protocol=TINY_WRF, command="vlmkern fidelity --claims wrf4cir",
+                        log=msgs.append)
+    assert res["selection"]["gamma"] in TINY_WRF["gammas"]
+    arms = set(res["runs"][0]["arms"])
+    assert arms == {"plain", "adversarial 0.001", "adversarial 0.01", f"random {res['selection']['gamma']:g}"}
+    for r in res["runs"]:
+        assert r["scale"] == pytest.approx(1 / O.BASE_DEFAULTS["tau"], rel=1e-5)  # the checkpoint's, not 100
+        plain, adv = r["arms"]["plain"], r["arms"]["adversarial 0.01"]
+        assert [c["epoch"] for c in plain["curve"]] == [0, 1, 2, 4]
+        assert plain["counts"] == {"plain": 8, "adversarial": 0, "random": 0}
+        assert adv["counts"] == {"plain": 2, "adversarial": 6, "random": 0}  # warm-up: 1 epoch of 2 steps
+        rnd = r["arms"][f"random {res['selection']['gamma']:g}"]
+        assert rnd["counts"]["random"] == 6 and rnd["embeddings"] == "per_row"
+        assert "clip.token_embedding.weight" in adv["perturbed"]
+        assert not any(n.startswith("clip.visual") for n in adv["perturbed"])  # frozen image tower
+        for c in plain["curve"]:
+            assert 0.0 <= c["train"] <= 1.0 and 0.0 <= c["val"] <= 1.0
+        assert "tune" in plain["final"]
+        # same start in every arm of a seed (same weights, combiner, batches before the perturbation starts)
+        assert plain["curve"][1]["val"] == adv["curve"][1]["val"]
+    assert len(res["rows"]) == 4 and all(len(x["values"]) == 2 for x in res["rows"])
+    assert {x["verdict"] for x in res["rows"]} <= {"reproduced", "partly reproduced", "not reproduced",
+                                                  "premise absent"}
+    text = res["section"]
+    assert "Premise" in text and "Selected: **" in text and "Table 4" in text and "min wall" in text
+    assert os.path.exists(tmp_path / "out" / "wrf4cir.json") and os.path.exists(tmp_path / "out" / "wrf4cir.md")
+    report = tmp_path / "FIDELITY.md"
+    FI.upsert_section(str(report), "wrf4cir", text)
+    assert "<!-- section:wrf4cir -->" in report.read_text()
+    assert "wrf4cir" in FI.CLAIM_GROUPS
+
+
+def test_wrf4cir_compact_vocab_is_exact():
+    from vlmkern.app.models.clip import create_clip
+
+    torch.manual_seed(0)
+    clip, _, tok = create_clip("vlmkern-micro-ViT")
+    texts = ["make it blue and move it to the left", "a smaller one", "same but red"]
+    t = tok(texts)
+    small, (t2,), rows = W.compact_vocab(clip, [t])
+    assert rows == len(torch.unique(t)) and small.token_embedding.num_embeddings == rows
+    with torch.no_grad():
+        torch.testing.assert_close(small.encode_text(t2), clip.encode_text(t), rtol=0, atol=0)
+
+
+def _wrf_run(seed, plain_gaps, adv_val, plain_val=0.3, gamma=1e-3):
+    curve = [{"epoch": e, "gap": g, "val": plain_val, "train": plain_val + g} for e, g in plain_gaps]
+    adv = [{"epoch": e, "gap": g - 0.05, "val": adv_val, "train": adv_val + g - 0.05} for e, g in plain_gaps]
+    return {"seed": seed, "protocol": {**W.PROTOCOL_DEFAULTS}, "selected_gamma": gamma,
+            "arms": {"plain": {"curve": curve, "final": curve[-1]},
+                     W.arm_name("adversarial", gamma): {"curve": adv, "final": adv[-1]}}}
+
+
+def test_wrf4cir_premise_and_claim_rows():
+    w, e = W.PROTOCOL_DEFAULTS["warmup_epochs"], W.PROTOCOL_DEFAULTS["epochs"]
+    grows = [_wrf_run(i, [(w, 0.1), (e, 0.3 + 0.01 * i)], 0.32) for i in range(3)]
+    rows = W.claim_rows(grows)
+    assert [x["claim"] for x in rows] == [c[0] for c in W.COMPARISONS[:2]]  # no random arm: its rows are left out
+    assert rows[0]["premise"]["holds"] is True
+    assert rows[0]["verdict"] == "reproduced" and rows[0]["values"][0] == pytest.approx(-0.05)
+    assert rows[1]["verdict"] == "reproduced"
+    flat = [_wrf_run(i, [(w, 0.1), (e, 0.1 + 0.01 * (i - 1))], 0.32) for i in range(3)]
+    rows = W.claim_rows(flat)
+    assert all(x["verdict"] == "premise absent" for x in rows) and "absent" in rows[0]["premise"]["text"]
+
+
+def test_wrf4cir_gamma_selection_keeps_the_paper_value_inside_noise():
+    def run(seed, tune):
+        return {"seed": seed, "arms": {"plain": {"final": {"tune": 0.3}},
+                                       **{W.arm_name("adversarial", g): {"final": {"tune": v}} for g, v in tune.items()}}}
+
+    noisy = [run(0, {1e-3: 0.30, 1e-2: 0.33}), run(1, {1e-3: 0.30, 1e-2: 0.28}), run(2, {1e-3: 0.30, 1e-2: 0.31})]
+    assert W.select_gamma(noisy, (1e-3, 1e-2))["gamma"] == 1e-3
+    clear = [run(i, {1e-3: 0.30, 1e-2: 0.33 + 0.001 * i}) for i in range(3)]
+    sel = W.select_gamma(clear, (1e-3, 1e-2))
+    assert sel["gamma"] == 1e-2 and [t["beats"] for t in sel["table"]] == [False, True]
+
+
+def test_demo_wrf4cir_rows_point_to_the_protocol_when_their_premise_is_absent():
+    def demo(seed, growth):
+        return {"wrf4cir": {"plain": {"history": [{"gap_R5": 0.05}, {"gap_R5": 0.05 + growth}]}}}
+
+    rows = [c for c in FI.CLAIMS if c["paper"] == "WRF4CIR"]
+    assert len(rows) == 2
+    absent = rows[0]["premise"]([demo(0, 0.01), demo(1, -0.02), demo(2, 0.0)])
+    assert absent["holds"] is False and "--claims wrf4cir" in absent["text"]
+    present = rows[1]["premise"]([demo(0, 0.20), demo(1, 0.21), demo(2, 0.22)])
+    assert present["holds"] is True and "--claims wrf4cir" not in present["text"]

@@ -122,14 +122,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     pf.add_argument("--out", default="runs/fidelity")
     pf.add_argument("--report", default=None, help="markdown report path (default <out>/FIDELITY.md)")
     pf.add_argument("--reuse", action="store_true", help="read finished seeds' results.json instead of re-running")
-    pf.add_argument("--claims", nargs="*", default=None, choices=("demo", "osr", "hgcl", "kalman", "apft"),
+    pf.add_argument("--claims", nargs="*", default=None, choices=("demo", "osr", "hgcl", "kalman", "apft", "wrf4cir"),
                     help="which claims to run (default all): demo = the claims read from the demo's runs; osr = "
                          "the OSR protocol (converged cached base model, per-step evaluation, Table 2 ablation); "
                          "hgcl = HGCL vs GCL with and without semantic false negatives, attribute-level relevance, "
                          "held-out shift (Fig. 3/4/7); kalman = AdamW, Polyak SGD, scalar and per-sample Kalman on "
                          "few-shot LoRA, tuned on validation (LoKO, Kalman-NGD CLIP; issue 16); apft = APFT vs full "
                          "fine-tuning and LoRA on a shifted, long-tailed domain: tail retrieval and forgetting of "
-                         "the base model's zero-shot skill")
+                         "the base model's zero-shot skill; wrf4cir = WRF4CIR's weight perturbation in an "
+                         "overfitting regime (frozen image tower, learned combiner, 30 epochs, gamma picked on a "
+                         "tuning split; Table 4, Fig. 5)")
     pf.add_argument("--lr-mults", type=float, nargs="*", default=None,
                     help="hgcl and apft protocols: the common learning rates, as multiples of the base model's "
                          "peak (defaults: hgcl 0.03 0.1 0.3, apft 0.03 0.3)")

@@ -16,8 +16,8 @@ seed, same pretrained model). A claim is
 
 Claims with their own protocol (``--claims osr``: :mod:`vlmkern.app.osr_protocol`;
 ``--claims hgcl``: :mod:`vlmkern.app.hgcl_protocol`; ``--claims kalman``:
-:mod:`vlmkern.app.kalman_protocol`; ``--claims apft``: :mod:`vlmkern.app.apft_protocol`) run apart from
-the demo, on the
+:mod:`vlmkern.app.kalman_protocol`; ``--claims apft``: :mod:`vlmkern.app.apft_protocol`; ``--claims wrf4cir``:
+:mod:`vlmkern.app.wrf4cir_protocol`) run apart from the demo, on the
 cached converged base model of :mod:`vlmkern.app.base_model`, and write their own
 section of the report.
 
@@ -27,6 +27,7 @@ Tiny models on tiny data: this checks the direction of an effect, not its size.
 from __future__ import annotations
 
 import itertools
+import importlib
 import json
 import math
 import os
@@ -118,6 +119,21 @@ APFT_DEMO_PREMISE = {"holds": False, "value": float("nan"),
                              "these prompts on Fashion-MNIST images, so there is no shift and nothing measured to "
                              "protect; see the APFT protocol section"}
 
+
+WRF4CIR_PROTOCOL_NOTE = ("tested where the regime exists: the WRF4CIR protocol section "
+                         "(`vlmkern fidelity --claims wrf4cir`)")
+
+
+def _cir_premise(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """The demo's WRF4CIR premise (the plain run's gap grows); where it is absent, the text points to the
+    WRF4CIR protocol, which builds the overfitting regime the demo lacks."""
+    pr = premise_above_zero([_cir_gap_growth(r) for r in runs],
+                            "plain run's train-val R@5 gap growth, last minus first epoch")
+    if pr["holds"] is False:
+        pr = {**pr, "text": f"{pr['text']}; {WRF4CIR_PROTOCOL_NOTE}"}
+    return pr
+
+
 CLAIMS: List[Claim] = [
     dict(paper="TuneCLIP (Table 2, Fig. 2/9)", claim="OSR removes the early drop of fine-tuning",
          metric="mean R (I2T+T2I R@1/5/10) after the first fine-tuning epoch minus before, HGCL with OSR minus "
@@ -145,13 +161,11 @@ CLAIMS: List[Claim] = [
     dict(paper="WRF4CIR", claim="weight perturbation narrows the train/validation gap",
          metric="train R@5 - val R@5 at the end, adversarial perturbation minus plain (negative = narrower)",
          value=_paired("wrf4cir", "WRF4CIR adversarial", "plain", "final", "gap_R5"), sign=-1, pct=True,
-         premise=lambda runs: premise_above_zero([_cir_gap_growth(r) for r in runs],
-                                                 "plain run's train-val R@5 gap growth, last minus first epoch")),
+         premise=lambda runs: _cir_premise(runs)),
     dict(paper="WRF4CIR", claim="weight perturbation improves validation recall",
          metric="val R@5, adversarial perturbation minus plain",
          value=_paired("wrf4cir", "WRF4CIR adversarial", "plain", "final", "val_R5"), sign=+1, pct=True,
-         premise=lambda runs: premise_above_zero([_cir_gap_growth(r) for r in runs],
-                                                 "plain run's train-val R@5 gap growth, last minus first epoch")),
+         premise=lambda runs: _cir_premise(runs)),
     dict(paper="Kalman / LoKO", claim="the Kalman optimizer needs fewer iterations than AdamW",
          metric="iterations AdamW needs minus iterations Kalman needs to reach 95% of AdamW's best val accuracy "
                 "(validation after every iteration at the default scale)",
@@ -407,9 +421,13 @@ def _settings_lines(r: Dict[str, Any]) -> List[str]:
     return out
 
 
-# ``--claims`` names: "demo" = the claims read from the demo's runs (:data:`CLAIMS`); the others
-# are claims with their own protocol, each writing its own section of the report.
-CLAIM_GROUPS = ("demo", "osr", "hgcl", "kalman", "apft")
+# ``--claims`` names: "demo" = the claims read from the demo's runs (:data:`CLAIMS`), and the claims
+# with their own protocol: ``--claims`` name -> the module of this package whose
+# ``run_<name>(seeds, out=, cache_dir=, base_settings=, protocol=, command=)`` runs it and returns
+# ``{"rows", "section", ...}``; each writes its own section of the report.
+PROTOCOLS = {"osr": "osr_protocol", "hgcl": "hgcl_protocol", "kalman": "kalman_protocol", "apft": "apft_protocol",
+             "wrf4cir": "wrf4cir_protocol"}
+CLAIM_GROUPS = ("demo", *PROTOCOLS)
 DEFAULT_CACHE = os.environ.get("VLMKERN_CACHE", os.path.join("runs", "cache"))
 
 
@@ -418,7 +436,8 @@ def run_fidelity(seeds: Sequence[int] = (0, 1, 2), scale: str = "default", out: 
                  reuse: bool = False, claims: Sequence[str] | None = None,
                  cache_dir: str | None = None, protocol: Dict[str, Any] | None = None,
                  kalman_protocol: Dict[str, Any] | None = None,
-                 base_settings: Dict[str, Any] | None = None) -> List[Dict[str, Any]]:
+                 base_settings: Dict[str, Any] | None = None,
+                 wrf4cir_protocol: Dict[str, Any] | None = None) -> List[Dict[str, Any]]:
     """Run the claims ``claims`` (default: all of :data:`CLAIM_GROUPS`) and write the report.
 
     "demo": the demo for each seed (``reuse``: read ``<out>/seed<n>/results.json`` where a
@@ -429,49 +448,24 @@ def run_fidelity(seeds: Sequence[int] = (0, 1, 2), scale: str = "default", out: 
     ignores it; "kalman": the Kalman optimizer's protocol (:func:`vlmkern.app.kalman_protocol.run_kalman`, same
     base model, settings overridden by ``kalman_protocol``), its section; "apft": the APFT protocol
     (:func:`vlmkern.app.apft_protocol.run_apft`, same base model), its section; ``base_settings`` overrides the
-    base model's settings (tests: a tiny one)."""
-    claims = list(CLAIM_GROUPS) if not claims else list(claims)
+    base model's settings (tests: a tiny one); "wrf4cir": the WRF4CIR protocol
+    (:func:`vlmkern.app.wrf4cir_protocol.run_wrf4cir`, same base model), its section; ``wrf4cir_protocol``
+    overrides its settings."""
+    claims = list(CLAIM_GROUPS) if not claims else list(dict.fromkeys(claims))
     unknown = [c for c in claims if c not in CLAIM_GROUPS]
     if unknown:
         raise ValueError(f"unknown claims {unknown}; choose from {CLAIM_GROUPS}")
+    settings = {"hgcl": protocol, "apft": protocol, "kalman": kalman_protocol, "wrf4cir": wrf4cir_protocol}
     rows: List[Dict[str, Any]] = []
-    if "demo" in claims:
-        rows += _run_demo_claims(seeds, scale, out, report, command, reuse)
-    if "osr" in claims:
-        from .osr_protocol import run_osr
-
+    for name in claims:
+        if name == "demo":
+            rows += _run_demo_claims(seeds, scale, out, report, command, reuse)
+            continue
+        run = getattr(importlib.import_module(f".{PROTOCOLS[name]}", __package__), f"run_{name}")
         os.environ.setdefault("VLMKERN_NO_PROGRESS", "1")
-        res = run_osr(seeds, out=os.path.join(out, "osr"),
-                      cache_dir=os.path.join(cache_dir or DEFAULT_CACHE, CACHE_SUBDIR), command=command,
-                      base_settings=base_settings)
-        upsert_section(report, "osr", res["section"])
-        rows += res["rows"]
-    if "hgcl" in claims:
-        from .hgcl_protocol import run_hgcl
-
-        os.environ.setdefault("VLMKERN_NO_PROGRESS", "1")
-        res = run_hgcl(seeds, out=os.path.join(out, "hgcl"),
-                       cache_dir=os.path.join(cache_dir or DEFAULT_CACHE, CACHE_SUBDIR), command=command,
-                       protocol=protocol, base_settings=base_settings)
-        upsert_section(report, "hgcl", res["section"])
-        rows += res["rows"]
-    if "kalman" in claims:
-        from .kalman_protocol import run_kalman
-
-        os.environ.setdefault("VLMKERN_NO_PROGRESS", "1")
-        res = run_kalman(seeds, out=os.path.join(out, "kalman"),
-                         cache_dir=os.path.join(cache_dir or DEFAULT_CACHE, CACHE_SUBDIR), command=command,
-                         protocol=kalman_protocol)
-        upsert_section(report, "kalman", res["section"])
-        rows += res["rows"]
-    if "apft" in claims:
-        from .apft_protocol import run_apft
-
-        os.environ.setdefault("VLMKERN_NO_PROGRESS", "1")
-        res = run_apft(seeds, out=os.path.join(out, "apft"),
-                       cache_dir=os.path.join(cache_dir or DEFAULT_CACHE, CACHE_SUBDIR), command=command,
-                       protocol=protocol, base_settings=base_settings)
-        upsert_section(report, "apft", res["section"])
+        res = run(seeds, out=os.path.join(out, name),
+                  cache_dir=os.path.join(cache_dir or DEFAULT_CACHE, CACHE_SUBDIR), base_settings=base_settings, protocol=settings.get(name), command=command)
+        upsert_section(report, name, res["section"])
         rows += res["rows"]
     return rows
 

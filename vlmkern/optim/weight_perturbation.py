@@ -67,6 +67,25 @@ In a random step the only forward is at ``w + v`` and updates them.
 
 ``gamma = 0`` (and the first ``warmup_steps`` steps) take exactly the base
 optimizer's step: one closure call, bitwise equal to the base optimizer alone.
+
+Embedding matrices (sparse-gradient layers; SPEC §4): a batch touches a few rows
+of a token embedding, and only those rows get a gradient, so layerwise
+normalisation would put ``gamma * ||W||`` of the *whole* matrix onto them
+(``sqrt(V / k)`` times the intended relative size for ``k`` of ``V`` equally sized
+rows: 44x for 25 of CLIP's 49,408 tokens).  By default (``embeddings="per_row"``)
+an adversarial step therefore treats every *used* row (non-zero gradient) of an
+``nn.Embedding`` / ``nn.EmbeddingBag`` weight as a layer of its own:
+``v_r = sign * gamma * ||w_r|| g_r / (||g_r|| + eps)``, unused rows untouched, so
+every row the loss sees moves by ``gamma`` of its own norm, as a dense layer's
+weights do.  The rows are gathered into a compact buffer and go through the same
+op (:func:`~vlmkern.awp_perturb_`) as the other tensors, then are scattered back;
+the restore copies the saved rows back bit for bit.  Finding the used rows costs
+one host sync per embedding per adversarial step.  ``embeddings="exclude"`` leaves
+embedding matrices unperturbed, ``"layer"`` treats them like any other tensor
+(the AWP code's behaviour).  Random steps perturb embeddings layerwise in every
+mode: a Gaussian direction spreads over all rows, so each row gets about ``gamma``
+of the root-mean-square row norm.  Embeddings are recognised by module type
+(needs the model: pass a module, or ``model=``) or named by ``embedding_names``.
 """
 
 from __future__ import annotations
@@ -85,6 +104,19 @@ _M64 = 0xFFFFFFFFFFFFFFFF
 def default_param_filter(name: str, param: torch.Tensor) -> bool:
     """AWP's choice: weights with ``dim > 1`` (no biases, no norm-layer scales)."""
     return param.dim() > 1
+
+
+EMBEDDING_MODES = ("per_row", "exclude", "layer")
+
+
+def embedding_param_ids(model: nn.Module) -> List[int]:
+    """``id`` of the weight of every ``nn.Embedding`` / ``nn.EmbeddingBag`` in ``model``."""
+    return [id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
+
+
+def used_rows(grad: torch.Tensor) -> torch.Tensor:
+    """Indices (int64, on the gradient's device) of the rows (dim 0) of ``grad`` with a non-zero entry."""
+    return grad.reshape(grad.shape[0], -1).ne(0).any(dim=1).nonzero().reshape(-1)
 
 
 def _splitmix64(x: int) -> int:
@@ -134,6 +166,12 @@ class WeightPerturbation(torch.optim.Optimizer):
             disables gradient synchronisation (default: ``model.no_sync`` for a DDP model).
         freeze_norm_stats: keep BatchNorm statistics from the forward at ``w + v``.
         backend: forwarded to the ops (``"cuda"``, ``"cpu"``, ``"torch"``).
+        embeddings: how adversarial steps perturb embedding matrices (see the module
+            docstring): ``"per_row"`` (default: each used row normalised by its own
+            norm), ``"exclude"`` (not perturbed) or ``"layer"`` (the whole matrix's
+            norm, like any tensor).
+        embedding_names: names (as in ``params_or_model``) of further parameters to
+            treat as embedding matrices (rows along dim 0).
     """
 
     def __init__(
@@ -153,6 +191,8 @@ class WeightPerturbation(torch.optim.Optimizer):
         no_sync: Optional[Callable[[], Any]] = None,
         freeze_norm_stats: bool = True,
         backend: Optional[str] = None,
+        embeddings: str = "per_row",
+        embedding_names: Iterable[str] = (),
     ) -> None:
         if not (gamma >= 0.0 and gamma < float("inf")):
             raise ValueError(f"WeightPerturbation: gamma must be finite and >= 0, got {gamma}")
@@ -164,14 +204,29 @@ class WeightPerturbation(torch.optim.Optimizer):
             raise ValueError(f"WeightPerturbation: sign must be +1 or -1, got {sign}")
         if not hasattr(base_optimizer, "step") or not hasattr(base_optimizer, "param_groups"):
             raise TypeError(f"WeightPerturbation: base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
+        if embeddings not in EMBEDDING_MODES:
+            raise ValueError(f"WeightPerturbation: embeddings must be one of {EMBEDDING_MODES}, got {embeddings!r}")
         found_model, named = _named_params(params_or_model)
         self.model = model if model is not None else found_model
+        self.embeddings = embeddings
+        emb_ids = set(embedding_param_ids(self.model)) if self.model is not None else set()
+        extra = set(embedding_names)
+        emb_ids |= {id(p) for name, p in named if name in extra}
         self.perturbed_names: List[str] = []
         self.perturbed_params: List[torch.Tensor] = []
+        self.embedding_names: List[str] = []  # the perturbed tensors treated as embedding matrices
+        self._row_ids: set = set()
         for name, p in named:
             if p.requires_grad and param_filter(name, p):
+                is_emb = id(p) in emb_ids and p.dim() >= 1
+                if is_emb and embeddings == "exclude":
+                    continue
                 self.perturbed_names.append(name)
                 self.perturbed_params.append(p)
+                if is_emb:
+                    self.embedding_names.append(name)
+                    if embeddings == "per_row":
+                        self._row_ids.add(id(p))
         if not self.perturbed_params and gamma > 0:
             raise ValueError("WeightPerturbation: no parameter passes param_filter (with requires_grad=True)")
         # torch.optim.Optimizer bookkeeping (hooks, profiling) on a placeholder
@@ -197,6 +252,8 @@ class WeightPerturbation(torch.optim.Optimizer):
         # 0-d bool device tensor: the last adversarial step's perturbation was skipped
         # (non-finite first gradients, see the AMP recipe); None before the first one.
         self.last_perturb_skipped: Optional[torch.Tensor] = None
+        # per-row embeddings: id(parameter) -> rows perturbed in the last adversarial step
+        self.last_row_counts: Dict[int, int] = {}
 
     # ---- delegation to the base optimizer ----------------------------------
     @property
@@ -373,24 +430,44 @@ class WeightPerturbation(torch.optim.Optimizer):
         with self._no_sync():
             loss = closure()
         params, grads = [], []
+        rows = []  # per-row embeddings: (parameter, used row indices, compact rows, compact backup)
+        row_params, row_grads, row_backup = [], [], []
         for p in self.perturbed_params:
             if p.grad is not None:  # unused parameters are not perturbed
                 if p.grad.is_sparse:
                     raise RuntimeError("WeightPerturbation: sparse gradients are not supported")
-                params.append(p)
-                grads.append(p.grad)
+                if id(p) in self._row_ids:
+                    idx = used_rows(p.grad)
+                    wu = p.detach().index_select(0, idx)  # a compact copy of the used rows
+                    bu = torch.empty_like(wu)
+                    rows.append((p, idx, wu, bu))
+                    row_params.extend(wu.unbind(0))
+                    row_grads.extend(p.grad.index_select(0, idx).unbind(0))
+                    row_backup.extend(bu.unbind(0))
+                else:
+                    params.append(p)
+                    grads.append(p.grad)
         backup = self._backups(params)
+        all_params, all_backup = params + row_params, backup + row_backup
         # A non-finite first gradient skips the perturbation on the device (the
         # op's rule); the restore below is exact either way (backup = weights).
-        norms = awp_perturb_(params, grads, backup, gamma=self.gamma, eps=self.eps, sign=self.sign, backend=self.backend)
-        skipped = perturb_skipped(norms) if len(params) else None
+        norms = awp_perturb_(all_params, grads + row_grads, all_backup, gamma=self.gamma, eps=self.eps,
+                             sign=self.sign, backend=self.backend)
+        self.last_row_counts = {id(p): int(idx.numel()) for p, idx, _, _ in rows}
+        skipped = perturb_skipped(norms) if len(all_params) else None
         self.last_perturb_skipped = skipped
         self.zero_grad()
         try:
+            with torch.no_grad():
+                for p, idx, wu, _ in rows:  # the perturbed rows into the embedding matrix
+                    p.index_copy_(0, idx, wu)
             with self._norm_stats_frozen():
                 closure()
         finally:
-            awp_restore_(params, backup, backend=self.backend)
+            awp_restore_(all_params, all_backup, backend=self.backend)
+            with torch.no_grad():
+                for p, idx, _, bu in rows:  # the saved rows back, bit for bit
+                    p.index_copy_(0, idx, bu)
         if skipped is not None and self.scaler is not None and self.scaler.is_enabled():
             self._poison_first_grad(skipped)
         self._base_step()
