@@ -17,6 +17,7 @@
 
 #include "common/checks.h"
 #include "common/host.h"
+#include "kalman/kalman_host.h"
 #include "kalman/kalman_math.h"
 
 namespace vlmkern::kalman {
@@ -24,12 +25,6 @@ namespace {
 
 constexpr int64_t kChunk = 1 << 14;  // elements per chunk (and per parallel work item)
 constexpr int kLanes = 16;           // independent fp32 accumulators in pass 1
-
-struct Chunk {
-  int32_t tensor;
-  int64_t start;
-  int64_t len;
-};
 
 template <typename T>
 double pass1_chunk(const T* h, const float* p, int64_t n, float q) {
@@ -72,18 +67,10 @@ at::Tensor kalman_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
   check_scalar_tensor(op, found_inf, "found_inf", dev);
   const float q = static_cast<float>(process_noise);
 
-  WorkingCopies wc;
-  const std::vector<at::Tensor> w = wc.inout(params), g = WorkingCopies::in(grads),
-                                v = wc.inout(variances);
-  std::vector<DType> dt;
-  std::vector<Chunk> chunks;
-  for (size_t i = 0; i < w.size(); ++i) {
-    dt.push_back(dtype_of(w[i].scalar_type()));
-    const int64_t numel = w[i].numel();
-    for (int64_t s = 0; s < numel; s += kChunk) {
-      chunks.push_back(Chunk{static_cast<int32_t>(i), s, std::min(kChunk, numel - s)});
-    }
-  }
+  ChunkedStep st(params, grads, variances, kChunk);
+  const std::vector<at::Tensor>&w = st.w, &g = st.g, &v = st.v;
+  const std::vector<DType>& dt = st.dt;
+  const std::vector<Chunk>& chunks = st.chunks;
   const int64_t nchunks = static_cast<int64_t>(chunks.size());
 
   std::vector<double> partial(chunks.size(), 0.0);
@@ -123,7 +110,7 @@ at::Tensor kalman_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
                                           g[ch.tensor].const_data_ptr<T>() + ch.start, p, ch.len, c));
     }
   });
-  wc.copy_back();
+  st.copy_back();
   out.fill_(S);
   return out;
 }

@@ -20,6 +20,7 @@
 #include "common/cuda_launch.h"
 #include "common/host.h"
 #include "kalman/kalman_cuda.h"
+#include "kalman/kalman_host.h"
 
 namespace vlmkern::kalman {
 namespace {
@@ -42,16 +43,8 @@ at::Tensor kalman_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
   check_scalar_tensor(op, found_inf, "found_inf", dev);
   const c10::cuda::CUDAGuard guard(dev);
 
-  WorkingCopies wc;
-  const std::vector<at::Tensor> w = wc.inout(params), g = WorkingCopies::in(grads),
-                                v = wc.inout(variances);
-  std::vector<cuda::TensorRef> tensors;
-  for (size_t i = 0; i < w.size(); ++i) {
-    tensors.push_back({{w[i].data_ptr(), g[i].data_ptr(), v[i].data_ptr()},
-                       w[i].numel(),
-                       static_cast<int32_t>(i),
-                       dtype_of(w[i].scalar_type())});
-  }
+  StepTensors st(params, grads, variances);
+  const std::vector<cuda::TensorRef> tensors = tensor_refs(st);
   const int64_t nparts = cuda::num_partials(tensors);
   at::Tensor partials = at::empty({nparts > 0 ? nparts : 1}, innovation.options().dtype(c10::kDouble));
   at::Tensor out = at::empty({}, innovation.options().dtype(c10::kFloat));
@@ -68,7 +61,7 @@ at::Tensor kalman_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
                                        c10::cuda::getCurrentCUDAStream(dev.index()).stream()));
   // A skipped step leaves the working copies as they were: copying them back
   // writes the caller's own values (device-side decision, no sync).
-  wc.copy_back();
+  st.copy_back();
   return out;
 }
 

@@ -38,6 +38,7 @@
 #include "common/checks.h"
 #include "common/host.h"
 #include "common/outputs.h"
+#include "kalman/kalman_host.h"
 #include "kalman/kalman_math.h"
 
 namespace vlmkern::kalman {
@@ -49,12 +50,6 @@ constexpr int64_t kTA2 = 4;
 constexpr int64_t kChunk = 32 * kBlock;   // elements per work item
 constexpr int64_t kMaxGroups = 16;        // pass-1 partial Grams at most (>= threads for balance)
 constexpr int64_t kGroupBytes = 16 << 20; // ... and at most this much memory for them
-
-struct Chunk {
-  int32_t tensor;
-  int64_t start;
-  int64_t len;
-};
 
 // Hb[m * kBlock + j] = h[m * n + start + j] as fp32 for j < len, 0 beyond.
 template <typename T>
@@ -217,39 +212,8 @@ std::tuple<at::Tensor, at::Tensor> kalman_vector_step_cpu(
     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   constexpr const char* op = "vlmkern.kalman_vector_step_";
   // Memory safety of a direct torch.ops call (values are checked in Python).
-  check_float_list(op, params, "params");
-  check_list_like(op, params, "params", variances, "variances", /*f32=*/true);
-  TORCH_CHECK(grads.size() == params.size(), op, ": grads has ", grads.size(),
-              " tensors but params has ", params.size());
-  const at::Device dev = params.empty() ? innovation.device() : params[0].device();
-  TORCH_CHECK(innovation.dim() == 1 && innovation.numel() >= 1, op,
-              ": innovation must be [M] with M >= 1, got shape ", innovation.sizes());
-  TORCH_CHECK(innovation.scalar_type() == c10::kFloat, op, ": innovation must be float32, got ",
-              innovation.scalar_type());
-  TORCH_CHECK(innovation.device() == dev, op, ": innovation must be on ", dev, ", got ",
-              innovation.device());
-  const int64_t M = innovation.numel();
-  TORCH_CHECK(obs_noise.dim() == 1 && obs_noise.numel() == M, op, ": obs_noise must be [M] = [", M,
-              "], got shape ", obs_noise.sizes());
-  TORCH_CHECK(obs_noise.scalar_type() == c10::kFloat, op, ": obs_noise must be float32, got ",
-              obs_noise.scalar_type());
-  TORCH_CHECK(obs_noise.device() == dev, op, ": obs_noise must be on ", dev, ", got ",
-              obs_noise.device());
-  for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor& w = params[i];
-    const at::Tensor& g = grads[i];
-    TORCH_CHECK(g.scalar_type() == w.scalar_type(), op, ": ", arg_name("grads", i),
-                " must have the dtype of ", arg_name("params", i), " (", w.scalar_type(), "), got ",
-                g.scalar_type());
-    TORCH_CHECK(g.device() == w.device(), op, ": ", arg_name("grads", i), " is on ", g.device(),
-                " but ", arg_name("params", i), " is on ", w.device());
-    TORCH_CHECK(g.dim() == w.dim() + 1 && g.size(0) == M && g.sizes().slice(1) == w.sizes(), op,
-                ": ", arg_name("grads", i), " must have shape [M, *", arg_name("params", i),
-                ".shape] with M = ", M, ", got ", g.sizes(), " for ", arg_name("params", i), " of shape ",
-                w.sizes());
-  }
-  check_scalar_tensor(op, grad_scale, "grad_scale", dev);
-  check_scalar_tensor(op, found_inf, "found_inf", dev);
+  const int64_t M =
+      check_vector_step_args(op, params, grads, variances, innovation, obs_noise, grad_scale, found_inf).M;
   TORCH_CHECK(M <= (int64_t{1} << 15), op, ": M = ", M, " observations is more than this kernel handles");
 
   const float q = static_cast<float>(process_noise);
@@ -257,18 +221,10 @@ std::tuple<at::Tensor, at::Tensor> kalman_vector_step_cpu(
   const float* e = e_t.const_data_ptr<float>();
   const float* R = R_t.const_data_ptr<float>();
 
-  WorkingCopies wc;
-  const std::vector<at::Tensor> w = wc.inout(params), g = WorkingCopies::in(grads),
-                                v = wc.inout(variances);
-  std::vector<DType> dt;
-  std::vector<Chunk> chunks;
-  for (size_t i = 0; i < w.size(); ++i) {
-    dt.push_back(dtype_of(w[i].scalar_type()));
-    const int64_t numel = w[i].numel();
-    for (int64_t s = 0; s < numel; s += kChunk) {
-      chunks.push_back(Chunk{static_cast<int32_t>(i), s, std::min(kChunk, numel - s)});
-    }
-  }
+  ChunkedStep st(params, grads, variances, kChunk);
+  const std::vector<at::Tensor>&w = st.w, &g = st.g, &v = st.v;
+  const std::vector<DType>& dt = st.dt;
+  const std::vector<Chunk>& chunks = st.chunks;
   const int64_t nchunks = static_cast<int64_t>(chunks.size());
   const int64_t MM = M * M;
 
@@ -374,7 +330,7 @@ std::tuple<at::Tensor, at::Tensor> kalman_vector_step_cpu(
                                            g[ch.tensor].const_data_ptr<T>(), n, ch, k2));
     }
   });
-  wc.copy_back();
+  st.copy_back();
   d2_out.fill_(static_cast<float>(d2));
   return {S_out, d2_out};
 }
