@@ -68,7 +68,7 @@ at::Tensor kalman_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
   const float q = static_cast<float>(process_noise);
 
   ChunkedStep st(params, grads, variances, kChunk);
-  const std::vector<at::Tensor>&w = st.w, &g = st.g, &v = st.v;
+  const std::vector<at::Tensor> &w = st.w, &g = st.g, &v = st.v;
   const std::vector<DType>& dt = st.dt;
   const std::vector<Chunk>& chunks = st.chunks;
   const int64_t nchunks = static_cast<int64_t>(chunks.size());

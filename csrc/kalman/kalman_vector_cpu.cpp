@@ -222,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor> kalman_vector_step_cpu(
   const float* R = R_t.const_data_ptr<float>();
 
   ChunkedStep st(params, grads, variances, kChunk);
-  const std::vector<at::Tensor>&w = st.w, &g = st.g, &v = st.v;
+  const std::vector<at::Tensor> &w = st.w, &g = st.g, &v = st.v;
   const std::vector<DType>& dt = st.dt;
   const std::vector<Chunk>& chunks = st.chunks;
   const int64_t nchunks = static_cast<int64_t>(chunks.size());
