@@ -73,6 +73,10 @@ def test_fidelity_report_from_runs(tiny_run, tmp_path):
     tail[1] = tail[1] + 0.1
     rows = evaluate_claims([r, r2])
     assert len(rows) == len(CLAIMS)
+    # every claim of the demo table is checked against its premise (absent ones name the protocol that has it)
+    for x in rows:
+        assert x["premise"]["holds"] in (True, False), (x["claim"], x["premise"]["text"])
+        assert x["premise"]["holds"] or "section" in x["premise"]["text"] or x["verdict"] == "premise absent"
     by = {x["claim"]: x for x in rows}
     apft = by["APFT lifts tail-label recall over full fine-tuning"]
     assert math.isclose(apft["values"][1] - apft["values"][0], 0.1, abs_tol=1e-9)

@@ -81,10 +81,6 @@ def _paired(task: str, method: str, baseline: str, *path) -> Callable[[Dict[str,
     return lambda r: get(r[task][method]) - get(r[task][baseline])
 
 
-def _not_checked(why: str) -> Callable[[Sequence[Dict[str, Any]]], Dict[str, Any]]:
-    return lambda runs: {**NOT_CHECKED, "text": f"premise not checked ({why})"}
-
-
 # The Kalman claims' premise: the filter is more than SGD with a Polyak step, i.e. its covariance P
 # became a per-parameter preconditioner (sd over the LoRA parameters of log p at the end of the run,
 # recorded by vlmkern.app.methods.kalman.train_kalman; 0 for any scalar step size or schedule). The same
@@ -120,6 +116,16 @@ APFT_DEMO_PREMISE = {"holds": False, "value": float("nan"),
                              "protect; see the APFT protocol section"}
 
 
+# The demo cannot show the HGCL-vs-GCL claim: its premise (GCL raises retrieval on the training pairs while
+# held-out retrieval falls, with false negatives present) needs retrieval on the training pairs and a held-out
+# shift, and the demo measures neither (its validation pairs come from the training distribution; issue 18).
+# Set by construction; the claim is tested in the HGCL protocol (``--claims hgcl``).
+HGCL_DEMO_PREMISE = {"holds": False, "value": float("nan"),
+                     "text": "premise absent in the demo (by construction): it measures neither retrieval on the "
+                             "training pairs nor a held-out shift, where GCL's fit to false negatives would show; "
+                             "see the HGCL-vs-GCL protocol section"}
+
+
 WRF4CIR_PROTOCOL_NOTE = ("tested where the regime exists: the WRF4CIR protocol section "
                          "(`vlmkern fidelity --claims wrf4cir`)")
 
@@ -145,11 +151,13 @@ CLAIMS: List[Claim] = [
     dict(paper="TuneCLIP (Fig. 3/4/7)", claim="HGCL keeps retrieval above GCL when false negatives are present",
          metric="final mean R on validation pairs, HGCL (no OSR) minus GCL; training pairs hold 30% near-duplicates",
          value=_paired("tuneclip", "HGCL (no OSR)", "GCL", "final", "mean_R"), sign=+1, pct=True,
-         premise=_not_checked("needs GCL's retrieval on training pairs, which the demo does not measure")),
+         premise=lambda runs: dict(HGCL_DEMO_PREMISE)),
     dict(paper="TuneCLIP", claim="TuneCLIP (OSR + HGCL) beats CLIP-loss fine-tuning",
          metric="final mean R, TuneCLIP minus CLIP loss",
          value=_paired("tuneclip", "TuneCLIP (OSR + HGCL)", "CLIP loss", "final", "mean_R"), sign=+1, pct=True,
-         premise=_not_checked("none stated")),
+         premise=lambda runs: premise_below_zero(
+             [_early_drop(r["tuneclip"]["HGCL (no OSR)"]) for r in runs],
+             "no-OSR drop after epoch 1 (TuneCLIP's gain is recovery from that drop plus HGCL)")),
     dict(paper="APFT", claim="APFT lifts tail-label recall over full fine-tuning",
          metric="tail-label I2T Recall@1 (top-1 label of a tail image), APFT minus full fine-tuning",
          value=_paired("apft", "apft", "full", "final", "retrieval", "i2t", "tail", "recall", 1), sign=+1, pct=True,
