@@ -2,7 +2,8 @@
 
 The same code uses NCCL on GPUs (torchrun); here each rank trains on its shard
 of the data and the ranks must end with bit-identical weights (gradients, and
-for Kalman the observed loss, are averaged over the ranks) that differ from
+for Kalman the observed loss, are averaged over the ranks; per-sample Kalman
+gathers every rank's Jacobian rows into one update) that differ from
 the initial ones.
 """
 
@@ -54,8 +55,9 @@ def _train(method, out_dir):
         from vlmkern.app.methods.kalman import KalmanTrainConfig, train_kalman
 
         tr, va = S.labelled(32, 12, seed=1, image_size=16, num_classes=6)
-        res = train_kalman(m, tok, tr, va, tr.prompts(), KalmanTrainConfig(steps=4, batch_size=8, eval_every=2),
-                           out_dir)
+        obs = "per_sample" if method == "kalman_per_sample" else "loss"  # per sample: the ranks' rows gathered
+        res = train_kalman(m, tok, tr, va, tr.prompts(),
+                           KalmanTrainConfig(steps=4, batch_size=8, eval_every=2, observation=obs), out_dir)
         info = len(res["curve"])
     return m, info
 
@@ -75,7 +77,8 @@ def _worker(rank, world, port, method, out_dir, q):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("method,expected", [("tuneclip", 2), ("apft", 2), ("wrf4cir", 1), ("kalman", 3)])
+@pytest.mark.parametrize("method,expected", [("tuneclip", 2), ("apft", 2), ("wrf4cir", 1), ("kalman", 3),
+                                             ("kalman_per_sample", 3)])
 def test_two_gloo_ranks_stay_identical(tmp_path, method, expected):
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -98,7 +101,7 @@ def test_two_gloo_ranks_stay_identical(tmp_path, method, expected):
     from vlmkern.app.models.clip import create_clip
 
     fresh = create_clip("vlmkern-micro-ViT")[0]
-    if method == "kalman":  # the trainer seeds, then adds LoRA adapters: rebuild that initial state
+    if method.startswith("kalman"):  # the trainer seeds, then adds LoRA adapters: rebuild that initial state
         from vlmkern.app.models.lora import add_lora
 
         seed_everything(0)

@@ -114,6 +114,27 @@ class KalmanOptimizer(torch.optim.Optimizer):
             is no ``.grad`` to scale); a NaN/inf per-sample gradient or loss
             (an fp16 overflow) skips the step on the device: parameters,
             variances and ``R`` unchanged, no host sync.
+        distributed: how the ranks of ``torch.distributed`` share one filter.
+            ``None`` (default): on when a process group of more than one rank
+            is initialized; ``True``: required (error if not initialized);
+            ``False``: every rank filters alone.  When on, every rank's
+            observations enter **one** update and the ranks stay identical:
+
+            * ``observation="loss"``: the observation is the global batch
+              loss, the mean of the ranks' losses (one ``all_reduce`` of a 0-d
+              tensor); the Jacobian is the mean gradient, which the caller
+              provides as under DDP (DDP's own averaging, or an all_reduce of
+              ``.grad``).
+            * ``observation="per_sample"``: the Jacobian rows and losses of all
+              ranks are gathered (one ``all_gather`` per dtype of the rows,
+              ``W x`` the bytes of DDP's gradient all_reduce times M) into one
+              ``W*M``-observation step that every rank runs on the same data.
+              Take the rows on the local samples only: call
+              :meth:`step_per_sample` with the unwrapped module
+              (``ddp_model.module``), not through DDP.  Every rank must pass
+              the same M (checked, with one host read, the first time each M
+              is seen).
+        process_group: the group for ``distributed`` (default: the world).
 
     :meth:`step` takes a ``closure`` that zeroes the gradients, computes the
     loss, calls ``backward()`` and returns the loss, or ``loss=`` when the
@@ -166,6 +187,8 @@ class KalmanOptimizer(torch.optim.Optimizer):
         target: float = 0.0,
         backend: Optional[str] = None,
         observation: str = "loss",
+        distributed: Optional[bool] = None,
+        process_group: Any = None,
     ):
         _check_group_hparams(p0, process_noise)
         if observation not in ("loss", "per_sample"):
@@ -184,6 +207,8 @@ class KalmanOptimizer(torch.optim.Optimizer):
             raise ValueError(f"KalmanOptimizer: obs_noise_floor must be > 0, got {obs_noise_floor}")
         if not math.isfinite(target):
             raise ValueError(f"KalmanOptimizer: target must be finite, got {target}")
+        if distributed not in (None, True, False):
+            raise ValueError(f"KalmanOptimizer: distributed must be None (auto), True or False, got {distributed!r}")
         super().__init__(params, dict(p0=p0, process_noise=process_noise))
         for i, g in enumerate(self.param_groups):
             _check_group_hparams(g["p0"], g["process_noise"], f" (param group {i})")
@@ -196,6 +221,9 @@ class KalmanOptimizer(torch.optim.Optimizer):
         self.target = float(target)
         self.backend = backend
         self.observation = observation
+        self.distributed = distributed
+        self.process_group = process_group
+        self._dist_counts_checked: set = set()  # observation counts already checked equal on every rank
         self.obs_noise: Optional[torch.Tensor] = None  # R, created on the params' device at the first step
         self.step_count = 0
         # Diagnostics of the last step (0-d device tensors; reading them syncs, the step does not).
@@ -247,7 +275,15 @@ class KalmanOptimizer(torch.optim.Optimizer):
             if p.device != device:
                 raise ValueError(f"KalmanOptimizer: all parameters must be on one device; params[{i}] is on {p.device}, params[0] on {device}")
         R = self._obs_noise_on(device)
-        e = (self.target - loss.detach().reshape(()).to(device=device, dtype=torch.float32)).contiguous()
+        obs = loss.detach().reshape(()).to(device=device, dtype=torch.float32)
+        dist_group = self._dist_group()
+        if dist_group is not None:  # one observation: the global batch's loss, the mean of the ranks' losses
+            import torch.distributed as dist
+
+            obs = obs.clone()
+            dist.all_reduce(obs, group=dist_group[0])
+            obs = obs / dist_group[1]
+        e = (self.target - obs).contiguous()
 
         qs = set(q_of)
         step_vars = variances
@@ -376,8 +412,11 @@ class KalmanOptimizer(torch.optim.Optimizer):
     def _vector_update(self, losses, params, grads, q_of, groups) -> None:
         """The filter update shared by both per-sample routes: innovation,
         fused vector step, observation-noise estimate; no host sync."""
-        M = losses.shape[0]
         device = params[0].device
+        dist_group = self._dist_group()
+        if dist_group is not None:
+            losses, grads = self._gather_observations(dist_group, losses.to(device=device, dtype=torch.float32), grads)
+        M = losses.shape[0]
         variances = []
         for p, g in zip(params, groups):
             st = self.state[p]
@@ -408,6 +447,59 @@ class KalmanOptimizer(torch.optim.Optimizer):
         R.copy_(torch.where(taken, R_new, R))
         self.step_count += 1
         self.last_S, self.last_innovation, self.last_gated, self.last_step_taken = S, e, gated, taken
+
+    # ------------------------------------------------------------ distributed
+    def _dist_group(self):
+        """``(group, world_size)`` when the ranks' observations enter one update, else ``None``."""
+        import torch.distributed as dist
+
+        initialized = dist.is_available() and dist.is_initialized()
+        if self.distributed is False:
+            return None
+        if not initialized:
+            if self.distributed:
+                raise RuntimeError("KalmanOptimizer(distributed=True): torch.distributed is not initialized; "
+                                   "call torch.distributed.init_process_group first, or pass distributed=None/False")
+            return None
+        world = dist.get_world_size(self.process_group)
+        return None if world == 1 else (self.process_group, world)
+
+    def _gather_observations(self, dist_group, losses: torch.Tensor, grads: List[torch.Tensor]):
+        """All ranks' observations, rank-major: losses ``[W*M]`` and Jacobian rows ``[W*M, *shape]``
+        (one all_gather per dtype of the rows).  Every rank then runs the same update on the same
+        data, so the parameters, variances and ``R`` stay identical without a broadcast.  The
+        number of observations M must be the same on every rank: checked with one small
+        all_gather (and a host read) the first time each M is seen."""
+        import torch.distributed as dist
+
+        group, world = dist_group
+        M = losses.shape[0]
+        if M not in self._dist_counts_checked:
+            counts = [torch.zeros(1, dtype=torch.int64, device=losses.device) for _ in range(world)]
+            dist.all_gather(counts, torch.full((1,), M, dtype=torch.int64, device=losses.device), group=group)
+            counts = [int(c) for c in counts]
+            if len(set(counts)) != 1:
+                raise ValueError("KalmanOptimizer (distributed, observation='per_sample'): every rank must pass the "
+                                 f"same number of samples per step; the ranks have {counts} (drop the last, short "
+                                 "batch: DistributedSampler(drop_last=True) / DataLoader(drop_last=True))")
+            self._dist_counts_checked.add(M)
+        parts = [torch.empty_like(losses) for _ in range(world)]
+        dist.all_gather(parts, losses.contiguous(), group=group)
+        all_losses = torch.cat(parts)
+        by_dtype: Dict[torch.dtype, List[int]] = {}
+        for i, g in enumerate(grads):
+            by_dtype.setdefault(g.dtype, []).append(i)
+        out: List[Optional[torch.Tensor]] = [None] * len(grads)
+        for idx in by_dtype.values():
+            flat = torch.cat([grads[i].reshape(-1) for i in idx])
+            parts = [torch.empty_like(flat) for _ in range(world)]
+            dist.all_gather(parts, flat, group=group)
+            off = 0
+            for i in idx:
+                k = grads[i].numel()
+                out[i] = torch.cat([part[off:off + k].view(grads[i].shape) for part in parts])
+                off += k
+        return all_losses, out
 
     def _obs_noise_on(self, device: torch.device) -> torch.Tensor:
         if self.obs_noise is None:

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..eval.metrics import zero_shot_accuracy
-from .common import (Amp, RunLogger, allreduce_gradients, autocast, encode_labelled, is_distributed, load_checkpoint,
+from .common import (Amp, RunLogger, allreduce_gradients, autocast, encode_labelled, load_checkpoint,
                      make_sampler, progress, prompt_classification_loss, save_checkpoint, seed_everything)
 
 
@@ -42,7 +42,7 @@ class KalmanTrainConfig:
     gate_chi2: Optional[float] = None
     observation: Literal["loss", "per_sample"] = field(default="loss", metadata={
         "help": "'loss': one scalar observation per step (the batch loss); 'per_sample': one per sample "
-                "(SPEC §3b; single process only for now)"})
+                "(SPEC §3b; under torch.distributed the ranks' samples enter one update)"})
     jacobian: Literal["vmap", "batched"] = field(default="vmap", metadata={
         "help": "per_sample only: how the Jacobian rows are taken. 'vmap': torch.func vmap(grad) over the "
                 "samples (KalmanOptimizer.step_per_sample, ~ one batched backward); 'batched': one vmapped "
@@ -99,9 +99,6 @@ def train_kalman(model, tokenizer, train_ds, val_ds, prompts: List[str], cfg: Ka
         opt = KalmanOptimizer(params, p0=cfg.p0, process_noise=cfg.process_noise, obs_noise0=cfg.obs_noise0,
                               obs_noise_beta=cfg.obs_noise_beta, forgetting=cfg.forgetting, gate_chi2=cfg.gate_chi2,
                               observation=cfg.observation)
-        if cfg.observation == "per_sample" and is_distributed():
-            raise NotImplementedError("vlmkern train kalman: --observation per_sample runs in one process for now "
-                                      "(the ranks' observations do not yet enter one update); use --observation loss")
     else:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.wd)
     logger = RunLogger(run_dir, config=asdict(cfg), resume=resume, tensorboard=cfg.tensorboard)
@@ -161,11 +158,9 @@ def train_kalman(model, tokenizer, train_ds, val_ds, prompts: List[str], cfg: Ka
             with autocast(device, cfg.amp):
                 loss = prompt_classification_loss(model, images, labels, class_tokens)
             loss.backward()
-            allreduce_gradients(params)  # every rank sees the mean gradient ...
-            if is_distributed():  # ... and observes the mean loss, so the filters stay identical
-                loss = loss.detach().clone()
-                torch.distributed.all_reduce(loss)
-                loss /= torch.distributed.get_world_size()
+            # every rank sees the mean gradient; KalmanOptimizer observes the mean of the ranks' losses
+            # (and, per sample, gathers every rank's rows), so the filters stay identical
+            allreduce_gradients(params)
             return loss
 
         if cfg.optimizer == "kalman" and cfg.observation == "per_sample" and cfg.jacobian == "vmap":
