@@ -271,16 +271,25 @@ def verdict(values: Sequence[float], sign: int, premise: Dict[str, Any] | None =
     return "not reproduced"
 
 
+def _interval_or_verdict(values: Sequence[float], premise: Dict[str, Any] | None):
+    """The shared start of the interval verdicts: ``(None, (lo, hi))`` with the 95% interval, or
+    ``("premise absent" | "not measured", None)`` when there is nothing to read."""
+    if premise is not None and premise.get("holds") is False:
+        return "premise absent", None
+    st = summarize(values)
+    if st["n"] < 2:
+        return "not measured", None
+    return None, st["ci"]
+
+
 def verdict_at_least(values: Sequence[float], margin: float, premise: Dict[str, Any] | None = None) -> str:
     """Non-inferiority ("at least as good", within ``margin``): *reproduced* when the 95% interval's lower end is
     above ``-margin``, *not reproduced* when its upper end is below 0, else *inconclusive*; *premise absent* as
     :func:`verdict`."""
-    if premise is not None and premise.get("holds") is False:
-        return "premise absent"
-    st = summarize(values)
-    if st["n"] < 2:
-        return "not measured"
-    lo, hi = st["ci"]
+    early, ci = _interval_or_verdict(values, premise)
+    if early:
+        return early
+    lo, hi = ci
     if lo > -margin:
         return "reproduced"
     if hi < 0:
@@ -291,12 +300,10 @@ def verdict_at_least(values: Sequence[float], margin: float, premise: Dict[str, 
 def verdict_tie(values: Sequence[float], margin: float, premise: Dict[str, Any] | None = None) -> str:
     """Equivalence ("ties", within ``margin``): *reproduced* when the 95% interval lies inside
     ``[-margin, margin]``, *not reproduced* when it excludes 0 and leaves that band, else *inconclusive*."""
-    if premise is not None and premise.get("holds") is False:
-        return "premise absent"
-    st = summarize(values)
-    if st["n"] < 2:
-        return "not measured"
-    lo, hi = st["ci"]
+    early, ci = _interval_or_verdict(values, premise)
+    if early:
+        return early
+    lo, hi = ci
     if -margin < lo and hi < margin:
         return "reproduced"
     if (lo > 0 or hi < 0) and (lo < -margin or hi > margin):
