@@ -12,6 +12,7 @@ gradient is ``world_size`` times the single-process gradient of its slice
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -71,16 +72,26 @@ def run_gloo_workers(worker, *args, world: int = WORLD, timeout: float = 120):
         return [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(world)]
 
 
-def _worker(rank, port, backend, host, outdir):
+@contextlib.contextmanager
+def gloo_rank(rank: int, port: int, world: int = WORLD):
+    """Inside a worker of :func:`run_gloo_workers`: join the gloo group on ``port`` as ``rank`` (one
+    torch thread), and leave it on exit."""
+    import datetime
+
     import torch.distributed as dist
 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    import datetime
-
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank, port, backend, host, outdir):
+    with gloo_rank(rank, port):
         from vlmkern import GlobalContrastiveLoss
 
         loss_fn = GlobalContrastiveLoss(N, backend=backend, state_on_host=host, **KW)
@@ -95,8 +106,6 @@ def _worker(rank, port, backend, host, outdir):
             out.append(dict(loss=loss.detach(), grad_img=a.grad, grad_txt=t.grad,
                             log_u_img=loss_fn.log_u_img.clone(), log_u_txt=loss_fn.log_u_txt.clone()))
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("backend,host", [("cpu", False), ("torch", False), ("triton", False), ("torch", True)])

@@ -365,15 +365,9 @@ def _data(step):
 
 
 def _worker(rank, port, backend, outdir):
-    import datetime
+    from test_hgcl_dist import gloo_rank
 
-    import torch.distributed as dist
-
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
-    try:
+    with gloo_rank(rank, port, WORLD):
         loss_fn = GlobalContrastiveLoss(N, tau=1.0, backend=backend, **KW)
         out = []
         for step in range(len(STEPS)):
@@ -384,8 +378,6 @@ def _worker(rank, port, backend, outdir):
             loss.backward()
             out.append(dict(loss=loss.detach(), grad_tau=t.grad))
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])

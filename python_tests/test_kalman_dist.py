@@ -15,14 +15,13 @@ concatenated batch (SPEC §3: the ranks' observations enter one update):
 
 from __future__ import annotations
 
-import datetime
 import os
 
 import pytest
 import torch
 
 from conftest import require_backend
-from test_hgcl_dist import run_gloo_workers
+from test_hgcl_dist import gloo_rank, run_gloo_workers
 
 WORLD = 2
 M_LOCAL = 5
@@ -86,13 +85,7 @@ def _train(route, sl, dist_flag=None, counts=None):
 
 
 def _worker(rank, port, route, dist_flag, outdir):
-    import torch.distributed as dist
-
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
-    try:
+    with gloo_rank(rank, port, WORLD):
         if route == "unequal":  # rank 1 passes one sample fewer
             n = M_LOCAL - rank
             sl = slice(rank * M_LOCAL, rank * M_LOCAL + n)
@@ -104,8 +97,6 @@ def _worker(rank, port, route, dist_flag, outdir):
         else:
             res = _train(route, slice(rank * M_LOCAL, (rank + 1) * M_LOCAL), dist_flag)
         torch.save(res, os.path.join(outdir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def _close(a, b, what):
