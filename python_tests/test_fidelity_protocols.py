@@ -254,3 +254,22 @@ def test_demo_wrf4cir_rows_point_to_the_protocol_when_their_premise_is_absent():
     assert absent["holds"] is False and "--claims wrf4cir" in absent["text"]
     present = rows[1]["premise"]([demo(0, 0.20), demo(1, 0.21), demo(2, 0.22)])
     assert present["holds"] is True and "--claims wrf4cir" not in present["text"]
+
+
+def test_published_report_was_made_by_one_command_within_the_budget():
+    """docs/FIDELITY.md ends with the whole run's section (issue 18: every section from one command, at most
+    60 min on 2 cores), and every protocol section names that command."""
+    import re
+
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "FIDELITY.md")
+    sections = FI._sections(path)
+    whole = sections["whole_run"]
+    m = re.search(r"`(vlmkern fidelity [^`]*)` wrote every section above in ([0-9.]+) min wall time on \S+ \((\d+) cores",
+                  whole)
+    assert m, whole
+    command, minutes, cores = m.group(1), float(m.group(2)), int(m.group(3))
+    assert minutes <= 60 and cores <= 2
+    for name in ("osr", "hgcl", "kalman", "apft", "wrf4cir"):
+        assert f"Command: `{command}`" in sections[name], name
+    text = FI.whole_run_text("vlmkern fidelity --seeds 0 1", 125.0)
+    assert "`vlmkern fidelity --seeds 0 1` wrote every section above in 2.1 min" in text

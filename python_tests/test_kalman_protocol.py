@@ -19,7 +19,7 @@ TINY_BASE = dict(n_train=32, n_val=16, batch=16, steps=4, warmup=2, eval_every=2
 TINY_GRIDS = {"adamw": {"lr": [1e-3, 1e-2]}, "polyak": {"c": [0.1]}, "kalman": {"p0": [0.1]},
               "kalman_ps": {"p0": [1e-2], "q_rel": [0.0, 0.01], "beta": [0.9], "lam": [1.0]}}
 TINY_PROTOCOL = dict(classes=3, shots=2, val_shots=1, test_per_class=2, tune_test_per_class=2, iters=3,
-                     grids=TINY_GRIDS)
+                     grids=TINY_GRIDS, min_seeds=2)
 
 
 def test_early_stopped_curve_follows_the_best_validation_checkpoint():
@@ -127,6 +127,28 @@ def test_kalman_protocol_end_to_end(tmp_path):
     assert open(report).read().count("<!-- section:kalman -->") == 1
 
 
+def test_seeds_extended_to_the_minimum_past_the_tuning_seed():
+    assert KP.extend_seeds([0, 1, 2], 5, avoid=100) == [0, 1, 2, 3, 4]
+    assert KP.extend_seeds([98, 99], 4, avoid=100) == [98, 99, 101, 102]  # never the tuning seed
+    assert KP.extend_seeds([3, 1, 3], 2, avoid=100) == [3, 1]  # enough already: as given, without repeats
+    assert KP.extend_seeds([], 2, avoid=0) == [1, 2]
+
+
+def test_trainer_default_follows_the_reports_default_decision():
+    """docs/FIDELITY.md's Kalman section decides issue 16's default; `vlmkern train kalman` must agree."""
+    from vlmkern.app.methods.kalman import KalmanTrainConfig
+
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "FIDELITY.md")
+    section = FI._sections(path)["kalman"]
+    line = next(x for x in section.splitlines() if x.startswith("Default decision"))
+    expected = "per_sample" if 'is the default of `vlmkern train kalman`' in line else "loss"
+    assert KalmanTrainConfig().observation == expected, line
+    import re
+
+    seeds = re.search(r"Seeds \[([0-9, ]+)\]", section).group(1).split(",")
+    assert len(seeds) >= KP.PROTOCOL_DEFAULTS["min_seeds"]  # the decision was made on the protocol's seeds
+
+
 def test_tuning_seed_must_not_be_a_report_seed(tmp_path):
     with pytest.raises(ValueError, match="tuning seed"):
         KP.run_kalman(seeds=[0, 100], out=str(tmp_path), cache_dir=str(tmp_path / "c"),
@@ -167,3 +189,4 @@ def test_demo_kalman_rows_check_that_p_moved():
         assert scalar["holds"] is False and "observation=loss" in scalar["text"]
         ps = c["premise"]([run(0.7, "per_sample"), run(0.72, "per_sample"), run(0.71, "per_sample")])
         assert ps["holds"] is True
+

@@ -472,6 +472,7 @@ def run_fidelity(seeds: Sequence[int] = (0, 1, 2), scale: str = "default", out: 
         raise ValueError(f"unknown claims {unknown}; choose from {CLAIM_GROUPS}")
     settings = {"hgcl": protocol, "apft": protocol, "kalman": kalman_protocol, "wrf4cir": wrf4cir_protocol}
     rows: List[Dict[str, Any]] = []
+    t0 = time.time()
     for name in claims:
         if name == "demo":
             rows += _run_demo_claims(seeds, scale, out, report, command, reuse)
@@ -482,7 +483,20 @@ def run_fidelity(seeds: Sequence[int] = (0, 1, 2), scale: str = "default", out: 
                   cache_dir=os.path.join(cache_dir or DEFAULT_CACHE, CACHE_SUBDIR), base_settings=base_settings, protocol=settings.get(name), command=command)
         upsert_section(report, name, res["section"])
         rows += res["rows"]
+    if set(claims) == set(CLAIM_GROUPS):  # the whole report from one command: its wall time (issue 18's budget)
+        upsert_section(report, "whole_run", whole_run_text(command, time.time() - t0))
     return rows
+
+
+def whole_run_text(command: str, seconds: float) -> str:
+    """The report's closing section: the command that made every section, and its wall time."""
+    load = f", 1-min load average {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else ""
+    return ("## The whole run\n\n"
+            f"`{command}` wrote every section above in {seconds / 60:.1f} min wall time on {platform.machine()} "
+            f"({os.cpu_count()} cores{load}; torch {torch.__version__}, {torch.get_num_threads()} threads), "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, the base models' pretraining and the protocols' own "
+            "tuning included (the demo table's step sizes are read from vlmkern/app/tuned_hparams.json, made "
+            "beforehand by `vlmkern fidelity --tune`). Budget: 60 min on 2 cores.\n")
 
 
 def _run_demo_claims(seeds, scale, out, report, command, reuse) -> List[Dict[str, Any]]:

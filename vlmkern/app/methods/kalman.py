@@ -3,9 +3,9 @@ the optimizer (SPEC §3), for few-shot classification; baseline LoRA + AdamW.
 
     add LoRA adapters (both towers); only the adapters train
     for each step: loss = CE(logit_scale * f_img . f_class^T, y)   (class prompts)
-                   KalmanOptimizer.step(closure)     e = 0 - loss, h = grad loss
-      or, --observation per_sample: e_b = 0 - loss_b per image, H = per-sample gradients
+                   per sample (default): e_b = 0 - loss_b per image, H = per-sample gradients
                    (KalmanOptimizer.step_per_sample: torch.func vmap(grad) over the batch)
+      or, --observation loss: KalmanOptimizer.step(closure), e = 0 - loss, h = grad loss
     every ``eval_every`` steps: zero-shot accuracy on the validation set
 
 Logs loss and accuracy against iterations, so "fewer iterations to reach an
@@ -40,9 +40,11 @@ class KalmanTrainConfig:
     obs_noise_beta: float = 0.9
     forgetting: float = 1.0
     gate_chi2: Optional[float] = None
-    observation: Literal["loss", "per_sample"] = field(default="loss", metadata={
-        "help": "'loss': one scalar observation per step (the batch loss); 'per_sample': one per sample "
-                "(SPEC §3b; under torch.distributed the ranks' samples enter one update)"})
+    observation: Literal["loss", "per_sample"] = field(default="per_sample", metadata={
+        "help": "'per_sample' (default): one observation per sample, the vector-observation filter whose P "
+                "learns (SPEC §3b; under torch.distributed the ranks' samples enter one update); 'loss': one "
+                "scalar observation per step, the batch loss (SPEC §3; P stays near p0, docs/FIDELITY.md, "
+                "Kalman protocol)"})
     jacobian: Literal["vmap", "batched"] = field(default="vmap", metadata={
         "help": "per_sample only: how the Jacobian rows are taken. 'vmap': torch.func vmap(grad) over the "
                 "samples (KalmanOptimizer.step_per_sample, ~ one batched backward); 'batched': one vmapped "
