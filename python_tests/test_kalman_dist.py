@@ -54,6 +54,7 @@ def _sample_loss(m, x, y):
 
 def _train(route, sl, dist_flag=None, counts=None):
     """Run STEPS steps on the rows ``sl`` of each global batch; return the state."""
+    from vlmkern.app.methods.common import allreduce_gradients
     from vlmkern.optim.kalman import KalmanOptimizer
 
     net = _Net()
@@ -72,10 +73,7 @@ def _train(route, sl, dist_flag=None, counts=None):
                 opt.zero_grad(set_to_none=True)
                 loss = _sample_loss(net, x, y).mean()
                 loss.backward()
-                if torch.distributed.is_initialized() and dist_flag is not False:  # DDP's gradient averaging
-                    for p in params:
-                        torch.distributed.all_reduce(p.grad)
-                        p.grad /= WORLD
+                allreduce_gradients(params)  # DDP's gradient averaging (a no-op in one process)
                 return loss
 
             opt.step(closure)
