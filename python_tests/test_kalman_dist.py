@@ -150,3 +150,22 @@ def test_distributed_true_needs_a_process_group():
         opt.step_per_sample(net, _sample_loss, x, y)
     with pytest.raises(ValueError, match="distributed must be"):
         KalmanOptimizer(net.parameters(), distributed="yes")
+
+
+def test_flat_by_dtype_round_trip():
+    """The per-dtype flat buffers both collectives use (the filter's all_gather, the trainers' gradient
+    all_reduce): one buffer per dtype, tensors in order, and split_flat gives back each tensor's values."""
+    from vlmkern.optim._flat import flat_by_dtype, split_flat
+
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(3, 5, generator=g), torch.randn(7, generator=g).to(torch.bfloat16),
+          torch.randn(2, 1, 4, generator=g), torch.randn(1, generator=g).to(torch.bfloat16),
+          torch.randn(0, 3, generator=g)]
+    groups = flat_by_dtype(ts)
+    assert [(idx, flat.dtype, flat.numel()) for idx, flat in groups] == [
+        ([0, 2, 4], torch.float32, 15 + 8), ([1, 3], torch.bfloat16, 8)]
+    for idx, flat in groups:
+        back = split_flat(flat, [ts[i].shape for i in idx])
+        for i, b in zip(idx, back):
+            assert b.shape == ts[i].shape and torch.equal(b, ts[i])
+        assert flat.data_ptr() != ts[idx[0]].data_ptr()  # a new buffer: collectives may write it

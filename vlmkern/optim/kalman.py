@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 
 from ..ops.kalman import _DEFAULT_VAR_FLOOR, gate_innovation, kalman_step_
+from ._flat import flat_by_dtype, split_flat
 
 __all__ = ["KalmanOptimizer", "per_sample_jacobian"]
 
@@ -486,19 +487,13 @@ class KalmanOptimizer(torch.optim.Optimizer):
         parts = [torch.empty_like(losses) for _ in range(world)]
         dist.all_gather(parts, losses.contiguous(), group=group)
         all_losses = torch.cat(parts)
-        by_dtype: Dict[torch.dtype, List[int]] = {}
-        for i, g in enumerate(grads):
-            by_dtype.setdefault(g.dtype, []).append(i)
         out: List[Optional[torch.Tensor]] = [None] * len(grads)
-        for idx in by_dtype.values():
-            flat = torch.cat([grads[i].reshape(-1) for i in idx])
+        for idx, flat in flat_by_dtype(grads):
             parts = [torch.empty_like(flat) for _ in range(world)]
             dist.all_gather(parts, flat, group=group)
-            off = 0
-            for i in idx:
-                k = grads[i].numel()
-                out[i] = torch.cat([part[off:off + k].view(grads[i].shape) for part in parts])
-                off += k
+            pieces = [split_flat(part, [grads[i].shape for i in idx]) for part in parts]  # [rank][tensor]
+            for j, i in enumerate(idx):
+                out[i] = torch.cat([rank_pieces[j] for rank_pieces in pieces])
         return all_losses, out
 
     def _obs_noise_on(self, device: torch.device) -> torch.Tensor:

@@ -79,20 +79,15 @@ def allreduce_gradients(params) -> None:
     ``forward`` (DDP's reducer is armed by ``forward``)."""
     if not is_distributed():
         return
+    from vlmkern.optim._flat import flat_by_dtype, split_flat
+
     grads = [p.grad for p in params if p.grad is not None]
-    by_dtype: Dict[torch.dtype, list] = {}
-    for g in grads:
-        by_dtype.setdefault(g.dtype, []).append(g)
     ws = world_size()
-    for gs in by_dtype.values():
-        flat = torch.cat([g.reshape(-1) for g in gs])
+    for idx, flat in flat_by_dtype(grads):
         dist.all_reduce(flat)
         flat /= ws
-        off = 0
-        for g in gs:
-            n = g.numel()
-            g.copy_(flat[off:off + n].view_as(g))
-            off += n
+        for i, avg in zip(idx, split_flat(flat, [grads[i].shape for i in idx])):
+            grads[i].copy_(avg)
 
 
 class GradSync:
