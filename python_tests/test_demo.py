@@ -25,9 +25,12 @@ def test_demo_tiny(tiny_run):
     assert set(r["tuneclip"]) == {"CLIP loss", "GCL", "HGCL (no OSR)", "TuneCLIP (OSR + HGCL)"}
     assert set(r["apft"]) == {"full", "lora", "apft"}
     assert set(r["wrf4cir"]) == {"plain", "WRF4CIR adversarial", "WRF4CIR random"}
-    assert set(r["kalman"]) == {"adamw", "kalman"}
+    assert set(r["kalman"]) == {"adamw", "kalman scalar", "kalman per-sample"}
+    # the two Kalman forms ran as named (the per-sample one is the trainer's default)
+    assert r["kalman"]["kalman scalar"]["observation"] == "loss"
+    assert r["kalman"]["kalman per-sample"]["observation"] == "per_sample"
     report = (tmp_path / "report.md").read_text()
-    assert "| TuneCLIP | TuneCLIP (OSR + HGCL) |" in report and "| Kalman | LoRA + kalman |" in report
+    assert "| TuneCLIP | TuneCLIP (OSR + HGCL) |" in report and "| Kalman | LoRA + kalman per-sample |" in report
     assert json.loads((tmp_path / "results.json").read_text())["scale"] == "tiny"
     pytest.importorskip("matplotlib")
     for name in ("tuneclip_curves.png", "apft_dynamics.png", "recall_by_group.png", "wrf4cir_gap.png",
@@ -99,7 +102,7 @@ def test_fidelity_report_from_runs(tiny_run, tmp_path):
     assert "vlmkern fidelity --seeds 0 1 --scale tiny" in text
     assert sum(line.startswith("|") and line.rstrip().endswith("** |") for line in text.splitlines()) == len(CLAIMS)
     # the step sizes every run used are listed, with where they came from
-    assert "| kalman | kalman | p0 " in text and "| tuneclip | GCL | lr " in text
+    assert "| kalman | kalman per-sample | p0 " in text and "| tuneclip | GCL | lr " in text
     for x in rows:
         assert x["verdict"] in text
 
@@ -110,7 +113,7 @@ def test_demo_report_lists_settings(tiny_run):
     report = (tmp_path / "report.md").read_text()
     for task in ("tuneclip", "apft", "wrf4cir", "kalman"):
         for name, hp in r["hparams"][task].items():
-            assert set(hp) <= {"lr", "gamma", "p0"}
+            assert set(hp) <= {"lr", "gamma", "p0", "forgetting"}
     assert "| WRF4CIR | WRF4CIR adversarial | lr " in report and ", gamma " in report
 
 
@@ -121,10 +124,10 @@ def test_load_hparams_tuned_and_default(tmp_path):
     assert missing["_source"] == "default" and missing["kalman"] == DEFAULT_HPARAMS["kalman"]
     f = tmp_path / "tuned.json"
     f.write_text(json.dumps({"default": {"seed": 100, "command": "vlmkern fidelity --tune",
-                                         "chosen": {"kalman": {"kalman": {"p0": 0.3}}}}}))
+                                         "chosen": {"kalman": {"kalman scalar": {"p0": 0.3}}}}}))
     hp = load_hparams("default", path=str(f))
     assert hp["_source"] == "tuned" and hp["_tuning"]["seed"] == 100
-    assert hp["kalman"]["kalman"] == {"p0": 0.3}
+    assert hp["kalman"]["kalman scalar"] == {"p0": 0.3}
     assert hp["kalman"]["adamw"] == DEFAULT_HPARAMS["kalman"]["adamw"]  # not tuned: the default
     assert load_hparams("tiny", path=str(f))["_source"] == "default"  # tuned for another scale only
 
@@ -135,13 +138,13 @@ def test_tune_picks_best_grid_point(tmp_path, monkeypatch):
     from vlmkern.app import demo, fidelity
 
     monkeypatch.setattr(demo, "TUNING_GRIDS", {"kalman": {"adamw": {"lr": [1e-4, 3e-3]},
-                                                          "kalman": {"p0": [0.01, 0.3]}},
+                                                          "kalman scalar": {"p0": [0.01, 0.3]}},
                                                "tuneclip": {"GCL": {"lr": [1e-4]}}})
     path = tmp_path / "tuned.json"
     entry = fidelity.tune(scale="tiny", seed=7, out=str(tmp_path / "t"), path=str(path), tasks=["kalman"])
     trials = {(t["run"], tuple(t["hparams"].values())): t["score"] for t in entry["trials"]}
     assert len(trials) == 4 and all(0.0 <= v <= 1.0 for v in trials.values())
-    for run, key in (("adamw", "lr"), ("kalman", "p0")):
+    for run, key in (("adamw", "lr"), ("kalman scalar", "p0")):
         chosen = entry["chosen"]["kalman"][run][key]
         assert trials[(run, (chosen,))] == max(v for (r, _), v in trials.items() if r == run)
     assert "tuneclip" not in entry["chosen"]
@@ -151,4 +154,4 @@ def test_tune_picks_best_grid_point(tmp_path, monkeypatch):
                            command="retune tuneclip")
     assert entry2["command"].endswith("; then retune tuneclip")  # a partial re-tune says so
     assert entry2["chosen"]["kalman"] == entry["chosen"]["kalman"] and entry2["chosen"]["tuneclip"]["GCL"]["lr"] == 1e-4
-    assert demo.load_hparams("tiny", path=str(path))["kalman"]["kalman"] == entry["chosen"]["kalman"]["kalman"]
+    assert demo.load_hparams("tiny", path=str(path))["kalman"]["kalman scalar"] == entry["chosen"]["kalman"]["kalman scalar"]

@@ -102,4 +102,4 @@ def test_wheel_vlmkern_demo_tiny(installed):
     r = _run(installed, "demo", "--scale", "tiny", "--skip-bench", "--out", "d")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert json.loads((work / "d" / "results.json").read_text())["scale"] == "tiny"
-    assert "| Kalman | LoRA + kalman |" in (work / "d" / "report.md").read_text()
+    assert "| Kalman | LoRA + kalman per-sample |" in (work / "d" / "report.md").read_text()
