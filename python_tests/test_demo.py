@@ -25,7 +25,7 @@ def test_demo_tiny(tiny_run):
     assert set(r["tuneclip"]) == {"CLIP loss", "GCL", "HGCL (no OSR)", "TuneCLIP (OSR + HGCL)"}
     assert set(r["apft"]) == {"full", "lora", "apft"}
     assert set(r["wrf4cir"]) == {"plain", "WRF4CIR adversarial", "WRF4CIR random"}
-    assert set(r["kalman"]) == {"adamw", "kalman scalar", "kalman per-sample"}
+    assert set(r["kalman"]) == {"adamw", "sgd polyak", "kalman scalar", "kalman per-sample"}
     # the two Kalman forms ran as named (the per-sample one is the trainer's default)
     assert r["kalman"]["kalman scalar"]["observation"] == "loss"
     assert r["kalman"]["kalman per-sample"]["observation"] == "per_sample"
@@ -113,7 +113,7 @@ def test_demo_report_lists_settings(tiny_run):
     report = (tmp_path / "report.md").read_text()
     for task in ("tuneclip", "apft", "wrf4cir", "kalman"):
         for name, hp in r["hparams"][task].items():
-            assert set(hp) <= {"lr", "gamma", "p0", "forgetting"}
+            assert set(hp) <= {"lr", "gamma", "p0", "forgetting", "polyak_c"}
     assert "| WRF4CIR | WRF4CIR adversarial | lr " in report and ", gamma " in report
 
 

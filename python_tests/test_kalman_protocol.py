@@ -174,19 +174,24 @@ def test_arms_from_the_same_base_and_p_moves_only_with_per_sample_observations(t
 
 
 def test_demo_kalman_rows_check_that_p_moved():
-    def run(moved=None, obs="loss"):
+    """The demo table's Kalman claims: two per form (iterations, final accuracy), each with the premise read from
+    its own run's record of P."""
+    def run(arm, moved=None, obs="loss"):
         k = {"curve": [], "final_acc": 0.5}
         if moved is not None:
             k.update(observation=obs, p_moved={"mean_abs_log_p": 5.0, "sd_log_p": moved})
-        return {"kalman": {"kalman": k, "adamw": {"final_acc": 0.5}}}
+        other = "kalman scalar" if arm == "kalman per-sample" else "kalman per-sample"
+        return {"kalman": {arm: k, other: {"curve": [], "final_acc": 0.5}, "adamw": {"final_acc": 0.5}}}
 
     rows = [c for c in FI.CLAIMS if c["paper"] == "Kalman / LoKO"]
-    assert len(rows) == 2
+    assert len(rows) == 4
     for c in rows:
-        old = c["premise"]([run(), run()])  # results from before train_kalman recorded P
+        arm = "kalman per-sample" if "(per-sample)" in c["claim"] else "kalman scalar"
+        assert "(scalar)" in c["claim"] or arm == "kalman per-sample"
+        old = c["premise"]([run(arm), run(arm)])  # results from before train_kalman recorded P
         assert old["holds"] is None and "Kalman protocol" in old["text"]
-        scalar = c["premise"]([run(0.0003), run(0.0004), run(0.00035)])
+        scalar = c["premise"]([run(arm, 0.0003), run(arm, 0.0004), run(arm, 0.00035)])
         assert scalar["holds"] is False and "observation=loss" in scalar["text"]
-        ps = c["premise"]([run(0.7, "per_sample"), run(0.72, "per_sample"), run(0.71, "per_sample")])
+        ps = c["premise"]([run(arm, 0.7, "per_sample"), run(arm, 0.72, "per_sample"), run(arm, 0.71, "per_sample")])
         assert ps["holds"] is True
 

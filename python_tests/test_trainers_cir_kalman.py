@@ -85,7 +85,8 @@ def test_wrf4cir_gamma_zero_equals_plain_adamw(tmp_path):
 
 
 @pytest.mark.parametrize("optimizer,observation,jacobian", [("kalman", "loss", "vmap"), ("kalman", "per_sample", "vmap"),
-                                                            ("kalman", "per_sample", "batched"), ("adamw", "loss", "vmap")])
+                                                            ("kalman", "per_sample", "batched"), ("adamw", "loss", "vmap"),
+                                                            ("polyak", "loss", "vmap")])
 def test_kalman_trainer_curve(tmp_path, optimizer, observation, jacobian):
     from vlmkern.app.methods.kalman import KalmanTrainConfig, train_kalman
 
@@ -161,6 +162,49 @@ def test_wrf4cir_resume_matches_uninterrupted(tmp_path):
     m, tok = _clip(seed=7)
     b = train_wrf4cir(m, tok, tr, va, cfg, str(tmp_path / "b"), resume=True)
     assert a["history"] == b["history"]
+
+
+def test_polyak_sgd_step_is_the_closed_form():
+    """One PolyakSGD step is theta - c L / ||g||^2 g with ||g|| over every parameter of every group; a step with a
+    non-finite loss or gradient leaves the parameters unchanged; bad arguments name themselves."""
+    from vlmkern.app.methods.kalman import PolyakSGD
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 3, generator=g, requires_grad=True), torch.randn(7, generator=g, requires_grad=True)
+    x = torch.randn(3, generator=g)
+    a0, b0 = a.detach().clone(), b.detach().clone()
+    opt = PolyakSGD([{"params": [a]}, {"params": [b], "c": 0.3}], c=0.3)
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = ((a @ x).sin().sum() + (b ** 2).sum()) ** 2 / 10
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    # the float64 closed form, from the starting point
+    a64, b64 = a0.double().requires_grad_(), b0.double().requires_grad_()
+    L = ((a64 @ x.double()).sin().sum() + (b64 ** 2).sum()) ** 2 / 10
+    ga, gb = torch.autograd.grad(L, (a64, b64))
+    eta = 0.3 * L.detach() / (ga.pow(2).sum() + gb.pow(2).sum())
+    assert torch.allclose(loss.double(), L.detach(), rtol=1e-6)
+    assert torch.allclose(a.detach().double(), a0.double() - eta * ga, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(b.detach().double(), b0.double() - eta * gb, rtol=1e-5, atol=1e-6)
+
+    before = [a.detach().clone(), b.detach().clone()]
+
+    def bad():
+        opt.zero_grad(set_to_none=True)
+        loss = (a * float("nan")).sum() + b.sum()
+        loss.backward()
+        return loss
+
+    assert not torch.isfinite(opt.step(bad))
+    assert torch.equal(a.detach(), before[0]) and torch.equal(b.detach(), before[1])
+    with pytest.raises(ValueError, match="closure"):
+        opt.step()
+    with pytest.raises(ValueError, match="c must be"):
+        PolyakSGD([a], c=0.0)
 
 
 def test_kalman_resume_matches_uninterrupted(tmp_path):

@@ -187,7 +187,7 @@ def run_arm(base, tok, t: Dict[str, Any], arm: str, hp: Dict[str, float], p: Dic
     each (and before the first)."""
     from vlmkern.optim.kalman import KalmanOptimizer
 
-    from .methods.kalman import vmap_attention
+    from .methods.kalman import PolyakSGD, vmap_attention
     from .models.lora import add_lora, lora_parameters
 
     model = copy.deepcopy(base)
@@ -197,14 +197,17 @@ def run_arm(base, tok, t: Dict[str, Any], arm: str, hp: Dict[str, float], p: Dic
     add_lora(model, rank=p["lora_rank"], alpha=p["lora_alpha"], towers=("visual",))
     params = lora_parameters(model)
     x, y = t["train"]
-    opt = None
     if arm == "adamw":
         opt = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=0.0)
+    elif arm == "polyak":  # SGD with a Polyak step: -c L / ||g||^2 g
+        opt = PolyakSGD(params, c=hp["c"])
     elif arm in ("kalman", "kalman_ps"):
         k = {**KALMAN_FIXED, **hp}
         opt = KalmanOptimizer(params, p0=k["p0"], process_noise=k["q_rel"] * k["p0"], obs_noise0=k["R0"],
                               obs_noise_beta=k["beta"], forgetting=k["lam"],
                               observation="per_sample" if arm == "kalman_ps" else "loss")
+    else:
+        raise ValueError(f"unknown arm {arm!r}; choose from {ARMS}")
     curves: Dict[str, List[float]] = {s: [_acc(model, *t[s], class_feats)] for s in eval_sets}
     losses: List[float] = []
     polyak_share: List[float] = []
@@ -226,25 +229,18 @@ def run_arm(base, tok, t: Dict[str, Any], arm: str, hp: Dict[str, float], p: Dic
         if arm == "kalman_ps":
             model.train()
             loss = opt.step_per_sample(model, sample_loss, x, y).mean()
-        elif arm == "kalman":
+        elif arm in ("kalman", "polyak"):
             loss = opt.step(closure)
         else:
             loss = closure()
-            if arm == "adamw":
-                opt.step()
-            else:  # SGD with a Polyak step: eta = c L / ||g||^2
-                with torch.no_grad():
-                    g2 = sum((q.grad * q.grad).sum() for q in params)
-                    eta = float(hp["c"] * loss.detach() / g2.clamp_min(1e-12))
-                    for q in params:
-                        q.add_(q.grad, alpha=-eta)
+            opt.step()
         losses.append(float(loss.detach()))
         if arm == "kalman":  # s / (s + R): 1 = the Polyak step L / ||g||^2, < 1 = damped by the observation noise
             polyak_share.append(float(1.0 - opt.obs_noise / opt.last_S))
         for s in eval_sets:
             curves[s].append(_acc(model, *t[s], class_feats))
     out = {"arm": arm, "hp": dict(hp), "curves": curves, "train_loss": losses, "seconds": time.time() - t0}
-    if opt is not None and arm != "adamw":
+    if arm in ("kalman", "kalman_ps"):
         out["p"] = p_stats(opt, params, hp["p0"])
     if arm == "adamw":  # AdamW's per-coordinate step size 1 / (sqrt(v_hat) + eps), for comparison with p
         out["adam_sd_log_step"] = adam_spread(opt, params)

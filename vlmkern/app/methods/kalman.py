@@ -14,6 +14,7 @@ accuracy" can be read off the metrics log.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Literal, Optional
@@ -28,7 +29,9 @@ from .common import (Amp, RunLogger, allreduce_gradients, autocast, encode_label
 
 @dataclass
 class KalmanTrainConfig:
-    optimizer: Literal["kalman", "adamw"] = "kalman"
+    optimizer: Literal["kalman", "adamw", "polyak"] = field(default="kalman", metadata={
+        "help": "'kalman' (KalmanOptimizer); baselines: 'adamw' (--lr, --wd), 'polyak' (SGD with a Polyak step, "
+                "--polyak-c: what the scalar filter reduces to, SPEC §3b)"})
     steps: int = 200
     batch_size: int = 16
     lora_rank: int = 4
@@ -52,14 +55,16 @@ class KalmanTrainConfig:
     # AdamW baseline
     lr: float = 1e-3
     wd: float = 0.0
+    # Polyak-step SGD baseline: theta <- theta - c L / ||g||^2 g
+    polyak_c: float = 0.1
     eval_every: int = 20
     tensorboard: bool = False
     amp: Amp = None
     seed: int = 0
 
     def __post_init__(self):
-        if self.optimizer not in ("kalman", "adamw"):
-            raise ValueError(f"optimizer must be 'kalman' or 'adamw', got {self.optimizer!r}")
+        if self.optimizer not in ("kalman", "adamw", "polyak"):
+            raise ValueError(f"optimizer must be 'kalman', 'adamw' or 'polyak', got {self.optimizer!r}")
         if self.observation not in ("loss", "per_sample"):
             raise ValueError(f"observation must be 'loss' or 'per_sample', got {self.observation!r}")
         if self.jacobian not in ("vmap", "batched"):
@@ -101,6 +106,8 @@ def train_kalman(model, tokenizer, train_ds, val_ds, prompts: List[str], cfg: Ka
         opt = KalmanOptimizer(params, p0=cfg.p0, process_noise=cfg.process_noise, obs_noise0=cfg.obs_noise0,
                               obs_noise_beta=cfg.obs_noise_beta, forgetting=cfg.forgetting, gate_chi2=cfg.gate_chi2,
                               observation=cfg.observation)
+    elif cfg.optimizer == "polyak":
+        opt = PolyakSGD(params, c=cfg.polyak_c)
     else:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.wd)
     logger = RunLogger(run_dir, config=asdict(cfg), resume=resume, tensorboard=cfg.tensorboard)
@@ -169,7 +176,7 @@ def train_kalman(model, tokenizer, train_ds, val_ds, prompts: List[str], cfg: Ka
             loss = opt.step_per_sample(model, sample_loss, images, labels).mean()
         elif cfg.optimizer == "kalman" and cfg.observation == "per_sample":
             loss = opt.step(per_sample_closure).mean()
-        elif cfg.optimizer == "kalman":
+        elif cfg.optimizer in ("kalman", "polyak"):
             loss = opt.step(closure)
         else:
             loss = closure()
@@ -192,6 +199,41 @@ def train_kalman(model, tokenizer, train_ds, val_ds, prompts: List[str], cfg: Ka
         out["observation"] = cfg.observation
         out["p_moved"] = p_moved(opt, params, cfg.p0)
     return out
+
+
+class PolyakSGD(torch.optim.Optimizer):
+    """SGD with a Polyak step (target loss 0), the baseline the scalar Kalman filter reduces to (SPEC §3b):
+    ``theta <- theta - c L / ||g||^2 g``, ``||g||`` over all parameters of all groups.  ``step(closure)``:
+    the closure zeroes the gradients, computes the loss, calls ``backward()`` and returns the loss.  No host
+    synchronisation; a step whose loss or gradients are not finite leaves the parameters unchanged."""
+
+    def __init__(self, params, c: float = 0.1, eps: float = 1e-12):
+        if not (isinstance(c, (int, float)) and c > 0 and math.isfinite(c)):
+            raise ValueError(f"PolyakSGD: c must be a finite number > 0, got {c!r}")
+        super().__init__(params, dict(c=float(c), eps=float(eps)))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is None:
+            raise ValueError("PolyakSGD.step needs closure: a function that zeroes the gradients, computes the "
+                             "loss, calls backward() and returns the loss")
+        with torch.enable_grad():
+            loss = closure()
+        pairs = [(p, p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not pairs:
+            return loss
+        grads = [gr for _, gr in pairs]
+        g2 = torch.stack([n.double() ** 2 for n in torch._foreach_norm(grads)]).sum()
+        L = loss.detach().double()
+        ok = torch.isfinite(L) & torch.isfinite(g2)
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if p.grad is not None]
+            if not ps:
+                continue
+            eta = torch.where(ok, group["c"] * L / g2.clamp_min(group["eps"]), torch.zeros_like(L))
+            for p in ps:  # where not ok, eta = 0 and a non-finite gradient must not reach p: zero it
+                p.sub_(torch.where(ok, p.grad, torch.zeros_like(p.grad)) * eta.to(p.dtype))
+        return loss
 
 
 @torch.no_grad()
