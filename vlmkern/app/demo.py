@@ -229,7 +229,7 @@ TUNING_GRIDS: Dict[str, Dict[str, Dict[str, list]]] = {
                 "WRF4CIR random": {"lr": _LR, "gamma": _GAMMA}},
     "kalman": {"adamw": {"lr": [1e-4, 3e-4, 1e-3, 3e-3]}, "sgd polyak": {"polyak_c": [0.03, 0.1, 0.3, 1.0]},
                "kalman scalar": {"p0": [0.03, 0.1, 0.3, 1.0]},
-               "kalman per-sample": {"p0": [1e-3, 3e-3, 1e-2, 3e-2], "forgetting": [1.0, 0.98]}},
+               "kalman per-sample": {"p0": [3e-3, 1e-2, 3e-2, 0.1, 0.3], "forgetting": [1.0, 0.98]}},
 }
 # the demo's Kalman runs: name -> (KalmanTrainConfig.optimizer, .observation)
 KALMAN_RUNS = {"adamw": ("adamw", "per_sample"), "sgd polyak": ("polyak", "loss"), "kalman scalar": ("kalman", "loss"),
