@@ -141,6 +141,20 @@ def _cir_premise(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     return pr
 
 
+def _kalman_claims(arm: str, form: str) -> List[Claim]:
+    """The demo's two Kalman claims (iterations to target, final accuracy) for its run ``arm`` against AdamW."""
+    premise = lambda runs: premise_kalman_moved(runs, arm)  # noqa: E731
+    return [
+        dict(paper="Kalman / LoKO", claim=f"the Kalman optimizer ({form}) needs fewer iterations than AdamW",
+             metric=f"iterations AdamW needs minus iterations Kalman ({form}) needs to reach 95% of AdamW's best val "
+                    "accuracy (validation after every iteration at the default scale)",
+             value=lambda r: _kalman_iters(r, arm), sign=+1, pct=False, premise=premise),
+        dict(paper="Kalman / LoKO", claim=f"the Kalman optimizer ({form}) reaches at least AdamW's accuracy",
+             metric=f"final val accuracy, Kalman ({form}) minus AdamW",
+             value=_paired("kalman", arm, "adamw", "final_acc"), sign=+1, pct=True, premise=premise),
+    ]
+
+
 CLAIMS: List[Claim] = [
     dict(paper="TuneCLIP (Table 2, Fig. 2/9)", claim="OSR removes the early drop of fine-tuning",
          metric="mean R (I2T+T2I R@1/5/10) after the first fine-tuning epoch minus before, HGCL with OSR minus "
@@ -175,16 +189,8 @@ CLAIMS: List[Claim] = [
          metric="val R@5, adversarial perturbation minus plain",
          value=_paired("wrf4cir", "WRF4CIR adversarial", "plain", "final", "val_R5"), sign=+1, pct=True,
          premise=lambda runs: _cir_premise(runs)),
-    *[claim for arm, form in (("kalman per-sample", "per-sample"), ("kalman scalar", "scalar")) for claim in (
-        dict(paper="Kalman / LoKO", claim=f"the Kalman optimizer ({form}) needs fewer iterations than AdamW",
-             metric=f"iterations AdamW needs minus iterations Kalman ({form}) needs to reach 95% of AdamW's best val "
-                    "accuracy (validation after every iteration at the default scale)",
-             value=lambda r, arm=arm: _kalman_iters(r, arm), sign=+1, pct=False,
-             premise=lambda runs, arm=arm: premise_kalman_moved(runs, arm)),
-        dict(paper="Kalman / LoKO", claim=f"the Kalman optimizer ({form}) reaches at least AdamW's accuracy",
-             metric=f"final val accuracy, Kalman ({form}) minus AdamW",
-             value=_paired("kalman", arm, "adamw", "final_acc"), sign=+1, pct=True,
-             premise=lambda runs, arm=arm: premise_kalman_moved(runs, arm)))],
+    *_kalman_claims("kalman per-sample", "per-sample"),
+    *_kalman_claims("kalman scalar", "scalar"),
 ]
 
 

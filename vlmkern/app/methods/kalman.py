@@ -219,10 +219,9 @@ class PolyakSGD(torch.optim.Optimizer):
                              "loss, calls backward() and returns the loss")
         with torch.enable_grad():
             loss = closure()
-        pairs = [(p, p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not pairs:
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
             return loss
-        grads = [gr for _, gr in pairs]
         g2 = torch.stack([n.double() ** 2 for n in torch._foreach_norm(grads)]).sum()
         L = loss.detach().double()
         ok = torch.isfinite(L) & torch.isfinite(g2)
